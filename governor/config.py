@@ -1,0 +1,371 @@
+"""The TOML config, validated: unknown keys and wrong types are errors naming the key.
+
+`load_config` returns a frozen `Config` or raises `ConfigError` with every problem at
+once, each as (key, message), so `governor check-config` can print them all and the
+daemon can refuse to start, or refuse a reload, with the key named.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import re
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from governor.catalog import SAMPLED
+
+DEFAULT_SEARCH = (Path("/etc/governor/governor.toml"), Path("config/governor.toml"))
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number or a string with a unit: 1.5, "250ms", "5s", "2m", "1h"."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string like \"5s\"")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION.match(value)
+        if not match:
+            raise ValueError(
+                f'{value!r} is not a duration: use seconds or a unit, like "250ms", "5s", "2m"'
+            )
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    else:
+        raise ValueError("a duration is a number of seconds or a string like \"5s\"")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def _label_value(value: object) -> object:
+    """`match = { gpu = 0 }` means gpu="0": label values are strings, numbers are welcome."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+LabelValue = Annotated[str, BeforeValidator(_label_value)]
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """("127.0.0.1", 9474) from "127.0.0.1:9474"; IPv6 as "[::1]:9474"."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f'{listen!r} is not host:port, like "127.0.0.1:9474"')
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f'{listen!r}: write an IPv6 address in brackets, like "[::1]:9474"')
+    number = int(port)
+    if not 0 < number < 65536:
+        raise ValueError(f"port {number} is out of range 1-65535")
+    return host, number
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class DaemonConfig(_Section):
+    interval: Duration = 1.0
+    state_dir: str = ".governor"
+    #: how long one sampler may take in a round; unset: 80% of the interval
+    sampler_timeout: Duration | None = None
+
+    @field_validator("interval")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value < 0.01:
+            raise ValueError("must be at least 10ms")
+        return value
+
+    @property
+    def effective_sampler_timeout(self) -> float:
+        if self.sampler_timeout is not None:
+            return min(self.sampler_timeout, self.interval)
+        return 0.8 * self.interval
+
+
+class ApiConfig(_Section):
+    listen: str = "127.0.0.1:9474"
+    token_file: str = ".governor/token"
+    allow_unauthenticated: bool = False
+    socket: str = ""
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+    @property
+    def host(self) -> str:
+        return parse_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_listen(self.listen)[1]
+
+
+class SourcesConfig(_Section):
+    sysfs_root: str = "/sys"
+    procfs_root: str = "/proc"
+    nvml: Literal["auto", "off", "required"] = "auto"
+
+
+class RuleConfig(_Section):
+    name: str = Field(min_length=1)
+    metric: str
+    match: dict[str, LabelValue] = Field(default_factory=dict)
+    above: float | None = None
+    below: float | None = None
+    for_: Duration = Field(default=0.0, alias="for")
+    clear_below: float | None = None
+    clear_above: float | None = None
+    clear_for: Duration = 0.0
+    action: Literal["slow", "pause", "power_cap"] = "pause"
+    speed: float | None = Field(default=None, gt=0, lt=1)
+    power_cap_watts: float | None = Field(default=None, gt=0)
+    max_priority: int | None = None
+    on_missing: Literal["hold", "trip", "clear"] = "hold"
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        name = value.removeprefix("governor_")
+        if name not in SAMPLED:
+            raise ValueError(
+                f"unknown metric {value!r}; one of: {', '.join(sorted(SAMPLED))}"
+            )
+        return name
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        labels = SAMPLED[self.metric].labels
+        for key in self.match:
+            if key not in labels:
+                raise ValueError(
+                    f"match.{key}: {self.metric} has no label {key!r}"
+                    + (f"; its labels: {', '.join(labels)}" if labels else "; it has no labels")
+                )
+        if (self.above is None) == (self.below is None):
+            raise ValueError("above: give exactly one of `above` or `below`")
+        if self.above is not None:
+            if self.clear_above is not None:
+                raise ValueError("clear_above: a rule with `above` clears with `clear_below`")
+            if self.clear_below is not None and self.clear_below > self.above:
+                raise ValueError(
+                    f"clear_below: {self.clear_below:g} is above the trip line `above` "
+                    f"({self.above:g}); hysteresis clears below it"
+                )
+        if self.below is not None:
+            if self.clear_below is not None:
+                raise ValueError("clear_below: a rule with `below` clears with `clear_above`")
+            if self.clear_above is not None and self.clear_above < self.below:
+                raise ValueError(
+                    f"clear_above: {self.clear_above:g} is below the trip line `below` "
+                    f"({self.below:g}); hysteresis clears above it"
+                )
+        if self.action == "slow":
+            if self.speed is None:
+                raise ValueError('speed: action "slow" needs `speed` (0 < speed < 1)')
+        elif self.speed is not None:
+            raise ValueError(f'speed: applies only to action "slow", not "{self.action}"')
+        if self.action == "power_cap":
+            if self.power_cap_watts is None:
+                raise ValueError('power_cap_watts: action "power_cap" needs `power_cap_watts`')
+            if SAMPLED[self.metric].device_label != "gpu":
+                raise ValueError(
+                    'action: "power_cap" needs a per-GPU metric (gpu_...), '
+                    f"not {self.metric}"
+                )
+        elif self.power_cap_watts is not None:
+            raise ValueError(
+                f'power_cap_watts: applies only to action "power_cap", not "{self.action}"'
+            )
+        return self
+
+    @property
+    def trips_above(self) -> bool:
+        return self.above is not None
+
+    @property
+    def threshold(self) -> float:
+        value = self.above if self.above is not None else self.below
+        assert value is not None
+        return value
+
+    @property
+    def clear_threshold(self) -> float:
+        """Where the rule clears: `clear_below`/`clear_above`, else the trip threshold."""
+        value = self.clear_below if self.above is not None else self.clear_above
+        return self.threshold if value is None else value
+
+
+class Config(_Section):
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    sources: SourcesConfig = Field(default_factory=SourcesConfig)
+    rules: list[RuleConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_rule_names(self) -> Self:
+        seen: set[str] = set()
+        for index, rule in enumerate(self.rules):
+            if rule.name in seen:
+                raise ValueError(
+                    f"rules[{index}].name: another rule is named {rule.name!r}; "
+                    "rule names must be unique"
+                )
+            seen.add(rule.name)
+        return self
+
+
+@dataclass(frozen=True)
+class Problem:
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.message}" if self.key else self.message
+
+
+class ConfigError(Exception):
+    def __init__(self, source: str, problems: list[Problem]):
+        self.source = source
+        self.problems = problems
+        super().__init__(self.lines()[0] if problems else source)
+
+    def lines(self) -> list[str]:
+        return [f"{self.source}: {p}" for p in self.problems]
+
+
+def _child(node: Any, item: int | str) -> Any:
+    if isinstance(node, list) and isinstance(item, int) and 0 <= item < len(node):
+        return node[item]
+    if isinstance(node, dict) and item in node:
+        return node[item]
+    return None
+
+
+def _key(loc: tuple[int | str, ...], data: Any) -> str:
+    """`rules[0].for` from pydantic's loc, leaving out the names it gives validator steps."""
+    parts: list[str] = []
+    node = data
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif isinstance(node, dict) and item not in node and parts and not _is_field(item):
+            continue
+        else:
+            parts.append(f".{item}" if parts else str(item))
+        node = _child(node, item)
+    return "".join(parts)
+
+
+def _is_field(name: str) -> bool:
+    return not ("[" in name or "(" in name or name.startswith("function-"))
+
+
+_KEY_PREFIX = re.compile(r"^([a-z_]+(?:\[\d+\])?(?:\.[a-z_]+)*): (.+)$", re.DOTALL)
+
+
+def _message(error: Any) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    message = str(error["msg"])
+    message = message.removeprefix("Value error, ")
+    message = re.sub(r" or instance of \w+", "", message).replace("Input should be", "should be")
+    if kind in {"float_type", "int_type", "string_type", "bool_type", "dict_type", "list_type",
+                "literal_error", "model_type"}:
+        message += f" (got {error['input']!r})"
+    return message
+
+
+def _problems(exc: ValidationError, data: dict[str, Any]) -> Iterator[Problem]:
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        key = _key(loc, data)
+        message = _message(error)
+        # whole-rule checks lead their message with the key they are about
+        if error["type"] == "value_error" and (m := _KEY_PREFIX.match(message)):
+            key = f"{key}.{m.group(1)}" if key else m.group(1)
+            message = m.group(2)
+        # name the rule, so "rules[3]" can be found in a long file
+        if len(loc) >= 2 and loc[0] == "rules" and isinstance(loc[1], int):
+            rules = data.get("rules")
+            if isinstance(rules, list) and loc[1] < len(rules) and isinstance(rules[loc[1]], dict):
+                name = rules[loc[1]].get("name")
+                if isinstance(name, str):
+                    key += f' (rule "{name}")'
+        yield Problem(key, message)
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, list(_problems(exc, data))) from None
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """The config at `path`; built-in defaults when `path` is None."""
+    if path is None:
+        return Config()
+    source = str(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(source, [Problem("", "no such file")]) from None
+    except OSError as exc:
+        raise ConfigError(source, [Problem("", f"cannot read: {exc.strerror}")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, [Problem("", f"not valid TOML: {exc}")]) from None
+    return parse_config(data, source)
+
+
+def find_config(explicit: str | None) -> Path | None:
+    """--config, else $GOVERNOR_CONFIG, else /etc/governor/governor.toml, else
+    config/governor.toml in the working directory, else None (built-in defaults)."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("GOVERNOR_CONFIG")
+    if env:
+        return Path(env)
+    for candidate in DEFAULT_SEARCH:
+        if candidate.is_file():
+            return candidate
+    return None

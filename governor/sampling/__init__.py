@@ -1,0 +1,1 @@
+"""Samplers: one module per source, each behind the `Sampler` interface in `base`."""

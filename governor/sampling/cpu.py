@@ -1,0 +1,150 @@
+"""CPU, memory, load and pressure, from `sources.procfs_root`.
+
+It parses /proc/stat, /proc/meminfo, /proc/loadavg and /proc/pressure/* itself rather
+than through psutil's module-wide PROCFS_PATH, so the root is per sampler (tests run
+several at once) and the parse is the same code under test and in production.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from governor.sampling.base import SampleResult
+from governor.sampling.paths import SysPaths, read_text
+from governor.snapshot import Reading, reading
+
+PSI_RESOURCES = ("cpu", "memory", "io")
+LOAD_WINDOWS = ("1m", "5m", "15m")
+
+
+@dataclass(frozen=True, slots=True)
+class CpuTimes:
+    busy: int
+    total: int
+
+
+def parse_proc_stat(text: str) -> dict[str, CpuTimes]:
+    """Per-core jiffies from /proc/stat: {"0": CpuTimes, ...} (the aggregate line is skipped).
+
+    Busy is everything but idle and iowait; guest time is already inside user time.
+    """
+    cores: dict[str, CpuTimes] = {}
+    for line in text.splitlines():
+        if not line.startswith("cpu") or line.startswith("cpu "):
+            continue
+        name, *fields = line.split()
+        values = [int(v) for v in fields[:8]]
+        values += [0] * (8 - len(values))
+        user, nice, system, idle, iowait, irq, softirq, steal = values
+        idle_all = idle + iowait
+        total = user + nice + system + idle_all + irq + softirq + steal
+        cores[name[3:]] = CpuTimes(busy=total - idle_all, total=total)
+    return cores
+
+
+def utilization(before: dict[str, CpuTimes], after: dict[str, CpuTimes]) -> dict[str, float]:
+    """Busy share per core between two /proc/stat reads; cores with no elapsed time are left out."""
+    ratios: dict[str, float] = {}
+    for core, now in after.items():
+        prev = before.get(core)
+        if prev is None:
+            continue
+        elapsed = now.total - prev.total
+        if elapsed <= 0:
+            continue
+        ratios[core] = min(1.0, max(0.0, (now.busy - prev.busy) / elapsed))
+    return ratios
+
+
+def parse_meminfo(text: str) -> float | None:
+    """Share of memory in use, as psutil and `free` compute it: 1 - MemAvailable/MemTotal."""
+    fields: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            fields[key] = int(parts[0])
+    total = fields.get("MemTotal")
+    if not total:
+        return None
+    available = fields.get("MemAvailable")
+    if available is None:  # kernels before 3.14
+        available = fields.get("MemFree", 0) + fields.get("Buffers", 0) + fields.get("Cached", 0)
+    return min(1.0, max(0.0, 1.0 - available / total))
+
+
+def parse_pressure(text: str) -> dict[str, float]:
+    """PSI avg10 of each line ("some", "full") as a ratio."""
+    kinds: dict[str, float] = {}
+    for line in text.splitlines():
+        kind, *pairs = line.split()
+        for pair in pairs:
+            key, _, value = pair.partition("=")
+            if key == "avg10":
+                kinds[kind] = float(value) / 100.0
+    return kinds
+
+
+def parse_loadavg(text: str) -> tuple[float, float, float]:
+    one, five, fifteen = (float(v) for v in text.split()[:3])
+    return one, five, fifteen
+
+
+class CpuSampler:
+    """Per-core utilization, memory used, load and PSI from procfs."""
+
+    name = "cpu"
+
+    def __init__(self, paths: SysPaths):
+        self._paths = paths
+        # Read once now so the first round already has a window to compute utilization over.
+        self._last_stat = self._read_stat()
+
+    def _read_stat(self) -> dict[str, CpuTimes] | None:
+        text = read_text(self._paths.proc("stat"))
+        return parse_proc_stat(text) if text is not None else None
+
+    def sample(self) -> SampleResult:
+        result = SampleResult()
+        stat = self._read_stat()
+        if stat is None:
+            raise OSError(f"cannot read {self._paths.proc('stat')}")
+        if self._last_stat is not None:
+            for core, ratio in sorted(utilization(self._last_stat, stat).items(), key=_core_key):
+                result.readings.append(reading("cpu_utilization_ratio", ratio, cpu=core))
+        self._last_stat = stat
+
+        meminfo = read_text(self._paths.proc("meminfo"))
+        used = parse_meminfo(meminfo) if meminfo is not None else None
+        if used is not None:
+            result.readings.append(reading("memory_used_ratio", used))
+        else:
+            result.problems.append(f"cannot read memory use from {self._paths.proc('meminfo')}")
+
+        loadavg = read_text(self._paths.proc("loadavg"))
+        if loadavg is not None:
+            for window, value in zip(LOAD_WINDOWS, parse_loadavg(loadavg), strict=True):
+                result.readings.append(reading("load_average_tasks", value, window=window))
+
+        result.readings.extend(self._pressure())
+        return result
+
+    def _pressure(self) -> list[Reading]:
+        """PSI series; kernels without PSI (or booted with psi=0) have none, which is no fault."""
+        readings = []
+        for resource in PSI_RESOURCES:
+            text = read_text(self._paths.proc("pressure", resource))
+            if text is None:
+                continue
+            for kind, ratio in sorted(parse_pressure(text).items()):
+                readings.append(
+                    reading("pressure_stall_ratio", ratio, resource=resource, kind=kind)
+                )
+        return readings
+
+    def close(self) -> None:
+        pass
+
+
+def _core_key(item: tuple[str, float]) -> int:
+    return int(item[0]) if item[0].isdigit() else 1 << 30

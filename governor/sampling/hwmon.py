@@ -1,0 +1,204 @@
+"""Temperatures from hwmon chips and thermal zones under `sources.sysfs_root`.
+
+Chips are named from their stable device path, as node_exporter does
+(`platform_coretemp_0`, `pci0000:00_0000:00:18_3`), never from the `hwmonN` number,
+which changes with module load order. CPU chips (coretemp, k10temp, zenpower) and CPU
+thermal zones go to `cpu_temperature_celsius`; every other sensor goes to
+`hwmon_temperature_celsius`, so a rule on CPU heat never trips on a hot SSD. amdgpu
+chips are left to the amdgpu sampler, which labels them by card.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from governor.sampling.base import SampleResult, SamplerUnavailable
+from governor.sampling.paths import Garbage, SysPaths, read_int_strict, read_text, sorted_entries
+from governor.snapshot import reading
+
+log = logging.getLogger(__name__)
+
+#: hwmon `name`s of CPU temperature drivers (cpu_thermal: the thermal-zone hwmon on Arm boards)
+CPU_CHIPS = frozenset({"coretemp", "k10temp", "zenpower", "cpu_thermal"})
+#: hwmon chips another sampler reports, labelled by their device
+ACCELERATOR_CHIPS = frozenset({"amdgpu"})
+#: plausible range for a temperature sensor; outside it the value is a sensor fault
+#: (an NVMe drive reporting 65261 °C, a disconnected probe at -128 °C)
+PLAUSIBLE_CELSIUS = (-60.0, 250.0)
+
+_TEMP_INPUT = re.compile(r"^temp(\d+)_input$")
+_INVALID_CHARS = re.compile(r"[^a-z0-9:_]")
+
+
+def clean_name(name: str) -> str:
+    """node_exporter's cleanMetricName: lower case, [a-z0-9:_] only, no outer underscores."""
+    return _INVALID_CHARS.sub("_", name.lower()).strip("_")
+
+
+def is_cpu_zone(zone_type: str) -> bool:
+    """x86_pkg_temp on Intel; cpu-thermal, cpu0-thermal, cpuss0-thermal... on Arm SoCs."""
+    return zone_type == "x86_pkg_temp" or zone_type.startswith("cpu")
+
+
+@dataclass(frozen=True, slots=True)
+class Chip:
+    path: Path
+    #: the driver's name file (coretemp, nvme, acpitz...), or ""
+    driver: str
+    #: the name derived from the device path, or None when the chip has no device link
+    device_name: str | None
+
+    @property
+    def fallback_name(self) -> str:
+        return clean_name(self.driver) or clean_name(_real_basename(self.path)) or self.path.name
+
+
+def _real_basename(path: Path) -> str:
+    return os.path.basename(os.path.realpath(path))
+
+
+def device_name(chip_dir: Path) -> str | None:
+    """`<parent dir>_<device dir>` of the chip's `device` link, e.g. platform_coretemp_0."""
+    device = chip_dir / "device"
+    if not os.path.exists(device):
+        return None
+    real = os.path.realpath(device)
+    dev_name = clean_name(os.path.basename(real))
+    dev_type = clean_name(os.path.basename(os.path.dirname(real)))
+    if dev_type and dev_name:
+        return f"{dev_type}_{dev_name}"
+    return dev_name or None
+
+
+def chip_names(chips: list[Chip]) -> dict[Path, str]:
+    """A unique, stable name per chip.
+
+    The device path names most chips. Several chips on one device (a Wi-Fi card with a
+    hwmon per radio) take their driver name instead; chips with no device take their
+    driver name, and as a last resort their hwmonN directory name.
+    """
+    preferred = {c.path: c.device_name or c.fallback_name for c in chips}
+    counts = Counter(preferred.values())
+    names: dict[Path, str] = {}
+    for chip in chips:
+        name = preferred[chip.path]
+        if counts[name] > 1 and chip.device_name is not None and clean_name(chip.driver):
+            name = clean_name(chip.driver)
+        names[chip.path] = name
+    final_counts = Counter(names.values())
+    for chip in chips:
+        if final_counts[names[chip.path]] > 1:
+            names[chip.path] = f"{names[chip.path]}_{clean_name(chip.path.name)}"
+    return names
+
+
+def _temperature_inputs(directory: Path) -> list[tuple[int, Path]]:
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        match = _TEMP_INPUT.match(name)
+        if match:
+            found.append((int(match.group(1)), directory / name))
+    return sorted(found)
+
+
+def sensor_labels(chip_dir: Path, numbers: list[int]) -> dict[int, str]:
+    """Each sensor's `tempN_label`, or `tempN`; labels shared within a chip get `(tempN)`."""
+    labels = {n: read_text(chip_dir / f"temp{n}_label") or f"temp{n}" for n in numbers}
+    counts = Counter(labels.values())
+    return {n: f"{label} (temp{n})" if counts[label] > 1 else label for n, label in labels.items()}
+
+
+def read_millicelsius(path: Path) -> float | None:
+    """°C from a millidegree file; None when absent; Garbage when implausible or not a number."""
+    raw = read_int_strict(path)
+    if raw is None:
+        return None
+    celsius = raw / 1000.0
+    low, high = PLAUSIBLE_CELSIUS
+    if not low <= celsius <= high:
+        raise Garbage(f"{path}: implausible temperature {celsius:g} °C")
+    return celsius
+
+
+class HwmonSampler:
+    """Every temperature under class/hwmon and class/thermal."""
+
+    name = "hwmon"
+
+    def __init__(self, paths: SysPaths):
+        self._paths = paths
+
+    def _chips(self) -> list[Chip]:
+        chips = []
+        for entry in sorted_entries(self._paths.sys("class", "hwmon"), "hwmon"):
+            if not entry.is_dir():  # a dangling link
+                continue
+            driver = read_text(entry / "name") or ""
+            chips.append(Chip(entry, driver, device_name(entry)))
+        return chips
+
+    def sample(self) -> SampleResult:
+        result = SampleResult()
+        found = 0
+        chips = [c for c in self._chips() if c.driver not in ACCELERATOR_CHIPS]
+        names = chip_names(chips)
+        for chip in chips:
+            # Old drivers keep their attributes in the device directory.
+            inputs = _temperature_inputs(chip.path) or _temperature_inputs(chip.path / "device")
+            if not inputs:
+                continue
+            attr_dir = inputs[0][1].parent
+            labels = sensor_labels(attr_dir, [n for n, _ in inputs])
+            metric = (
+                "cpu_temperature_celsius" if chip.driver in CPU_CHIPS
+                else "hwmon_temperature_celsius"
+            )
+            for number, path in inputs:
+                found += 1
+                try:
+                    celsius = read_millicelsius(path)
+                except Garbage as exc:
+                    result.problems.append(str(exc))
+                    continue
+                if celsius is not None:
+                    result.readings.append(
+                        reading(metric, celsius, chip=names[chip.path], sensor=labels[number])
+                    )
+        found += self._thermal_zones(result)
+        if not found:
+            raise SamplerUnavailable(
+                f"no hwmon chips or thermal zones with temperatures under {self._paths.sysfs}"
+            )
+        return result
+
+    def _thermal_zones(self, result: SampleResult) -> int:
+        found = 0
+        for zone in sorted_entries(self._paths.sys("class", "thermal"), "thermal_zone"):
+            zone_type = read_text(zone / "type")
+            if zone_type is None:
+                continue
+            found += 1
+            try:
+                celsius = read_millicelsius(zone / "temp")
+            except Garbage as exc:
+                result.problems.append(str(exc))
+                continue
+            if celsius is None:  # disabled zones refuse reads
+                continue
+            metric = "cpu_temperature_celsius" if is_cpu_zone(zone_type) else (
+                "hwmon_temperature_celsius"
+            )
+            result.readings.append(reading(metric, celsius, chip=zone.name, sensor=zone_type))
+        return found
+
+    def close(self) -> None:
+        pass

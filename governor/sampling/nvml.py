@@ -1,0 +1,304 @@
+"""NVIDIA GPUs through NVML (`nvidia-ml-py`, imported as `pynvml`).
+
+As glances does: NVML is loaded once, and every field is read on its own, so one field
+the driver does not support (NotSupported, NoPermission) is simply absent and never
+hides the rest of the GPU. A lost GPU is reported and skipped while the others keep
+reporting. When NVML stops answering as a whole (the driver was unloaded or reloaded),
+the sampler shuts NVML down and initialises it again on later rounds, with backoff.
+
+`GOVERNOR_NVML_MODULE` names another module with pynvml's interface; the test suite uses
+it to run the daemon against a fake NVML. It is never needed in production.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+from governor.sampling.base import SampleResult, SamplerUnavailable
+from governor.snapshot import reading
+
+log = logging.getLogger(__name__)
+
+#: NVML clock event (throttle) reason bits and their `reason` label
+CLOCK_EVENT_REASONS: tuple[tuple[int, str], ...] = (
+    (0x001, "gpu_idle"),
+    (0x002, "applications_clocks_setting"),
+    (0x004, "sw_power_cap"),
+    (0x008, "hw_slowdown"),
+    (0x010, "sync_boost"),
+    (0x020, "sw_thermal"),
+    (0x040, "hw_thermal"),
+    (0x080, "hw_power_brake"),
+    (0x100, "display_clock_setting"),
+)
+
+# NVML return codes (nvml.h); the names of the classes pynvml derives from them differ
+# between binding versions, the numbers do not.
+ERROR_UNINITIALIZED = 1
+ERROR_INVALID_ARGUMENT = 2
+ERROR_NOT_SUPPORTED = 3
+ERROR_NO_PERMISSION = 4
+ERROR_NOT_FOUND = 6
+ERROR_DRIVER_NOT_LOADED = 9
+ERROR_LIBRARY_NOT_FOUND = 12
+ERROR_FUNCTION_NOT_FOUND = 13
+ERROR_GPU_IS_LOST = 15
+ERROR_RESET_REQUIRED = 16
+ERROR_LIB_RM_VERSION_MISMATCH = 18
+ERROR_NO_DATA = 21
+ERROR_GPU_NOT_FOUND = 28
+
+#: the field is not there on this GPU or for this user: no series, no complaint
+ABSENT = frozenset({
+    ERROR_NOT_SUPPORTED, ERROR_NO_PERMISSION, ERROR_NOT_FOUND, ERROR_NO_DATA,
+    ERROR_INVALID_ARGUMENT, ERROR_FUNCTION_NOT_FOUND,
+})
+#: this GPU is gone until a reset: skip it, keep the others
+GPU_GONE = frozenset({ERROR_GPU_IS_LOST, ERROR_GPU_NOT_FOUND, ERROR_RESET_REQUIRED})
+#: NVML as a whole stopped answering: shut down and initialise again
+NVML_GONE = frozenset({
+    ERROR_UNINITIALIZED, ERROR_DRIVER_NOT_LOADED, ERROR_LIB_RM_VERSION_MISMATCH,
+})
+
+RETRY_FIRST = 1.0
+RETRY_MAX = 30.0
+
+
+class NvmlUnavailableError(RuntimeError):
+    """`sources.nvml = "required"` and NVML cannot be used."""
+
+
+class _GpuGone(Exception):
+    pass
+
+
+def load_module() -> ModuleType:
+    return importlib.import_module(os.environ.get("GOVERNOR_NVML_MODULE", "pynvml"))
+
+
+class NvmlSampler:
+    name = "nvml"
+
+    def __init__(
+        self,
+        *,
+        required: bool = False,
+        nvml: ModuleType | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self._nvml = nvml if nvml is not None else load_module()
+        self._error: type[BaseException] = self._nvml.NVMLError
+        self._clock = clock
+        self._initialized = False
+        #: why NVML cannot be used now; None while it works
+        self.unavailable_reason: str | None = None
+        #: the library itself is missing: no retry will find it
+        self._permanent = False
+        self._retry_delay = RETRY_FIRST
+        self._next_retry = 0.0
+        #: the first function of each versioned family that this driver has
+        self._chosen: dict[str, str] = {}
+        self._init()
+        if required and self.unavailable_reason is not None:
+            raise NvmlUnavailableError(
+                f'sources.nvml = "required" but NVML cannot be used: {self.unavailable_reason}'
+            )
+
+    # ---- life cycle -------------------------------------------------------------------
+
+    def _code(self, exc: BaseException) -> int:
+        return int(getattr(exc, "value", -1))
+
+    def _init(self) -> None:
+        try:
+            self._nvml.nvmlInit()
+        except self._error as exc:
+            code = self._code(exc)
+            self._permanent = code == ERROR_LIBRARY_NOT_FOUND
+            hint = {
+                ERROR_LIBRARY_NOT_FOUND: " (libnvidia-ml.so is not installed: no NVIDIA driver)",
+                ERROR_DRIVER_NOT_LOADED: " (the nvidia kernel module is not loaded)",
+                ERROR_NO_PERMISSION: " (this user may not open /dev/nvidia*)",
+            }.get(code, "")
+            self._set_unavailable(f"{exc}{hint}")
+            return
+        self._initialized = True
+        try:
+            count = int(self._nvml.nvmlDeviceGetCount())
+        except self._error as exc:
+            self._shutdown()
+            self._set_unavailable(f"{exc}")
+            return
+        if count == 0:
+            self._set_unavailable("NVML found no GPUs")
+            return
+        self.unavailable_reason = None
+        self._retry_delay = RETRY_FIRST
+
+    def _set_unavailable(self, reason: str) -> None:
+        self.unavailable_reason = reason
+        self._next_retry = self._clock() + self._retry_delay
+        self._retry_delay = min(RETRY_MAX, self._retry_delay * 2)
+
+    def _shutdown(self) -> None:
+        if self._initialized:
+            self._initialized = False
+            try:
+                self._nvml.nvmlShutdown()
+            except self._error as exc:
+                log.debug("nvmlShutdown: %s", exc)
+
+    def _lost(self, reason: str) -> None:
+        """NVML stopped answering: start over on a later round."""
+        self._shutdown()
+        self._chosen.clear()
+        self._retry_delay = RETRY_FIRST
+        self._set_unavailable(reason)
+
+    def close(self) -> None:
+        self._shutdown()
+
+    # ---- sampling ---------------------------------------------------------------------
+
+    def sample(self) -> SampleResult:
+        if self.unavailable_reason is not None:
+            if self._permanent or self._clock() < self._next_retry:
+                raise SamplerUnavailable(self.unavailable_reason)
+            was = self.unavailable_reason
+            self._shutdown()
+            self._init()
+            if self.unavailable_reason is not None:
+                raise SamplerUnavailable(self.unavailable_reason)
+            log.info("NVML is available again (it was: %s)", was)
+        try:
+            count = int(self._nvml.nvmlDeviceGetCount())
+        except self._error as exc:
+            self._lost(f"NVML stopped answering: {exc}")
+            raise RuntimeError(self.unavailable_reason) from exc
+        if count == 0:
+            self._lost("NVML found no GPUs")
+            raise SamplerUnavailable(self.unavailable_reason)
+
+        result = SampleResult()
+        failed = 0
+        for index in range(count):
+            try:
+                self._sample_gpu(index, result)
+            except _GpuGone as exc:
+                failed += 1
+                result.problems.append(f"gpu {index}: {exc.__cause__ or exc}; skipped")
+            except self._error as exc:
+                if self._code(exc) in NVML_GONE:
+                    self._lost(f"NVML stopped answering: {exc}")
+                    raise RuntimeError(self.unavailable_reason) from exc
+                failed += 1
+                result.problems.append(f"gpu {index}: {exc}; skipped")
+        if failed == count:
+            # Every GPU failing at once is the driver, not the GPUs: start NVML over.
+            self._lost("every GPU failed: " + "; ".join(result.problems))
+            raise RuntimeError(self.unavailable_reason)
+        return result
+
+    def _get(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """One field: None when this GPU lacks it, _GpuGone when the GPU is lost."""
+        try:
+            return fn(*args)
+        except self._error as exc:
+            code = self._code(exc)
+            if code in ABSENT:
+                return None
+            if code in GPU_GONE:
+                raise _GpuGone(str(exc)) from exc
+            raise
+
+    def _get_versioned(self, family: str, names: tuple[str, ...], *args: Any) -> Any:
+        """The newest of several functions that the binding and the driver both have.
+
+        nvmlDeviceGetTemperature and ...ThrottleReasons are deprecated in NVML 13; older
+        drivers lack their successors and answer FunctionNotFound.
+        """
+        chosen = self._chosen.get(family)
+        candidates = (chosen,) if chosen else names
+        for name in candidates:
+            fn = getattr(self._nvml, name, None)
+            if fn is None:
+                continue
+            try:
+                value = fn(*args)
+            except self._error as exc:
+                if self._code(exc) == ERROR_FUNCTION_NOT_FOUND and not chosen:
+                    continue
+                if self._code(exc) in ABSENT:
+                    self._chosen[family] = name
+                    return None
+                if self._code(exc) in GPU_GONE:
+                    raise _GpuGone(str(exc)) from exc
+                raise
+            self._chosen[family] = name
+            return value
+        return None
+
+    def _sample_gpu(self, index: int, result: SampleResult) -> None:
+        nvml = self._nvml
+        try:
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        except self._error as exc:
+            if self._code(exc) in GPU_GONE:
+                raise _GpuGone(str(exc)) from exc
+            raise
+        gpu = str(index)
+        readings = []
+        uuid = self._get(nvml.nvmlDeviceGetUUID, handle)
+        name = self._get(nvml.nvmlDeviceGetName, handle)
+        readings.append(reading("gpu_info", 1, gpu=gpu, uuid=_text(uuid), name=_text(name)))
+
+        util = self._get(nvml.nvmlDeviceGetUtilizationRates, handle)
+        if util is not None:
+            readings.append(reading("gpu_utilization_ratio", min(util.gpu, 100) / 100.0, gpu=gpu))
+        temp = self._get_versioned(
+            "temperature", ("nvmlDeviceGetTemperatureV", "nvmlDeviceGetTemperature"),
+            handle, nvml.NVML_TEMPERATURE_GPU,
+        )
+        if temp is not None:
+            readings.append(reading("gpu_temperature_celsius", temp, gpu=gpu))
+        power = self._get(nvml.nvmlDeviceGetPowerUsage, handle)
+        if power is not None:
+            readings.append(reading("gpu_power_watts", power / 1000.0, gpu=gpu))
+        limit = self._get(nvml.nvmlDeviceGetEnforcedPowerLimit, handle)
+        if limit is not None:
+            readings.append(reading("gpu_power_limit_watts", limit / 1000.0, gpu=gpu))
+        memory = self._get(nvml.nvmlDeviceGetMemoryInfo, handle)
+        if memory is not None:
+            readings.append(reading("gpu_memory_used_bytes", memory.used, gpu=gpu))
+            readings.append(reading("gpu_memory_total_bytes", memory.total, gpu=gpu))
+        sm_mhz = self._get(nvml.nvmlDeviceGetClockInfo, handle, nvml.NVML_CLOCK_SM)
+        if sm_mhz is not None:
+            readings.append(reading("gpu_sm_clock_hertz", sm_mhz * 1e6, gpu=gpu))
+        reasons = self._get_versioned(
+            "clock_events",
+            ("nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons"),
+            handle,
+        )
+        if reasons is not None:
+            for bit, label in CLOCK_EVENT_REASONS:
+                active = 1.0 if int(reasons) & bit else 0.0
+                readings.append(reading("gpu_clock_event_active", active, gpu=gpu, reason=label))
+        processes = self._get(nvml.nvmlDeviceGetComputeRunningProcesses, handle)
+        if processes is not None:
+            result.gpu_pids[gpu] = frozenset(int(p.pid) for p in processes)
+        # Only a GPU read to the end counts: a GPU lost halfway leaves no partial series.
+        result.readings.extend(readings)
+
+
+def _text(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return str(value)

@@ -1,0 +1,89 @@
+"""Reads under `sources.sysfs_root` and `sources.procfs_root`, as node_exporter's paths.go.
+
+Every sysfs or procfs read goes through here, so tests point the roots at fixture trees
+and a container points them at the host's `/host/sys` and `/host/proc`. A file that is
+missing or unreadable is "no data" (None), never an exception: sysfs attributes come and
+go with drivers, and some raise EIO or ENODATA while a device sleeps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class SysPaths:
+    def __init__(self, sysfs_root: str | os.PathLike[str], procfs_root: str | os.PathLike[str]):
+        self.sysfs = Path(sysfs_root)
+        self.procfs = Path(procfs_root)
+
+    def sys(self, *parts: str) -> Path:
+        return self.sysfs.joinpath(*parts)
+
+    def proc(self, *parts: str) -> Path:
+        return self.procfs.joinpath(*parts)
+
+
+def read_text(path: Path) -> str | None:
+    """The file's content without surrounding white space, or None if it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError as exc:
+        log.debug("cannot read %s: %s", path, exc)
+        return None
+
+
+def read_int(path: Path) -> int | None:
+    """The file's content as an integer, or None if it is absent, unreadable or not a number."""
+    text = read_text(path)
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        log.debug("not an integer in %s: %r", path, text[:40])
+        return None
+
+
+class Garbage(ValueError):
+    """A file that was read but did not hold what its name promises."""
+
+
+def read_int_strict(path: Path) -> int | None:
+    """Like read_int, but a file that holds something other than a number raises Garbage.
+
+    Absent or unreadable files are still "no data"; a file that answers with nonsense is
+    a fault worth reporting.
+    """
+    text = read_text(path)
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise Garbage(f"{path}: not a number: {text[:40]!r}") from None
+
+
+def sorted_entries(directory: Path, prefix: str) -> list[Path]:
+    """Entries named prefix<N>, in numeric order (hwmon2 before hwmon10); [] if none."""
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(prefix)]
+    except OSError:
+        return []
+    numbered = []
+    for name in names:
+        suffix = name[len(prefix):]
+        if suffix.isdigit():
+            numbered.append((int(suffix), name))
+    return [directory / name for _, name in sorted(numbered)]
+
+
+def link_name(path: Path) -> str | None:
+    """The last component of a symlink's target (a driver's name, a device's name)."""
+    try:
+        return os.path.basename(os.readlink(path))
+    except OSError:
+        return None

@@ -1,0 +1,209 @@
+"""Runs every sampler once per round and assembles the round's `Snapshot`.
+
+Each sampler has a worker thread of its own and a deadline. A sampler that raises is
+marked down for the round; one that overruns its deadline (a sysfs read stuck in a
+driver) is marked down and not called again until the stuck call returns, so hung
+calls never pile up and never hold the round or the other samplers.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from governor.sampling.base import Sampler, SampleResult, SamplerUnavailable
+from governor.snapshot import Reading, SamplerHealth, SamplerState, Snapshot
+
+log = logging.getLogger(__name__)
+
+
+class _Worker:
+    """One daemon thread that runs a sampler's calls in order.
+
+    Not a ThreadPoolExecutor: its threads are joined at interpreter exit, so a read stuck
+    in a driver would keep the daemon from exiting.
+    """
+
+    def __init__(self, name: str):
+        self._calls: queue.SimpleQueue[tuple[Callable[[], object], Future[object]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._calls.get()) is not None:
+            fn, future = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def submit(self, fn: Callable[[], object]) -> Future[object]:
+        future: Future[object] = Future()
+        self._calls.put((fn, future))
+        return future
+
+    def stop(self) -> None:
+        self._calls.put(None)
+
+
+@dataclass
+class _Slot:
+    sampler: Sampler
+    worker: _Worker
+    #: the call still running from an earlier round, if it overran
+    stuck: Future[object] | None = None
+    stuck_since: float = 0.0
+    last_success: float | None = None
+    #: (state, error) last logged, so a state is logged once when it begins
+    logged: tuple[SamplerState, str | None] | None = None
+
+
+class SamplerRunner:
+    def __init__(
+        self,
+        samplers: Sequence[Sampler],
+        timeout: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ):
+        self._slots = [
+_Slot(s, _Worker(f"sampler-{s.name}")) for s in samplers
+        ]
+        self.timeout = timeout
+        self._clock = clock
+        self._wall = wall
+        self._sequence = 0
+        self._lock = threading.Lock()
+
+    @property
+    def samplers(self) -> list[Sampler]:
+        return [slot.sampler for slot in self._slots]
+
+    def run_round(self) -> Snapshot:
+        with self._lock:
+            return self._run_round()
+
+    def _run_round(self) -> Snapshot:
+        self._sequence += 1
+        started, started_wall = self._clock(), self._wall()
+        pending: list[tuple[_Slot, Future[object] | None]] = []
+        for slot in self._slots:
+            if slot.stuck is not None and not slot.stuck.done():
+                pending.append((slot, None))
+                continue
+            slot.stuck = None
+            pending.append((slot, slot.worker.submit(self._timed(slot.sampler))))
+
+        deadline = started + self.timeout
+        readings: dict[tuple[str, tuple[tuple[str, str], ...]], Reading] = {}
+        health: list[SamplerHealth] = []
+        gpu_pids: dict[str, frozenset[int]] = {}
+        for slot, future in pending:
+            state, result, error, duration = self._collect(slot, future, deadline)
+            problems: list[str] = []
+            if result is not None:
+                problems = list(result.problems)
+                gpu_pids.update(result.gpu_pids)
+                for r in result.readings:
+                    key = (r.metric, r.labels)
+                    if key in readings:
+                        problems.append(f"duplicate series {r.series()} dropped")
+                        continue
+                    readings[key] = r
+            if state is SamplerState.OK:
+                slot.last_success = started_wall
+            h = SamplerHealth(
+                name=slot.sampler.name,
+                state=state,
+                duration_seconds=duration,
+                error=error,
+                problems=tuple(problems),
+                last_success=slot.last_success,
+            )
+            self._log_transition(slot, h)
+            health.append(h)
+
+        return Snapshot(
+            sequence=self._sequence,
+            taken_at=started_wall,
+            monotonic=started,
+            readings=tuple(readings.values()),
+            samplers=tuple(health),
+            gpu_pids=MappingProxyType(gpu_pids),
+        )
+
+    def _timed(self, sampler: Sampler) -> Callable[[], object]:
+        """The sampler's call, returning (result or exception, seconds it took)."""
+        clock = self._clock
+
+        def call() -> tuple[SampleResult | Exception, float]:
+            began = clock()
+            try:
+                outcome: SampleResult | Exception = sampler.sample()
+            except Exception as exc:
+                outcome = exc
+            return outcome, clock() - began
+
+        return call
+
+    def _collect(
+        self, slot: _Slot, future: Future[object] | None, deadline: float
+    ) -> tuple[SamplerState, SampleResult | None, str | None, float]:
+        if future is None:
+            stuck_for = self._clock() - slot.stuck_since
+            return SamplerState.ERROR, None, (
+                f"still stuck in a read that began {stuck_for:.1f} s ago"
+            ), stuck_for
+        try:
+            done = future.result(timeout=max(0.0, deadline - self._clock()))
+        except FutureTimeout:
+            slot.stuck = future
+            slot.stuck_since = self._clock() - self.timeout
+            return SamplerState.ERROR, None, f"timed out after {self.timeout:g} s", self.timeout
+        assert isinstance(done, tuple)
+        outcome, duration = done
+        if isinstance(outcome, SamplerUnavailable):
+            return SamplerState.UNAVAILABLE, None, str(outcome), duration
+        if isinstance(outcome, Exception):
+            return SamplerState.ERROR, None, f"{type(outcome).__name__}: {outcome}", duration
+        assert isinstance(outcome, SampleResult)
+        return SamplerState.OK, outcome, None, duration
+
+    def _log_transition(self, slot: _Slot, health: SamplerHealth) -> None:
+        key = (health.state, health.error if health.state is not SamplerState.ERROR else None)
+        if slot.logged == key:
+            return
+        first = slot.logged is None
+        slot.logged = key
+        name = health.name
+        if health.state is SamplerState.UNAVAILABLE:
+            log.info("%s: not available: %s", name, health.error)
+        elif health.state is SamplerState.ERROR:
+            log.warning("%s: failed: %s", name, health.error)
+        elif not first:
+            log.info("%s: working again", name)
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Close each sampler on its own thread, after its last call; skip the stuck ones."""
+        closing = []
+        for slot in self._slots:
+            if slot.stuck is None or slot.stuck.done():
+                closing.append((slot, slot.worker.submit(slot.sampler.close)))
+            slot.worker.stop()
+        for slot, future in closing:
+            try:
+                future.result(timeout=timeout)
+            except Exception as exc:
+                log.debug("closing %s: %s", slot.sampler.name, exc)
