@@ -24,9 +24,8 @@ from governor import __version__
 from governor.catalog import PREFIX, SAMPLED
 from governor.snapshot import SamplerState, SnapshotStore
 
-
 # `_created` series double every counter for no use here.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class SnapshotCollector(Collector):

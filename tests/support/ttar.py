@@ -48,3 +48,52 @@ def unpack(archive: Path, dest: Path) -> None:
                 current.chmod(int(value, 8))
         else:
             raise ValueError(f"{archive}:{i}: unknown ttar record {line!r}")
+
+
+SEPARATOR = "# ttar - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - -"
+
+
+def pack(root: Path, out: Path) -> None:
+    """Write the tree at `root` (named by its last component) as a ttar archive.
+
+    To change a fixture: unpack it, edit the tree, pack it again:
+        python -m tests.support.ttar unpack tests/fixtures/sys.ttar /tmp/fx
+        python -m tests.support.ttar pack /tmp/fx/sys tests/fixtures/sys.ttar
+    """
+    records: list[str] = [f"# Archive created by tests/support/ttar.py from {root.name}"]
+    base = root.parent
+
+    def visit(path: Path) -> None:
+        rel = path.relative_to(base).as_posix()
+        if path.is_symlink():
+            records.extend([f"Path: {rel}", f"SymlinkTo: {os.readlink(path)}", SEPARATOR])
+        elif path.is_dir():
+            records.extend([f"Directory: {rel}", f"Mode: {path.stat().st_mode & 0o777:o}",
+                            SEPARATOR])
+            for child in sorted(path.iterdir()):
+                visit(child)
+        else:
+            text = path.read_bytes().decode().replace("\0", "NULLBYTE")
+            lines = text.split("\n")
+            if text.endswith("\n"):
+                lines = lines[:-1]
+            elif lines:
+                lines[-1] += "EOF"
+            records.extend([f"Path: {rel}", f"Lines: {len(lines)}", *lines,
+                            f"Mode: {path.stat().st_mode & 0o777:o}", SEPARATOR])
+
+    visit(root)
+    out.write_text("\n".join(records) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    import sys
+
+    verb, source, dest = sys.argv[1:4]
+    if verb == "pack":
+        pack(Path(source), Path(dest))
+    elif verb == "unpack":
+        Path(dest).mkdir(parents=True, exist_ok=True)
+        unpack(Path(source), Path(dest))
+    else:
+        raise SystemExit("usage: python -m tests.support.ttar pack|unpack SOURCE DEST")

@@ -1,0 +1,81 @@
+"""Fixtures shared by the suite: copies of the fixture trees, a daemon runner, a fake NVML."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.daemon import DaemonProcess
+from tests.support.ttar import unpack
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture
+def sys_tree(tmp_path: Path) -> Path:
+    """A private copy of the fixture sysfs tree (tests/fixtures/sys.ttar) that a test may
+    change. It is kept as a ttar archive, as node_exporter keeps its own, because the tree
+    holds symlink loops, as the real /sys does, that trip tools walking the repository."""
+    unpack(FIXTURES / "sys.ttar", tmp_path)
+    return tmp_path / "sys"
+
+
+@pytest.fixture
+def proc_tree(tmp_path: Path) -> Path:
+    dest = tmp_path / "proc"
+    shutil.copytree(FIXTURES / "proc", dest, symlinks=True)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def node_exporter_sys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """node_exporter's own sysfs capture, unpacked."""
+    dest = tmp_path_factory.mktemp("node_exporter")
+    unpack(FIXTURES / "node_exporter" / "sys.ttar", dest)
+    return dest / "sys"
+
+
+@pytest.fixture
+def empty_sys(tmp_path: Path) -> Path:
+    dest = tmp_path / "empty_sys"
+    dest.mkdir()
+    return dest
+
+
+class NvmlStateFile:
+    """The fake NVML's state as a JSON file that a running daemon re-reads."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, state: dict[str, Any]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(self.path)
+
+
+@pytest.fixture
+def nvml_state(tmp_path: Path) -> NvmlStateFile:
+    return NvmlStateFile(tmp_path / "nvml.json")
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    """Starts daemons for a test and stops them afterwards, whatever happens."""
+    started: list[DaemonProcess] = []
+
+    def start(config: dict[str, Any], wait: bool = True, **kwargs: Any) -> DaemonProcess:
+        workdir = tmp_path / f"daemon{len(started)}"
+        workdir.mkdir()
+        process = DaemonProcess(workdir, config, **kwargs)
+        started.append(process)
+        return process.start(wait=wait)
+
+    yield start
+    for process in started:
+        process.stop()

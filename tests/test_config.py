@@ -1,0 +1,222 @@
+"""Config: every contract key accepted, unknown keys and wrong types named, durations parsed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from governor.config import (
+    Config,
+    ConfigError,
+    find_config,
+    load_config,
+    parse_config,
+    parse_duration,
+    parse_listen,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+CONTRACT_EXAMPLE = """
+[daemon]
+interval = 1.0
+state_dir = ".governor"
+
+[api]
+listen = "127.0.0.1:9474"
+token_file = ".governor/token"
+allow_unauthenticated = false
+socket = ""
+
+[sources]
+sysfs_root = "/sys"
+procfs_root = "/proc"
+nvml = "auto"
+
+[[rules]]
+name = "gpu-hot"
+metric = "gpu_temperature_celsius"
+match = { gpu = "0" }
+above = 85.0
+for = "5s"
+clear_below = 80.0
+clear_for = "30s"
+action = "slow"
+speed = 0.5
+max_priority = 100
+on_missing = "hold"
+"""
+
+
+def problems(data: dict[str, object]) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, "test.toml")
+    return [str(p) for p in caught.value.problems]
+
+
+def test_the_contract_example_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "governor.toml"
+    path.write_text(CONTRACT_EXAMPLE)
+    config = load_config(path)
+    rule = config.rules[0]
+    assert config.daemon.interval == 1.0
+    assert config.api.host == "127.0.0.1" and config.api.port == 9474
+    assert config.sources.nvml == "auto"
+    assert rule.for_ == 5.0 and rule.clear_for == 30.0
+    assert rule.match == {"gpu": "0"}
+    assert rule.threshold == 85.0 and rule.clear_threshold == 80.0 and rule.trips_above
+    assert rule.speed == 0.5 and rule.max_priority == 100 and rule.on_missing == "hold"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "config").rglob("*.toml")), ids=str)
+def test_shipped_configs_are_valid(path: Path) -> None:
+    load_config(path)
+
+
+def test_defaults_without_a_file() -> None:
+    config = load_config(None)
+    assert config == Config()
+    assert config.api.listen == "127.0.0.1:9474"
+    assert config.daemon.effective_sampler_timeout == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [(1, 1.0), (0, 0.0), (2.5, 2.5), ("250ms", 0.25), ("5s", 5.0), ("2m", 120.0),
+     ("1h", 3600.0), ("1.5s", 1.5), ("7", 7.0), (" 3 s ", 3.0)],
+)
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("bad", ["5 parsecs", "-1s", -1, "s", "", True, [1], "1e3"])
+def test_bad_durations(bad: object) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(bad)
+
+
+def test_unknown_keys_are_named() -> None:
+    found = problems({"daemon": {"intervall": 1}, "apii": {}, "rules": [
+        {"name": "r", "metric": "memory_used_ratio", "above": 0.9, "thresold": 1}]})
+    assert "daemon.intervall: unknown key" in found
+    assert "apii: unknown key" in found
+    assert 'rules[0].thresold (rule "r"): unknown key' in found
+
+
+def test_every_error_is_reported_at_once() -> None:
+    found = problems({
+        "daemon": {"interval": "soon"},
+        "api": {"listen": "localhost", "allow_unauthenticated": "yes"},
+        "sources": {"nvml": "maybe"},
+    })
+    keys = [f.split(":")[0] for f in found]
+    assert keys == ["daemon.interval", "api.listen", "api.allow_unauthenticated", "sources.nvml"]
+
+
+def test_wrong_types_are_named_with_the_value() -> None:
+    (found,) = problems({"rules": [{"name": "r", "metric": "memory_used_ratio", "above": "90"}]})
+    assert found.startswith('rules[0].above (rule "r"):') and "'90'" in found
+
+
+@pytest.mark.parametrize(
+    ("rule", "key", "words"),
+    [
+        ({"metric": "gpu_temp", "above": 1}, "metric", "unknown metric 'gpu_temp'"),
+        ({"metric": "memory_used_ratio"}, "above", "exactly one of"),
+        ({"metric": "memory_used_ratio", "above": 1, "below": 0}, "above", "exactly one of"),
+        ({"metric": "memory_used_ratio", "above": 0.9, "clear_below": 0.95}, "clear_below",
+         "hysteresis clears below"),
+        ({"metric": "memory_used_ratio", "below": 0.1, "clear_above": 0.05}, "clear_above",
+         "hysteresis clears above"),
+        ({"metric": "memory_used_ratio", "above": 0.9, "clear_above": 0.5}, "clear_above",
+         "clear_below"),
+        ({"metric": "memory_used_ratio", "above": 0.9, "action": "slow"}, "speed", "needs"),
+        ({"metric": "memory_used_ratio", "above": 0.9, "action": "slow", "speed": 1.5}, "speed",
+         "less than 1"),
+        ({"metric": "memory_used_ratio", "above": 0.9, "speed": 0.5}, "speed", "only"),
+        ({"metric": "gpu_temperature_celsius", "above": 80, "action": "power_cap"},
+         "power_cap_watts", "needs"),
+        ({"metric": "memory_used_ratio", "above": 0.9, "action": "power_cap",
+          "power_cap_watts": 200}, "action", "per-GPU"),
+        ({"metric": "gpu_temperature_celsius", "above": 80, "match": {"device": "x"}},
+         "match.device", "no label 'device'"),
+        ({"metric": "memory_used_ratio", "above": 0.9, "on_missing": "ignore"}, "on_missing",
+         "'hold', 'trip' or 'clear'"),
+        ({"metric": "memory_used_ratio", "above": 0.9, "action": "kill"}, "action", "'slow'"),
+        ({"metric": "memory_used_ratio", "above": 0.9, "for": "forever"}, "for",
+         "not a duration"),
+    ],
+)
+def test_rule_errors_name_their_key(rule: dict[str, object], key: str, words: str) -> None:
+    (found,) = problems({"rules": [{"name": "r", **rule}]})
+    assert found.startswith(f'rules[0].{key} (rule "r"): '), found
+    assert words in found
+
+
+def test_match_values_may_be_numbers() -> None:
+    config = parse_config({"rules": [{"name": "r", "metric": "gpu_temperature_celsius",
+                                      "above": 80, "match": {"gpu": 1}}]})
+    assert config.rules[0].match == {"gpu": "1"}
+
+
+def test_metric_may_carry_the_prefix() -> None:
+    config = parse_config({"rules": [{"name": "r", "metric": "governor_memory_used_ratio",
+                                      "above": 0.9}]})
+    assert config.rules[0].metric == "memory_used_ratio"
+
+
+def test_rule_names_are_unique() -> None:
+    rule = {"name": "twin", "metric": "memory_used_ratio", "above": 0.9}
+    (found,) = problems({"rules": [rule, rule]})
+    assert found.startswith("rules[1].name: another rule is named 'twin'")
+
+
+def test_clear_threshold_defaults_to_the_trip_threshold() -> None:
+    config = parse_config({"rules": [{"name": "r", "metric": "memory_used_ratio", "below": 0.1}]})
+    assert config.rules[0].clear_threshold == 0.1 and not config.rules[0].trips_above
+
+
+@pytest.mark.parametrize(
+    ("listen", "host", "port"),
+    [("127.0.0.1:9474", "127.0.0.1", 9474), ("[::1]:80", "::1", 80),
+     ("localhost:1", "localhost", 1), ("0.0.0.0:9474", "0.0.0.0", 9474)],
+)
+def test_listen(listen: str, host: str, port: int) -> None:
+    assert parse_listen(listen) == (host, port)
+
+
+@pytest.mark.parametrize("bad", ["localhost", ":9474", "::1:80", "host:0", "host:99999", "h:x"])
+def test_bad_listen(bad: str) -> None:
+    with pytest.raises(ValueError):
+        parse_listen(bad)
+
+
+def test_toml_syntax_errors_give_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[daemon]\ninterval = = 1\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert "not valid TOML" in caught.value.lines()[0] and "line 2" in caught.value.lines()[0]
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path / "nope.toml")
+    assert caught.value.lines() == [f"{tmp_path / 'nope.toml'}: no such file"]
+
+
+def test_config_search_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GOVERNOR_CONFIG", raising=False)
+    monkeypatch.setattr("governor.config.DEFAULT_SEARCH",
+                        (tmp_path / "etc.toml", Path("config/governor.toml")))
+    assert find_config(None) is None
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "governor.toml").write_text("")
+    assert find_config(None) == Path("config/governor.toml")
+    (tmp_path / "etc.toml").write_text("")
+    assert find_config(None) == tmp_path / "etc.toml"
+    monkeypatch.setenv("GOVERNOR_CONFIG", "/from/env.toml")
+    assert find_config(None) == Path("/from/env.toml")
+    assert find_config("explicit.toml") == Path("explicit.toml")

@@ -1,0 +1,85 @@
+"""The sampling loop: a fixed cadence, overruns counted and not stacked, health."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from governor.loop import SamplingLoop
+from governor.metrics import DaemonMetrics
+from governor.sampling.base import SampleResult
+from governor.sampling.runner import SamplerRunner
+from governor.snapshot import SnapshotStore, reading
+
+
+class Slow:
+    """Takes `delay` seconds per round."""
+
+    name = "slow"
+
+    def __init__(self, delay: float):
+        self.delay = delay
+        self.calls = 0
+
+    def sample(self) -> SampleResult:
+        self.calls += 1
+        time.sleep(self.delay)
+        return SampleResult([reading("memory_used_ratio", 0.5)])
+
+    def close(self) -> None:
+        pass
+
+
+def make_loop(sampler: Slow, interval: float) -> SamplingLoop:
+    store = SnapshotStore()
+    runner = SamplerRunner([sampler], timeout=10.0)
+    return SamplingLoop(runner, store, DaemonMetrics(store), interval)
+
+
+def test_overrunning_rounds_are_counted_and_not_stacked() -> None:
+    sampler = Slow(0.25)
+    loop = make_loop(sampler, interval=0.1)
+    loop.start()
+    time.sleep(1.3)
+    loop.stop()
+    # each round overran: every one was counted, and the loop never ran two at once
+    assert loop.overruns >= loop.rounds - 1 >= 2
+    assert sampler.calls == loop.rounds
+
+
+def test_health_follows_the_cadence() -> None:
+    clock_now = [100.0]
+    store = SnapshotStore()
+    loop = SamplingLoop(SamplerRunner([Slow(0)], timeout=1.0), store, DaemonMetrics(store), 1.0,
+                        clock=lambda: clock_now[0])
+    ok, why = loop.health()
+    assert not ok and "starting" in why
+    loop.run_once()
+    assert loop.health() == (True, "ok")
+    clock_now[0] += 2.9
+    assert loop.health()[0]
+    clock_now[0] += 0.2
+    ok, why = loop.health()
+    assert not ok and why == "no sampling round has completed for 3.1 s"
+
+
+def test_hooks_see_every_snapshot_and_a_failing_hook_does_not_stop_the_loop() -> None:
+    loop = make_loop(Slow(0), interval=0.05)
+    seen: list[int] = []
+    done = threading.Event()
+
+    def failing(_: object) -> None:
+        raise RuntimeError("boom")
+
+    def record(snapshot: object) -> None:
+        seen.append(snapshot.sequence)  # type: ignore[attr-defined]
+        if len(seen) >= 3:
+            done.set()
+
+    loop.add_hook(failing)
+    loop.add_hook(record)
+    loop.start()
+    assert done.wait(10)
+    loop.stop()
+    assert seen[:3] == [1, 2, 3]
+    assert loop.store.latest is not None

@@ -1,0 +1,113 @@
+"""The exposition: built from the last snapshot, base units, and clean under promtool."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from types import MappingProxyType
+
+import pytest
+
+from governor.catalog import PREFIX, SAMPLED
+from governor.metrics import DaemonMetrics
+from governor.snapshot import SamplerHealth, SamplerState, Snapshot, SnapshotStore, reading
+from tests.support.fake_nvml import FakeNvml, h100
+
+ACCEPTED_SUFFIXES = ("_ratio", "_celsius", "_watts", "_bytes", "_hertz", "_seconds", "_total",
+                     "_info", "_up", "_state", "_active", "_paused")
+#: counts of things, in the plural, are a base unit too (node_exporter: node_load1 has none)
+COUNT_UNITS = ("_tasks",)
+
+
+def snapshot(*readings: object, samplers: tuple[SamplerHealth, ...] = ()) -> Snapshot:
+    return Snapshot(1, 0.0, 0.0, tuple(readings), samplers, MappingProxyType({}))  # type: ignore[arg-type]
+
+
+def full_exposition() -> str:
+    """Every metric the catalog knows, with a sampler of each state."""
+    from governor.sampling.nvml import NvmlSampler
+
+    gpus = NvmlSampler(nvml=FakeNvml({"gpus": [h100(0), h100(1)]})).sample().readings
+    examples = {
+        "cpu_utilization_ratio": {"cpu": "0"}, "cpu_temperature_celsius":
+        {"chip": "platform_coretemp_0", "sensor": "Core 0"}, "hwmon_temperature_celsius":
+        {"chip": "nvme_nvme0", "sensor": "Composite"}, "memory_used_ratio": {},
+        "pressure_stall_ratio": {"resource": "cpu", "kind": "some"},
+        "load_average_tasks": {"window": "1m"},
+        "accelerator_utilization_ratio": {"device": "card0", "driver": "amdgpu"},
+        "accelerator_temperature_celsius": {"device": "card0", "driver": "amdgpu",
+                                            "sensor": "edge"},
+        "accelerator_power_watts": {"device": "card0", "driver": "amdgpu"},
+        "accelerator_memory_used_bytes": {"device": "card0", "driver": "amdgpu"},
+        "accelerator_memory_total_bytes": {"device": "card0", "driver": "amdgpu"},
+    }
+    readings = [reading(m, 1.0, **labels) for m, labels in examples.items()] + list(gpus)
+    assert {r.metric for r in readings} == set(SAMPLED), "every catalog metric is exercised"
+    samplers = (
+        SamplerHealth("cpu", SamplerState.OK, 0.001),
+        SamplerHealth("hwmon", SamplerState.ERROR, 0.002, "timed out"),
+        SamplerHealth("nvml", SamplerState.UNAVAILABLE, 0.0, "no driver"),
+    )
+    store = SnapshotStore()
+    store.publish(snapshot(*readings, samplers=samplers))
+    metrics = DaemonMetrics(store)
+    metrics.rounds.inc()
+    metrics.sampler_errors.labels("hwmon").inc()
+    return metrics.render().decode()
+
+
+def names(exposition: str) -> list[str]:
+    return re.findall(r"^# TYPE (\S+) ", exposition, re.MULTILINE)
+
+
+def test_every_metric_name_ends_in_a_base_unit_or_accepted_suffix() -> None:
+    found = names(full_exposition())
+    assert len(found) >= len(SAMPLED) + 4
+    for name in found:
+        assert name.startswith(PREFIX), name
+        assert name.endswith(ACCEPTED_SUFFIXES + COUNT_UNITS), f"{name} has no unit suffix"
+        assert not re.search(r"_(percent|mhz|celcius|milli\w*|kb|mb)(_|$)", name), name
+
+
+def test_catalog_names_carry_units_too() -> None:
+    for name in SAMPLED:
+        assert name.endswith(ACCEPTED_SUFFIXES + COUNT_UNITS), name
+
+
+def test_unavailable_samplers_have_no_series_and_failed_ones_are_zero() -> None:
+    text = full_exposition()
+    assert 'governor_sampler_up{sampler="cpu"} 1.0' in text
+    assert 'governor_sampler_up{sampler="hwmon"} 0.0' in text
+    assert 'sampler="nvml"' not in text
+    assert 'governor_sampler_errors_total{sampler="hwmon"} 1.0' in text
+
+
+def test_a_vanished_gpu_leaves_no_stale_series() -> None:
+    store = SnapshotStore()
+    metrics = DaemonMetrics(store)
+    store.publish(snapshot(reading("gpu_temperature_celsius", 70, gpu="0"),
+                           reading("gpu_temperature_celsius", 71, gpu="1")))
+    assert 'gpu="1"' in metrics.render().decode()
+    store.publish(snapshot(reading("gpu_temperature_celsius", 70, gpu="0")))
+    text = metrics.render().decode()
+    assert 'governor_gpu_temperature_celsius{gpu="0"} 70.0' in text
+    assert 'gpu="1"' not in text
+
+
+def test_build_info() -> None:
+    from governor import __version__
+
+    text = DaemonMetrics(SnapshotStore()).render().decode()
+    assert f'governor_build_info{{version="{__version__}"}} 1.0' in text
+
+
+def test_no_created_series() -> None:
+    assert "_created" not in full_exposition()
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+def test_promtool_check_metrics_finds_nothing() -> None:
+    result = subprocess.run(["promtool", "check", "metrics"], input=full_exposition(),
+                            capture_output=True, text=True, timeout=30)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")

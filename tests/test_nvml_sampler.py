@@ -1,0 +1,251 @@
+"""NVML sampler against the fake NVML, which raises the real pynvml error classes."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import pynvml
+import pytest
+
+from governor.sampling.base import SamplerUnavailable
+from governor.sampling.nvml import NvmlSampler, NvmlUnavailableError
+from tests.support.fake_nvml import FakeNvml, error, h100
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def by_series(readings: list[Any]) -> dict[str, float]:
+    return {r.series(): r.value for r in readings}
+
+
+def two_gpus(**gpu1: Any) -> FakeNvml:
+    return FakeNvml({"gpus": [h100(0, pids=[4242, 4343]), h100(1, temperature=88, **gpu1)]})
+
+
+def test_the_fake_raises_the_real_error_classes() -> None:
+    assert type(error("GPU_IS_LOST")) is pynvml.NVMLError_GpuIsLost
+    assert isinstance(error("NOT_SUPPORTED"), pynvml.NVMLError)
+
+
+def test_two_gpus() -> None:
+    result = NvmlSampler(nvml=two_gpus()).sample()
+    found = by_series(result.readings)
+    assert found['gpu_info{gpu="0",uuid="GPU-00000000-0000-0000-0000-000000000000",'
+                 'name="NVIDIA H100 80GB HBM3"}'] == 1
+    assert found['gpu_temperature_celsius{gpu="0"}'] == 61
+    assert found['gpu_temperature_celsius{gpu="1"}'] == 88
+    assert found['gpu_utilization_ratio{gpu="1"}'] == 0.37
+    assert found['gpu_power_watts{gpu="0"}'] == 312.0
+    assert found['gpu_power_limit_watts{gpu="0"}'] == 700.0
+    assert found['gpu_memory_used_bytes{gpu="0"}'] == 10 * 2**30
+    assert found['gpu_memory_total_bytes{gpu="0"}'] == 80 * 2**30
+    assert found['gpu_sm_clock_hertz{gpu="0"}'] == 1.98e9
+    assert found['gpu_clock_event_active{gpu="0",reason="sw_power_cap"}'] == 1
+    assert found['gpu_clock_event_active{gpu="0",reason="hw_thermal"}'] == 0
+    assert result.gpu_pids == {"0": frozenset({4242, 4343}), "1": frozenset()}
+    assert result.problems == []
+
+
+def test_a_field_that_is_not_supported_is_absent_not_zero() -> None:
+    fake = two_gpus(errors={"nvmlDeviceGetPowerUsage": "NOT_SUPPORTED",
+                            "nvmlDeviceGetCurrentClocksEventReasons": "NOT_SUPPORTED"})
+    found = by_series(NvmlSampler(nvml=fake).sample().readings)
+    assert 'gpu_power_watts{gpu="1"}' not in found
+    assert not any(s.startswith('gpu_clock_event_active{gpu="1"') for s in found)
+    # the rest of that GPU still reports
+    assert found['gpu_power_limit_watts{gpu="1"}'] == 700.0
+    assert found['gpu_temperature_celsius{gpu="1"}'] == 88
+    assert found['gpu_power_watts{gpu="0"}'] == 312.0
+
+
+def test_no_permission_is_absent_too() -> None:
+    fake = two_gpus(errors={"nvmlDeviceGetComputeRunningProcesses": "NO_PERMISSION"})
+    result = NvmlSampler(nvml=fake).sample()
+    assert "1" not in result.gpu_pids and result.problems == []
+
+
+def test_a_gpu_lost_mid_run_is_skipped_and_the_others_keep_reporting() -> None:
+    fake = two_gpus()
+    sampler = NvmlSampler(nvml=fake)
+    assert 'gpu_temperature_celsius{gpu="1"}' in by_series(sampler.sample().readings)
+    fake.state()["gpus"][1]["lost"] = True
+    result = sampler.sample()
+    found = by_series(result.readings)
+    assert not any('gpu="1"' in s for s in found), "a lost GPU leaves no series"
+    assert found['gpu_temperature_celsius{gpu="0"}'] == 61
+    assert result.problems == ["gpu 1: GPU is lost; skipped"]
+
+
+def test_a_gpu_lost_halfway_through_its_fields_leaves_no_partial_series() -> None:
+    fake = two_gpus(errors={"nvmlDeviceGetMemoryInfo": "GPU_IS_LOST"})
+    result = NvmlSampler(nvml=fake).sample()
+    assert not any(r.label("gpu") == "1" for r in result.readings)
+    assert "gpu 1: GPU is lost" in result.problems[0]
+
+
+def test_an_unknown_error_on_one_gpu_skips_that_gpu() -> None:
+    fake = two_gpus(errors={"nvmlDeviceGetTemperatureV": "UNKNOWN"})
+    result = NvmlSampler(nvml=fake).sample()
+    assert {r.label("gpu") for r in result.readings} == {"0"}
+    assert result.problems == ["gpu 1: Unknown Error; skipped"]
+
+
+def test_library_not_found_is_unavailable_for_good() -> None:
+    fake = FakeNvml({"init_error": "LIBRARY_NOT_FOUND"})
+    clock = Clock()
+    sampler = NvmlSampler(nvml=fake, clock=clock)
+    assert sampler.unavailable_reason is not None
+    assert "NVML Shared Library Not Found" in sampler.unavailable_reason
+    for _ in range(3):
+        clock.now += 3600
+        with pytest.raises(SamplerUnavailable, match="Not Found"):
+            sampler.sample()
+    assert fake.init_calls == 1, "a missing library is not looked for again"
+
+
+def test_driver_not_loaded_is_retried_with_backoff() -> None:
+    fake = FakeNvml({"init_error": "DRIVER_NOT_LOADED", "gpus": [h100(0)]})
+    clock = Clock()
+    sampler = NvmlSampler(nvml=fake, clock=clock)
+    with pytest.raises(SamplerUnavailable, match="Driver Not Loaded"):
+        sampler.sample()
+    assert fake.init_calls == 1  # too soon to retry
+    clock.now += 1.5
+    with pytest.raises(SamplerUnavailable):
+        sampler.sample()
+    assert fake.init_calls == 2
+    fake.state()["init_error"] = None
+    clock.now += 1.5  # the backoff doubled: not yet
+    with pytest.raises(SamplerUnavailable):
+        sampler.sample()
+    clock.now += 1.0
+    assert by_series(sampler.sample().readings)['gpu_temperature_celsius{gpu="0"}'] == 61
+    assert fake.init_calls == 3
+
+
+def test_no_gpus_is_unavailable() -> None:
+    with pytest.raises(SamplerUnavailable, match="no GPUs"):
+        NvmlSampler(nvml=FakeNvml({"gpus": []})).sample()
+
+
+@pytest.mark.parametrize("state", [{"init_error": "LIBRARY_NOT_FOUND"},
+                                   {"init_error": "DRIVER_NOT_LOADED"}, {"gpus": []}])
+def test_required_refuses_without_nvml(state: dict[str, Any]) -> None:
+    with pytest.raises(NvmlUnavailableError, match=r'sources\.nvml = "required"'):
+        NvmlSampler(required=True, nvml=FakeNvml(state))
+
+
+def test_reinitialised_after_a_driver_reload() -> None:
+    fake = two_gpus()
+    clock = Clock()
+    sampler = NvmlSampler(nvml=fake, clock=clock)
+    sampler.sample()
+    # The driver goes away: every call now fails as NVML does when it is unloaded.
+    fake.state()["count_error"] = "DRIVER_NOT_LOADED"
+    with pytest.raises(RuntimeError, match="NVML stopped answering"):
+        sampler.sample()
+    assert not fake.initialized, "NVML was shut down so that it can start over"
+    # ...while it is away, rounds say so without hammering nvmlInit
+    fake.state()["init_error"] = "DRIVER_NOT_LOADED"
+    clock.now += 1.1
+    with pytest.raises(SamplerUnavailable):
+        sampler.sample()
+    # The driver is back.
+    fake.state().update(init_error=None, count_error=None)
+    clock.now += 60
+    result = sampler.sample()
+    assert {r.label("gpu") for r in result.readings} == {"0", "1"}
+    assert fake.init_calls == 3
+
+
+def test_every_gpu_failing_at_once_restarts_nvml() -> None:
+    fake = FakeNvml({"gpus": [h100(0, lost=True), h100(1, lost=True)]})
+    clock = Clock()
+    sampler = NvmlSampler(nvml=fake, clock=clock)
+    with pytest.raises(RuntimeError, match="every GPU failed"):
+        sampler.sample()
+    for gpu in fake.state()["gpus"]:
+        gpu["lost"] = False
+    clock.now += 2
+    assert len(sampler.sample().readings) > 0
+    assert fake.init_calls == 2
+
+
+def test_uninitialized_mid_round_restarts_nvml() -> None:
+    fake = two_gpus(errors={"nvmlDeviceGetUUID": "UNINITIALIZED"})
+    with pytest.raises(RuntimeError, match="NVML stopped answering: Uninitialized"):
+        NvmlSampler(nvml=fake).sample()
+
+
+def test_old_drivers_without_the_v_functions() -> None:
+    fake = two_gpus()
+    fake.state()["missing_functions"] = ["nvmlDeviceGetTemperatureV",
+                                         "nvmlDeviceGetCurrentClocksEventReasons"]
+    sampler = NvmlSampler(nvml=fake)
+    for _ in range(2):
+        found = by_series(sampler.sample().readings)
+        assert found['gpu_temperature_celsius{gpu="1"}'] == 88
+        assert found['gpu_clock_event_active{gpu="0",reason="sw_power_cap"}'] == 1
+    # the deprecated functions were found once and then used directly
+    assert fake.calls.count("nvmlDeviceGetTemperatureV") == 1
+    assert fake.calls.count("nvmlDeviceGetTemperature") == 4
+
+
+def test_new_drivers_use_the_v_functions() -> None:
+    fake = two_gpus()
+    NvmlSampler(nvml=fake).sample()
+    assert "nvmlDeviceGetTemperature" not in fake.calls
+    assert "nvmlDeviceGetCurrentClocksThrottleReasons" not in fake.calls
+
+
+def test_close_shuts_nvml_down() -> None:
+    fake = two_gpus()
+    sampler = NvmlSampler(nvml=fake)
+    sampler.close()
+    assert not fake.initialized
+
+
+def _nvml_library_present() -> bool:
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return False
+    pynvml.nvmlShutdown()
+    return True
+
+
+@pytest.mark.skipif(_nvml_library_present(), reason="this machine has an NVIDIA driver")
+def test_real_pynvml_without_a_driver_is_unavailable() -> None:
+    """The real binding on this GPU-less machine: library not found, CPU-only."""
+    sampler = NvmlSampler()
+    with pytest.raises(SamplerUnavailable, match="NVML Shared Library Not Found"):
+        sampler.sample()
+    with pytest.raises(NvmlUnavailableError):
+        NvmlSampler(required=True)
+
+
+@pytest.mark.skipif(not _nvml_library_present(), reason="no NVIDIA driver on this machine")
+def test_real_gpus() -> None:
+    """On a machine with a driver: every GPU reports and nothing raises."""
+    result = NvmlSampler(required=True).sample()
+    gpus = {r.label("gpu") for r in result.readings if r.metric == "gpu_info"}
+    assert gpus == {str(i) for i in range(pynvml.nvmlDeviceGetCount())}
+    for r in result.readings:
+        if r.metric == "gpu_temperature_celsius":
+            assert 0 < r.value < 120
+        if r.metric == "gpu_utilization_ratio":
+            assert 0 <= r.value <= 1
+
+
+def test_nvidia_ml_py_is_what_provides_pynvml() -> None:
+    """The deprecated `pynvml` package would shadow nvidia-ml-py's module."""
+    spec = importlib.util.find_spec("pynvml")
+    assert spec is not None and spec.origin is not None
+    assert spec.origin.endswith("site-packages/pynvml.py"), spec.origin
