@@ -1,0 +1,1 @@
+"""Registered jobs: what they are, how processes are identified, the registry."""

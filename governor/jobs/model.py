@@ -1,0 +1,135 @@
+"""A job and the directive the policy gives it.
+
+A job is a registered workload the governor may slow or pause: a process tree (by pid),
+a cgroup, or a cooperative client that holds itself. Its mode says which actuator holds
+it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+
+class Mode(StrEnum):
+    SIGNAL = "signal"
+    CGROUP = "cgroup"
+    COOPERATIVE = "cooperative"
+
+
+class Action(StrEnum):
+    """What a directive asks of a job; the most restrictive wins."""
+
+    RUN = "run"
+    SLOW = "slow"
+    PAUSE = "pause"
+
+
+@dataclass(frozen=True, slots=True)
+class Directive:
+    action: Action
+    #: share of normal speed the job keeps: 1 running, 0 paused, else the slow speed
+    speed: float
+    #: why: one line per rule or operator hold that asked for it
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def state(self) -> str:
+        """The job state this directive puts a job in: running, slowed or paused."""
+        return {Action.RUN: "running", Action.SLOW: "slowed", Action.PAUSE: "paused"}[
+            self.action
+        ]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"state": self.action.value, "speed": self.speed, "reasons": list(self.reasons)}
+
+    def same_hold(self, other: Directive) -> bool:
+        """Equal in what an actuator must do (reasons aside)."""
+        return self.action == other.action and self.speed == other.speed
+
+
+RUN = Directive(Action.RUN, 1.0)
+
+
+def pause(*reasons: str) -> Directive:
+    return Directive(Action.PAUSE, 0.0, reasons)
+
+
+def slow(speed: float, *reasons: str) -> Directive:
+    return Directive(Action.SLOW, speed, reasons)
+
+
+def strictest(directives: list[Directive]) -> Directive:
+    """Pause over slow over run; the lower speed over the higher. Reasons of every
+    directive that holds the job are kept, so a job shows everything that holds it."""
+    held = [d for d in directives if d.action is not Action.RUN]
+    if not held:
+        return RUN
+    if any(d.action is Action.PAUSE for d in held):
+        winner = Directive(Action.PAUSE, 0.0)
+    else:
+        winner = Directive(Action.SLOW, min(d.speed for d in held))
+    reasons = tuple(dict.fromkeys(r for d in held for r in d.reasons))
+    return replace(winner, reasons=reasons)
+
+
+@dataclass
+class Job:
+    """A registered job. Mutable: the registry owns it and guards it with its lock."""
+
+    id: str
+    name: str
+    mode: Mode
+    pid: int | None
+    #: the process's start time (psutil's create_time); with the pid, its identity
+    pid_started_at: float | None
+    #: the cgroup the job is held through: given at registration, or the one the cgroup
+    #: actuator created for a pid
+    cgroup: str | None
+    #: devices given at registration ("gpu0", "card0", "accel0")
+    devices: tuple[str, ...]
+    priority: int
+    registered_at: float
+    #: uid of the process owner (or of the caller, for cooperative jobs)
+    owner_uid: int | None = None
+    held_by_operator: bool = False
+    #: GPUs NVML lists one of the job's processes on (unbound jobs only)
+    auto_devices: frozenset[str] = frozenset()
+    #: what the job is asked to do now
+    directive: Directive = RUN
+    #: bumped whenever the directive changes; cooperative clients long-poll on it
+    directive_version: int = 0
+    #: wall time the process was found gone, if it was
+    gone_at: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def bound_devices(self) -> frozenset[str]:
+        """The devices rules on per-device metrics look at."""
+        return frozenset(self.devices) if self.devices else self.auto_devices
+
+    @property
+    def state(self) -> str:
+        return "gone" if self.gone_at is not None else self.directive.state
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "pid": self.pid,
+            "pid_started_at": self.pid_started_at,
+            "cgroup": self.cgroup,
+            "mode": self.mode.value,
+            "devices": sorted(self.bound_devices),
+            "devices_from": "registration" if self.devices else (
+                "nvml" if self.auto_devices else None),
+            "priority": self.priority,
+            "state": self.state,
+            "speed": self.directive.speed,
+            "reasons": list(self.directive.reasons),
+            "held_by_operator": self.held_by_operator,
+            "registered_at": self.registered_at,
+            "owner_uid": self.owner_uid,
+            "gone_at": self.gone_at,
+        }

@@ -1,0 +1,132 @@
+"""Processes named by (pid, start time), so a reused pid is never taken for the old one.
+
+The identity is checked immediately before every signal, through a pidfd where the
+kernel has one: a pidfd refers to one process for its whole life, so once it is open and
+the start time matches, a signal through it cannot reach a newcomer that took the pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import psutil
+
+#: task flag of kernel threads (include/linux/sched.h)
+PF_KTHREAD = 0x00200000
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessIdentity:
+    pid: int
+    #: psutil's create_time: boot time plus the start ticks, the same value on every read
+    started_at: float
+
+    def as_list(self) -> list[float]:
+        return [self.pid, self.started_at]
+
+
+def identify(pid: int) -> ProcessIdentity | None:
+    """The identity of the process that has this pid now, or None if there is none."""
+    try:
+        return ProcessIdentity(pid, psutil.Process(pid).create_time())
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, ValueError):
+        return None
+
+
+def is_alive(identity: ProcessIdentity) -> bool:
+    """The same process still runs (not a zombie, not a newcomer that took its pid)."""
+    try:
+        process = psutil.Process(identity.pid)
+        return bool(process.create_time() == identity.started_at
+                    and process.status() != psutil.STATUS_ZOMBIE)
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+
+
+def tree(root: ProcessIdentity) -> list[ProcessIdentity]:
+    """The root and all its living descendants, parents before children; [] if the root
+    is gone or its pid now names another process."""
+    try:
+        process = psutil.Process(root.pid)
+        if process.create_time() != root.started_at:
+            return []
+        children = process.children(recursive=True)
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return []
+    found = [root]
+    for child in children:
+        try:
+            found.append(ProcessIdentity(child.pid, child.create_time()))
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def is_kernel_thread(pid: int) -> bool:
+    if pid == 2:  # kthreadd
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    # fields after the command, which may itself hold spaces and parentheses
+    fields = stat[stat.rindex(b")") + 2:].split()
+    return bool(int(fields[6]) & PF_KTHREAD) or int(fields[1]) == 2  # flags; ppid kthreadd
+
+
+def ancestors(pid: int) -> set[int]:
+    """The pids of every ancestor of a process, up to pid 1."""
+    found: set[int] = set()
+    try:
+        process: psutil.Process | None = psutil.Process(pid).parent()
+        while process is not None and process.pid not in found:
+            found.add(process.pid)
+            process = process.parent()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        pass
+    return found
+
+
+def owner_uid(pid: int) -> int | None:
+    try:
+        return int(psutil.Process(pid).uids().real)
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
+
+
+@contextlib.contextmanager
+def _pidfd(pid: int) -> Iterator[int | None]:
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        yield None
+        return
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def send_signal(identity: ProcessIdentity, sig: int) -> bool:
+    """Signal exactly this process. False when it is gone or its pid names another one;
+    PermissionError when this user may not signal it.
+
+    The pidfd is opened first and the start time checked after: if they match, the fd
+    holds the right process and the signal cannot go astray even if it exits now.
+    """
+    with _pidfd(identity.pid) as fd:
+        if not is_alive(identity):
+            return False
+        try:
+            if fd is not None:
+                signal.pidfd_send_signal(fd, sig)
+            else:  # kernels before 5.1: the identity check just above is the guard
+                os.kill(identity.pid, sig)
+        except ProcessLookupError:
+            return False
+    return True
