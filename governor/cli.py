@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from governor import __version__
+from governor.client import ApiClient, ClientError
 from governor.config import Config, ConfigError, find_config, load_config
 from governor.sampling.nvml import NvmlUnavailableError
 
@@ -78,13 +79,29 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+#: a one-shot `sample` waits this long for each sampler: opening GPUs without persistence
+#: mode takes about a second each, far longer than a daemon round allows
+SAMPLE_TIMEOUT = 15.0
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= 60:
+        raise argparse.ArgumentTypeError("must be more than 0 and at most 60 seconds")
+    return value
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from governor.report import render
     from governor.sampling.registry import build_samplers
     from governor.sampling.runner import SamplerRunner
 
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.ERROR,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    level = os.environ.get("GOVERNOR_LOG_LEVEL", "DEBUG" if args.verbose else "ERROR").upper()
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
     try:
         config, _ = _load(args.config)
     except ConfigError as exc:
@@ -92,8 +109,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             print(f"governor: {line}", file=sys.stderr)
         return 1
     try:
-        runner = SamplerRunner(build_samplers(config.sources),
-                               config.daemon.effective_sampler_timeout)
+        runner = SamplerRunner(build_samplers(config.sources), SAMPLE_TIMEOUT)
     except NvmlUnavailableError as exc:
         return fail(str(exc))
     try:
@@ -109,6 +125,80 @@ def cmd_sample(args: argparse.Namespace) -> int:
     else:
         print(render(snapshot.as_dict()))
     return 0
+
+
+def _client(args: argparse.Namespace) -> ApiClient:
+    config, _ = _load(args.config)
+    return ApiClient(config)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from governor.report import render, render_jobs, render_rules
+
+    with _client(args) as client:
+        status = client.status()
+    if args.json:
+        json.dump(status, sys.stdout, indent=2)
+        print()
+        return 0
+    print(render(status))
+    print()
+    print("Rules")
+    print(render_rules(status.get("rules", [])))
+    print()
+    print("Jobs")
+    print(render_jobs(status.get("jobs", [])))
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from governor.report import render_jobs
+
+    with _client(args) as client:
+        jobs = client.jobs()
+    if args.json:
+        json.dump(jobs, sys.stdout, indent=2)
+        print()
+    else:
+        print(render_jobs(jobs))
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.register(
+            args.name, pid=args.pid, cgroup=args.cgroup,
+            mode="cooperative" if args.cooperative and not args.mode else args.mode,
+            devices=args.device, priority=args.priority,
+        )
+    print(job["id"])
+    return 0
+
+
+def cmd_unregister(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.unregister(args.id)
+    return 0
+
+
+def cmd_hold(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.pause(args.id) if args.verb == "pause" else client.resume(args.id)
+    held = " (held by the operator)" if job.get("held_by_operator") else ""
+    print(f"{job['id']} {job['name']}: {job['state']}{held}")
+    return 0
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from governor.launch import launch
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        print("governor launch: give the command after --", file=sys.stderr)
+        return 2
+    with _client(args) as client:
+        return launch(client, command, name=args.name or os.path.basename(command[0]),
+                      mode=args.mode, devices=args.device, priority=args.priority)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,10 +231,69 @@ def build_parser() -> argparse.ArgumentParser:
                          "were unavailable and why.")
     config_option(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--window", type=float, default=0.5, metavar="SECONDS",
+    p.add_argument("--window", type=positive_seconds, default=0.5, metavar="SECONDS",
                    help="time between the two reads that rates are computed from (default 0.5)")
     p.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     p.set_defaults(func=cmd_sample)
+
+    p = verbs.add_parser("status", help="readings, rules and jobs of the running daemon",
+                         description="Ask the running daemon for its readings, rules and jobs.")
+    config_option(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(func=cmd_status)
+
+    p = verbs.add_parser("jobs", help="the registered jobs, a row each",
+                         description="List the registered jobs.")
+    config_option(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_jobs)
+
+    def job_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", action="append", default=[], metavar="D",
+                       help="a device the job runs on (gpu0, card0, accel0...); repeatable")
+        p.add_argument("--priority", type=int, default=0, metavar="N",
+                       help="rules with max_priority below N leave the job alone (default 0)")
+        p.add_argument("--mode", choices=["signal", "cgroup", "cooperative"],
+                       help="how the job is held (default: signal with a pid, cgroup with a "
+                       "cgroup, else cooperative)")
+
+    p = verbs.add_parser("register", help="register a job; prints its id",
+                         description="Register a job with the running daemon; print its id.")
+    config_option(p)
+    p.add_argument("--name", required=True, help="a name for the job")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--pid", type=int, help="the process (and all its descendants)")
+    target.add_argument("--cgroup", metavar="PATH", help="a cgroup")
+    target.add_argument("--cooperative", action="store_true",
+                        help="no process: the job asks for its directive and holds itself")
+    job_options(p)
+    p.set_defaults(func=cmd_register)
+
+    p = verbs.add_parser("unregister", help="forget a job, resuming it first",
+                         description="Forget a job; it is resumed first if it was held.")
+    config_option(p)
+    p.add_argument("id", help="the job's id")
+    p.set_defaults(func=cmd_unregister)
+
+    for verb, text in (("pause", "operator hold: pause a job until `governor resume`"),
+                       ("resume", "lift the operator hold (rules still apply)")):
+        p = verbs.add_parser(verb, help=text, description=text[0].upper() + text[1:] + ".")
+        config_option(p)
+        p.add_argument("id", help="the job's id")
+        p.set_defaults(func=cmd_hold)
+
+    p = verbs.add_parser(
+        "launch", help="run a command as a governed job",
+        usage="governor launch [--name N] [--device D]... [--priority N] [--mode M] -- CMD "
+        "[ARG...]",
+        description="Start CMD as a governed job: registered before it runs, in its own "
+        "process group (and its own cgroup in cgroup mode). Exits with CMD's exit status. "
+        "CMD gets GOVERNOR_URL and GOVERNOR_JOB_ID in its environment.")
+    config_option(p)
+    p.add_argument("--name", help="a name for the job (default: the command's name)")
+    job_options(p)
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+    p.set_defaults(func=cmd_launch)
     return parser
 
 
@@ -152,6 +301,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except ClientError as exc:
+        return fail(str(exc))
+    except ConfigError as exc:
+        for line in exc.lines():
+            print(f"governor: {line}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -32,6 +32,7 @@ from governor.catalog import SAMPLED
 DEFAULT_SEARCH = (Path("/etc/governor/governor.toml"), Path("config/governor.toml"))
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+MAX_DURATION = 30 * 86400.0
 
 
 def parse_duration(value: object) -> float:
@@ -51,6 +52,8 @@ def parse_duration(value: object) -> float:
         raise ValueError("a duration is a number of seconds or a string like \"5s\"")
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError("a duration cannot be negative")
+    if seconds > MAX_DURATION:
+        raise ValueError("a duration cannot be longer than 30 days")
     return seconds
 
 
@@ -103,9 +106,16 @@ class DaemonConfig(_Section):
 
     @field_validator("interval")
     @classmethod
-    def _positive(cls, value: float) -> float:
-        if value < 0.01:
-            raise ValueError("must be at least 10ms")
+    def _interval(cls, value: float) -> float:
+        if not 0.01 <= value <= 3600:
+            raise ValueError("must be between 10ms and 1h")
+        return value
+
+    @field_validator("sampler_timeout")
+    @classmethod
+    def _timeout(cls, value: float | None) -> float | None:
+        if value is not None and value < 0.001:
+            raise ValueError("must be at least 1ms")
         return value
 
     @property
@@ -140,6 +150,23 @@ class SourcesConfig(_Section):
     sysfs_root: str = "/sys"
     procfs_root: str = "/proc"
     nvml: Literal["auto", "off", "required"] = "auto"
+
+
+class JobsConfig(_Section):
+    #: cgroup mode: "auto" freezes through v2 where it is mounted and limits CPU through
+    #: whichever hierarchy has the cpu controller; "v2" or "v1" use that version only
+    cgroup_version: Literal["auto", "v1", "v2"] = "auto"
+    #: signal mode: the period of the stop/continue duty cycle that slows a job
+    slow_period: Duration = 0.1
+    #: a job whose process exited is listed as "gone" this long, then forgotten
+    forget_gone_after: Duration = 60.0
+
+    @field_validator("slow_period")
+    @classmethod
+    def _period(cls, value: float) -> float:
+        if not 0.01 <= value <= 10:
+            raise ValueError("must be between 10ms and 10s")
+        return value
 
 
 class RuleConfig(_Section):
@@ -195,11 +222,10 @@ class RuleConfig(_Section):
                     f"clear_above: {self.clear_above:g} is below the trip line `below` "
                     f"({self.below:g}); hysteresis clears above it"
                 )
-        if self.action == "slow":
-            if self.speed is None:
-                raise ValueError('speed: action "slow" needs `speed` (0 < speed < 1)')
-        elif self.speed is not None:
-            raise ValueError(f'speed: applies only to action "slow", not "{self.action}"')
+        # `speed` and `power_cap_watts` may sit beside another action (the contract's own
+        # example does): they are simply not used then.
+        if self.action == "slow" and self.speed is None:
+            raise ValueError('speed: action "slow" needs `speed` (0 < speed < 1)')
         if self.action == "power_cap":
             if self.power_cap_watts is None:
                 raise ValueError('power_cap_watts: action "power_cap" needs `power_cap_watts`')
@@ -208,10 +234,6 @@ class RuleConfig(_Section):
                     'action: "power_cap" needs a per-GPU metric (gpu_...), '
                     f"not {self.metric}"
                 )
-        elif self.power_cap_watts is not None:
-            raise ValueError(
-                f'power_cap_watts: applies only to action "power_cap", not "{self.action}"'
-            )
         return self
 
     @property
@@ -235,6 +257,7 @@ class Config(_Section):
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
     sources: SourcesConfig = Field(default_factory=SourcesConfig)
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
     rules: list[RuleConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")

@@ -9,6 +9,7 @@ registry.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, ClassVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -23,6 +24,9 @@ from prometheus_client.registry import Collector
 from governor import __version__
 from governor.catalog import PREFIX, SAMPLED
 from governor.snapshot import SamplerState, SnapshotStore
+
+if TYPE_CHECKING:
+    from governor.control import Controller
 
 # `_created` series double every counter for no use here.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -74,12 +78,55 @@ class SnapshotCollector(Collector):
         yield duration
 
 
+class ControlCollector(Collector):
+    """Rule states, job speeds and power caps, from the controller's published view."""
+
+    STATES: ClassVar[dict[str, int]] = {"ok": 0, "pending": 1, "tripped": 2}
+
+    def __init__(self, controller: Controller):
+        self._controller = controller
+
+    def collect(self) -> Iterator[Metric]:
+        view = self._controller.view
+        rules = GaugeMetricFamily(
+            PREFIX + "rule_state", "State of each series a rule watches: 0 ok, 1 pending, "
+            "2 tripped (clearing counts as tripped).", labels=["rule", "series"])
+        for entry in view.rules:
+            if entry["series"] is not None:
+                rules.add_metric([str(entry["name"]), str(entry["series"])],
+                                 self.STATES[str(entry["state"])])
+        yield rules
+        speed = GaugeMetricFamily(
+            PREFIX + "job_speed_ratio", "Share of normal speed each job keeps: 1 running, "
+            "0 paused, else the slow speed.", labels=["job", "id"])
+        paused = GaugeMetricFamily(PREFIX + "job_paused", "1 while the job is paused.",
+                                   labels=["job", "id"])
+        for job in view.jobs:
+            if job["state"] == "gone":
+                continue
+            speed.add_metric([job["name"], job["id"]], job["speed"])
+            paused.add_metric([job["name"], job["id"]], 1 if job["state"] == "paused" else 0)
+        yield speed
+        yield paused
+        caps = GaugeMetricFamily(PREFIX + "gpu_power_cap_watts",
+                                 "Power limit governor has set on the GPU while a power_cap "
+                                 "rule holds it.", labels=["gpu"])
+        for gpu, watts in sorted(self._controller.power_caps.items()):
+            caps.add_metric([gpu], watts)
+        yield caps
+
+
 class DaemonMetrics:
     """The private registry, with the daemon's own counters beside the snapshot collector."""
 
     def __init__(self, store: SnapshotStore):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(SnapshotCollector(store))
+        self.actions = Counter(
+            "governor_actions", "Actions taken: pause, resume, slow, power_cap, restore; "
+            "rule is the rule's name, or operator.", ["action", "rule"],
+            registry=self.registry,
+        )
         self.rounds = Counter(
             "governor_rounds", "Sampling rounds completed.", registry=self.registry
         )
@@ -100,6 +147,12 @@ class DaemonMetrics:
             ["sampler"],
             registry=self.registry,
         )
+
+    def watch(self, controller: Controller) -> None:
+        self.registry.register(ControlCollector(controller))
+
+    def count_action(self, action: str, rule: str) -> None:
+        self.actions.labels(action, rule).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -146,3 +146,37 @@ def render(snapshot: dict[str, Any]) -> str:
         rows.append((s["name"], s["state"], f"{s['duration_seconds'] * 1000:.1f} ms", detail))
     out += table(rows)
     return "\n".join(out)
+
+
+def render_rules(rules: list[dict[str, Any]]) -> str:
+    rows: list[Row] = [("rule", "series", "state", "value", "action")]
+    for r in rules:
+        state = str(r["state"])
+        if r.get("clearing"):
+            state += " (clearing)"
+        if r.get("missing"):
+            state += " (missing)"
+        if r.get("enforceable") is False:
+            state += f" (not enforceable: {r.get('not_enforceable_because')})"
+        value = "-" if r.get("value") is None else f"{r['value']:g}"
+        rows.append((str(r["name"]), str(r["series"] or "(no series yet)"), state, value,
+                     str(r.get("action", ""))))
+    return "\n".join(table(rows, indent=""))
+
+
+def render_jobs(jobs: list[dict[str, Any]]) -> str:
+    if not jobs:
+        return "no jobs"
+    rows: list[Row] = [("id", "name", "pid", "mode", "devices", "prio", "state", "speed",
+                        "reasons")]
+    for j in jobs:
+        state = str(j["state"]) + (" (operator)" if j.get("held_by_operator") else "")
+        reasons = "; ".join(j.get("reasons") or [])
+        if j.get("error"):
+            reasons = f"ERROR: {j['error']}" + (f"; {reasons}" if reasons else "")
+        rows.append((
+            str(j["id"]), str(j["name"]), "-" if j.get("pid") is None else str(j["pid"]),
+            str(j["mode"]), ",".join(j.get("devices") or []) or "-", str(j["priority"]),
+            state, f"{j['speed']:g}", reasons,
+        ))
+    return "\n".join(table(rows, indent=""))

@@ -45,6 +45,16 @@ def test_amdgpu_power_input_on_newer_cards(sys_tree: Path) -> None:
     assert [r.value for r in result.readings if r.metric == "accelerator_power_watts"] == [35.0]
 
 
+def test_a_card_in_runtime_suspend_is_not_woken(sys_tree: Path) -> None:
+    power = sys_tree / "devices/pci0000:00/0000:00:03.1/0000:0b:00.0/power"
+    power.mkdir()
+    (power / "runtime_status").write_text("suspended\n")
+    result = AmdgpuSampler(SysPaths(sys_tree, "/proc")).sample()
+    assert result.readings == [] and result.problems == []
+    (power / "runtime_status").write_text("active\n")
+    assert AmdgpuSampler(SysPaths(sys_tree, "/proc")).sample().readings
+
+
 def test_no_amdgpu_is_unavailable(empty_sys: Path) -> None:
     with pytest.raises(SamplerUnavailable):
         AmdgpuSampler(SysPaths(empty_sys, "/proc")).sample()

@@ -34,6 +34,8 @@ def test_every_verb_has_help(verb: str) -> None:
 def test_bad_usage_exits_2() -> None:
     assert governor("frobnicate").returncode == 2
     assert governor("sample", "--no-such-flag").returncode == 2
+    bad_window = governor("sample", "--window", "-1")
+    assert bad_window.returncode == 2 and "must be more than 0" in bad_window.stderr
     assert governor().returncode == 2
 
 

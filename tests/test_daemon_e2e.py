@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,46 @@ from tests.support.fake_nvml import h100
 GOLDEN = Path(__file__).parent / "golden" / "metrics.prom"
 #: series whose values are timings or depend on how many rounds ran
 VOLATILE = ("governor_sample_duration_seconds", "governor_round_duration_seconds",
-            "governor_rounds_total", "governor_rounds_overrun_total", "governor_build_info")
+            "governor_rounds_total", "governor_rounds_overrun_total", "governor_build_info",
+            "governor_sampler_errors_total")
+
+
+class StatTicker:
+    """Advances the fixture /proc/stat every 20 ms, each core by a fixed share of busy
+    jiffies (cpu0 25%, cpu1 50%, cpu2 0%, cpu3 100%), so utilization between any two
+    reads is exact, however the rounds fall."""
+
+    SHARES = (25, 50, 0, 100)
+
+    def __init__(self, proc_tree: Path):
+        self.stat = proc_tree / "stat"
+        self.ticks = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _write(self) -> None:
+        self.ticks += 1
+        lines = []
+        for cpu, busy in enumerate(self.SHARES):
+            user = 100 + busy * self.ticks
+            idle = 750 + (100 - busy) * self.ticks
+            lines.append(f"cpu{cpu} {user} 0 50 {idle} 25 0 0 0 0 0")
+        tmp = self.stat.with_suffix(".tmp")
+        tmp.write_text("cpu  0 0 0 0 0 0 0 0 0 0\n" + "\n".join(lines) + "\n")
+        tmp.replace(self.stat)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self._write()
+
+    def __enter__(self) -> StatTicker:
+        self._write()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 StartDaemon = Callable[..., DaemonProcess]
 
@@ -65,9 +105,10 @@ def test_golden_exposition(daemon: StartDaemon, sys_tree: Path, proc_tree: Path,
     nvml_state.write(two_gpu_state())
     config = fixture_config(sys_tree, proc_tree)
     config["daemon"]["interval"] = 0.5  # room for every sampler on a busy machine
-    d = daemon(config, fake_nvml_state=nvml_state.path)
-    d.wait_rounds(3)  # the NPU's utilization needs two rounds
-    got = stable(d.metrics())
+    with StatTicker(proc_tree):
+        d = daemon(config, fake_nvml_state=nvml_state.path)
+        d.wait_rounds(3)  # the NPU's utilization needs two rounds
+        got = stable(d.metrics())
     if os.environ.get("UPDATE_GOLDEN"):
         GOLDEN.write_text(got)
     assert got == GOLDEN.read_text()
@@ -171,6 +212,7 @@ def test_driver_unloaded_and_back(daemon: StartDaemon, nvml_state: NvmlStateFile
     d.wait_rounds(2)
     text = d.metrics()
     assert not series(text, "governor_gpu_")
+    assert 'governor_sampler_up{sampler="nvml"} 0.0' in text, "a lost driver is a failure"
     assert d.get("/healthz").status_code == 200, "a lost driver does not make the daemon sick"
     nvml_state.write(state)
     d.wait_rounds(25)  # NVML is retried with a backoff that starts at 1 s

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from governor.sampling.base import SamplerUnavailable
-from governor.sampling.hwmon import HwmonSampler, clean_name
+from governor.sampling.hwmon import HwmonSampler, clean_name, is_cpu_sensor
 from governor.sampling.paths import SysPaths
 
 
@@ -87,6 +87,17 @@ def test_garbage_is_reported_and_skipped(sys_tree: Path) -> None:
 def test_no_sensors_is_unavailable(empty_sys: Path) -> None:
     with pytest.raises(SamplerUnavailable, match="no hwmon chips or thermal zones"):
         HwmonSampler(SysPaths(empty_sys, "/proc")).sample()
+
+
+@pytest.mark.parametrize(
+    ("name", "cpu"),
+    [("coretemp", True), ("k10temp", True), ("k8temp", True), ("zenpower", True),
+     ("via_cputemp", True), ("x86_pkg_temp", True), ("cpu-thermal", True),
+     ("cpu0_thermal", True), ("cpuss0-thermal", True), ("acpitz", False), ("nvme", False),
+     ("iwlwifi_1", False), ("soc_dts0", False)],
+)
+def test_cpu_sensors_by_chip_name_or_zone_type(name: str, cpu: bool) -> None:
+    assert is_cpu_sensor(name) is cpu
 
 
 @pytest.mark.parametrize(

@@ -90,11 +90,24 @@ def test_a_gpu_lost_halfway_through_its_fields_leaves_no_partial_series() -> Non
     assert "gpu 1: GPU is lost" in result.problems[0]
 
 
-def test_an_unknown_error_on_one_gpu_skips_that_gpu() -> None:
-    fake = two_gpus(errors={"nvmlDeviceGetTemperatureV": "UNKNOWN"})
+@pytest.mark.parametrize("failure", ["UNKNOWN", "TIMEOUT", "INSUFFICIENT_POWER"])
+def test_an_unexpected_error_on_one_field_hides_only_that_field(failure: str) -> None:
+    fake = two_gpus(errors={"nvmlDeviceGetTemperatureV": failure})
     result = NvmlSampler(nvml=fake).sample()
-    assert {r.label("gpu") for r in result.readings} == {"0"}
-    assert result.problems == ["gpu 1: Unknown Error; skipped"]
+    found = by_series(result.readings)
+    assert 'gpu_temperature_celsius{gpu="1"}' not in found
+    assert found['gpu_power_watts{gpu="1"}'] == 312.0, "the rest of the GPU still reports"
+    assert found['gpu_temperature_celsius{gpu="0"}'] == 61
+    assert result.problems == [f"gpu 1: nvmlDeviceGetTemperatureV: {error(failure)}"]
+
+
+def test_a_versioned_call_the_binding_cannot_serve_falls_back() -> None:
+    fake = two_gpus()
+    for gpu in fake.state()["gpus"]:
+        gpu["errors"] = {"nvmlDeviceGetTemperatureV": "ARGUMENT_VERSION_MISMATCH"}
+    found = by_series(NvmlSampler(nvml=fake).sample().readings)
+    assert found['gpu_temperature_celsius{gpu="1"}'] == 88
+    assert "nvmlDeviceGetTemperature" in fake.calls
 
 
 def test_library_not_found_is_unavailable_for_good() -> None:
@@ -152,11 +165,16 @@ def test_reinitialised_after_a_driver_reload() -> None:
     with pytest.raises(RuntimeError, match="NVML stopped answering"):
         sampler.sample()
     assert not fake.initialized, "NVML was shut down so that it can start over"
-    # ...while it is away, rounds say so without hammering nvmlInit
+    # ...while it is away, rounds fail (it worked before: an alert should fire), without
+    # hammering nvmlInit
     fake.state()["init_error"] = "DRIVER_NOT_LOADED"
     clock.now += 1.1
-    with pytest.raises(SamplerUnavailable):
+    with pytest.raises(RuntimeError, match="Driver Not Loaded"):
         sampler.sample()
+    clock.now += 0.5
+    with pytest.raises(RuntimeError):
+        sampler.sample()
+    assert fake.init_calls == 2
     # The driver is back.
     fake.state().update(init_error=None, count_error=None)
     clock.now += 60
@@ -165,17 +183,31 @@ def test_reinitialised_after_a_driver_reload() -> None:
     assert fake.init_calls == 3
 
 
-def test_every_gpu_failing_at_once_restarts_nvml() -> None:
+def test_every_gpu_lost_fails_the_round_without_restarting_nvml() -> None:
     fake = FakeNvml({"gpus": [h100(0, lost=True), h100(1, lost=True)]})
     clock = Clock()
     sampler = NvmlSampler(nvml=fake, clock=clock)
-    with pytest.raises(RuntimeError, match="every GPU failed"):
-        sampler.sample()
+    for _ in range(5):
+        clock.now += 1
+        with pytest.raises(RuntimeError, match="every GPU failed: gpu 0: GPU is lost"):
+            sampler.sample()
+    assert fake.init_calls == 1, "a lost GPU is not the driver: NVML is not restarted"
     for gpu in fake.state()["gpus"]:
         gpu["lost"] = False
-    clock.now += 2
     assert len(sampler.sample().readings) > 0
-    assert fake.init_calls == 2
+
+
+def test_a_driver_upgrade_asks_for_a_restart_instead_of_retrying() -> None:
+    fake = two_gpus()
+    clock = Clock()
+    sampler = NvmlSampler(nvml=fake, clock=clock)
+    sampler.sample()
+    fake.state()["count_error"] = "LIB_RM_VERSION_MISMATCH"
+    for _ in range(3):
+        clock.now += 60
+        with pytest.raises(RuntimeError, match="restart governor"):
+            sampler.sample()
+    assert fake.init_calls == 1
 
 
 def test_uninitialized_mid_round_restarts_nvml() -> None:

@@ -1,20 +1,25 @@
-"""The FastAPI application: open read-only routes for health, metrics and status."""
+"""The FastAPI application: open read-only routes, and token-guarded changes."""
 
-from __future__ import annotations
+from typing import Annotated, Any, Protocol
 
-from typing import Any, Protocol
-
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from governor import __version__
-from governor.api.errors import install_error_handlers
+from governor.api.auth import Authenticator
+from governor.api.errors import error_response, install_error_handlers
+from governor.api.jobs import errors, job_router
+from governor.config import ConfigError
+from governor.control import Controller
+from governor.jobs.registry import Caller, RegistrationError
 from governor.snapshot import Snapshot
 
 
 class DaemonView(Protocol):
-    """What the API needs from the daemon; it never reaches hardware through it."""
+    """What the API needs from the daemon; it never reaches hardware or actuators."""
+
+    controller: Controller
 
     def health(self) -> tuple[bool, str]: ...
 
@@ -22,8 +27,12 @@ class DaemonView(Protocol):
 
     def render_metrics(self) -> bytes: ...
 
+    def reload(self) -> list[dict[str, Any]]:
+        """Reload the config file; ConfigError keeps the running config."""
+        ...
 
-def create_app(daemon: DaemonView) -> FastAPI:
+
+def create_app(daemon: DaemonView, authenticate: Authenticator) -> FastAPI:
     app = FastAPI(
         title="governor",
         version=__version__,
@@ -31,6 +40,10 @@ def create_app(daemon: DaemonView) -> FastAPI:
         "when the hardware runs hot.",
     )
     install_error_handlers(app)
+
+    @app.exception_handler(RegistrationError)
+    async def _registration(_: Request, exc: RegistrationError) -> JSONResponse:
+        return error_response(exc.status, exc.message)
 
     @app.get("/healthz", summary="200 while the sampling loop keeps its cadence, else 503")
     async def healthz() -> JSONResponse:
@@ -48,9 +61,27 @@ def create_app(daemon: DaemonView) -> FastAPI:
     @app.get("/v1/status", summary="Samplers, readings, rules and jobs")
     async def status() -> dict[str, Any]:
         snapshot = daemon.latest()
-        body: dict[str, Any] = {"samplers": [], "readings": [], "rules": [], "jobs": []}
+        view = daemon.controller.view
+        body: dict[str, Any] = {"samplers": [], "readings": []}
         if snapshot is not None:
             body.update(snapshot.as_dict())
+        body["rules"] = list(view.rules)
+        body["jobs"] = list(view.jobs)
+        body["power_caps"] = daemon.controller.power_caps
         return body
+
+    app.include_router(job_router(daemon.controller, authenticate))
+
+    @app.post("/v1/reload", summary="Reload the config file; a bad one changes nothing",
+              responses=errors(401, 403, 422))
+    def reload(caller: Annotated[Caller, Depends(authenticate)]) -> Any:
+        try:
+            return {"rules": daemon.reload()}
+        except ConfigError as exc:
+            return JSONResponse(
+                {"error": f"The config was not reloaded: {exc.lines()[0]}",
+                 "problems": exc.lines()},
+                status_code=422,
+            )
 
     return app

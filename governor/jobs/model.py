@@ -33,6 +33,8 @@ class Directive:
     speed: float
     #: why: one line per rule or operator hold that asked for it
     reasons: tuple[str, ...] = ()
+    #: the names of the rules that asked for it ("operator" for an operator hold)
+    rules: tuple[str, ...] = ()
 
     @property
     def state(self) -> str:
@@ -52,12 +54,12 @@ class Directive:
 RUN = Directive(Action.RUN, 1.0)
 
 
-def pause(*reasons: str) -> Directive:
-    return Directive(Action.PAUSE, 0.0, reasons)
+def pause(*reasons: str, rules: tuple[str, ...] = ()) -> Directive:
+    return Directive(Action.PAUSE, 0.0, reasons, rules)
 
 
-def slow(speed: float, *reasons: str) -> Directive:
-    return Directive(Action.SLOW, speed, reasons)
+def slow(speed: float, *reasons: str, rules: tuple[str, ...] = ()) -> Directive:
+    return Directive(Action.SLOW, speed, reasons, rules)
 
 
 def strictest(directives: list[Directive]) -> Directive:
@@ -71,7 +73,8 @@ def strictest(directives: list[Directive]) -> Directive:
     else:
         winner = Directive(Action.SLOW, min(d.speed for d in held))
     reasons = tuple(dict.fromkeys(r for d in held for r in d.reasons))
-    return replace(winner, reasons=reasons)
+    rules = tuple(dict.fromkeys(r for d in held for r in d.rules))
+    return replace(winner, reasons=reasons, rules=rules)
 
 
 @dataclass

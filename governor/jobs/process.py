@@ -47,20 +47,55 @@ def is_alive(identity: ProcessIdentity) -> bool:
         return False
 
 
+def _child_pids(pid: int) -> list[int] | None:
+    """The children of a process from /proc/PID/task/*/children: this reads only the
+    process's own entries, where psutil scans every process on the machine. None when
+    the kernel has no such file (built without CONFIG_PROC_CHILDREN)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    children: list[int] = []
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children.extend(int(p) for p in f.read().split())
+        except FileNotFoundError:
+            if not os.path.exists(f"/proc/{pid}/task/{task}"):
+                continue  # the thread just exited
+            return None
+        except OSError:
+            continue
+    return children
+
+
+def _descendants(pid: int) -> list[int]:
+    found: list[int] = []
+    queue = [pid]
+    while queue:
+        children = _child_pids(queue.pop(0))
+        if children is None:  # no children files: ask psutil, which scans /proc
+            try:
+                return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+            except (psutil.NoSuchProcess, psutil.ZombieProcess):
+                return []
+        found.extend(children)
+        queue.extend(children)
+    return found
+
+
 def tree(root: ProcessIdentity) -> list[ProcessIdentity]:
     """The root and all its living descendants, parents before children; [] if the root
     is gone or its pid now names another process."""
     try:
-        process = psutil.Process(root.pid)
-        if process.create_time() != root.started_at:
+        if psutil.Process(root.pid).create_time() != root.started_at:
             return []
-        children = process.children(recursive=True)
     except (psutil.NoSuchProcess, psutil.ZombieProcess):
         return []
     found = [root]
-    for child in children:
+    for pid in _descendants(root.pid):
         try:
-            found.append(ProcessIdentity(child.pid, child.create_time()))
+            found.append(ProcessIdentity(pid, psutil.Process(pid).create_time()))
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
             continue
     return found

@@ -1,6 +1,8 @@
 """AMD GPUs through the amdgpu driver's sysfs files: busy share, temperatures, power, VRAM.
 
 Each card is labelled by its DRM name (`device="card0"`), which is what a job binds to.
+A card in runtime suspend is left alone: on kernels before 6.9, reading its files wakes
+it, and polling every second would keep an idle dGPU from ever sleeping.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from governor.sampling.paths import (
     link_name,
     read_int,
     read_int_strict,
+    read_text,
     sorted_entries,
 )
 from governor.snapshot import reading
@@ -46,6 +49,8 @@ class AmdgpuSampler:
             )
         result = SampleResult()
         for card in cards:
+            if read_text(card / "device" / "power" / "runtime_status") == "suspended":
+                continue
             self._sample_card(card, result)
         return result
 

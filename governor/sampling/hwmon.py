@@ -23,8 +23,9 @@ from governor.snapshot import reading
 
 log = logging.getLogger(__name__)
 
-#: hwmon `name`s of CPU temperature drivers (cpu_thermal: the thermal-zone hwmon on Arm boards)
-CPU_CHIPS = frozenset({"coretemp", "k10temp", "zenpower", "cpu_thermal"})
+#: hwmon `name`s of CPU temperature drivers; besides these, any chip whose name starts with
+#: "cpu" (cpu_thermal, cpu0_thermal: the hwmon twins of CPU thermal zones on Arm boards)
+CPU_CHIPS = frozenset({"coretemp", "k10temp", "k8temp", "zenpower", "via_cputemp"})
 #: hwmon chips another sampler reports, labelled by their device
 ACCELERATOR_CHIPS = frozenset({"amdgpu"})
 #: plausible range for a temperature sensor; outside it the value is a sensor fault
@@ -40,9 +41,10 @@ def clean_name(name: str) -> str:
     return _INVALID_CHARS.sub("_", name.lower()).strip("_")
 
 
-def is_cpu_zone(zone_type: str) -> bool:
-    """x86_pkg_temp on Intel; cpu-thermal, cpu0-thermal, cpuss0-thermal... on Arm SoCs."""
-    return zone_type == "x86_pkg_temp" or zone_type.startswith("cpu")
+def is_cpu_sensor(name: str) -> bool:
+    """A CPU chip or thermal zone, by its hwmon name or zone type: coretemp, k10temp...;
+    x86_pkg_temp on Intel; cpu-thermal, cpu0_thermal, cpuss0-thermal... on Arm SoCs."""
+    return name in CPU_CHIPS or name == "x86_pkg_temp" or name.startswith("cpu")
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +161,7 @@ class HwmonSampler:
             attr_dir = inputs[0][1].parent
             labels = sensor_labels(attr_dir, [n for n, _ in inputs])
             metric = (
-                "cpu_temperature_celsius" if chip.driver in CPU_CHIPS
+                "cpu_temperature_celsius" if is_cpu_sensor(chip.driver)
                 else "hwmon_temperature_celsius"
             )
             for number, path in inputs:
@@ -194,7 +196,7 @@ class HwmonSampler:
                 continue
             if celsius is None:  # disabled zones refuse reads
                 continue
-            metric = "cpu_temperature_celsius" if is_cpu_zone(zone_type) else (
+            metric = "cpu_temperature_celsius" if is_cpu_sensor(zone_type) else (
                 "hwmon_temperature_celsius"
             )
             result.readings.append(reading(metric, celsius, chip=zone.name, sensor=zone_type))

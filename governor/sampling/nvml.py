@@ -1,10 +1,13 @@
 """NVIDIA GPUs through NVML (`nvidia-ml-py`, imported as `pynvml`).
 
 As glances does: NVML is loaded once, and every field is read on its own, so one field
-the driver does not support (NotSupported, NoPermission) is simply absent and never
-hides the rest of the GPU. A lost GPU is reported and skipped while the others keep
-reporting. When NVML stops answering as a whole (the driver was unloaded or reloaded),
-the sampler shuts NVML down and initialises it again on later rounds, with backoff.
+that fails (NotSupported and NoPermission quietly, anything else as a reported problem)
+is simply absent and never hides the rest of the GPU. A lost GPU is reported and skipped
+while the others keep reporting. When NVML stops answering as a whole (the driver was
+unloaded), the sampler shuts NVML down and initialises it again on later rounds, with
+backoff; while it is away the sampler is down (an error, so alerts fire), unless NVML
+was never there at all. A driver *upgrade* cannot be picked up in-process, since the old
+libnvidia-ml stays loaded: the sampler then says to restart governor.
 
 `GOVERNOR_NVML_MODULE` names another module with pynvml's interface; the test suite uses
 it to run the daemon against a fake NVML. It is never needed in production.
@@ -52,6 +55,7 @@ ERROR_GPU_IS_LOST = 15
 ERROR_RESET_REQUIRED = 16
 ERROR_LIB_RM_VERSION_MISMATCH = 18
 ERROR_NO_DATA = 21
+ERROR_ARGUMENT_VERSION_MISMATCH = 25
 ERROR_GPU_NOT_FOUND = 28
 
 #: the field is not there on this GPU or for this user: no series, no complaint
@@ -59,6 +63,8 @@ ABSENT = frozenset({
     ERROR_NOT_SUPPORTED, ERROR_NO_PERMISSION, ERROR_NOT_FOUND, ERROR_NO_DATA,
     ERROR_INVALID_ARGUMENT, ERROR_FUNCTION_NOT_FOUND,
 })
+#: a newer function this driver or binding cannot serve: try the older one
+TRY_OLDER = frozenset({ERROR_FUNCTION_NOT_FOUND, ERROR_ARGUMENT_VERSION_MISMATCH})
 #: this GPU is gone until a reset: skip it, keep the others
 GPU_GONE = frozenset({ERROR_GPU_IS_LOST, ERROR_GPU_NOT_FOUND, ERROR_RESET_REQUIRED})
 #: NVML as a whole stopped answering: shut down and initialise again
@@ -104,6 +110,11 @@ class NvmlSampler:
         self._next_retry = 0.0
         #: the first function of each versioned family that this driver has
         self._chosen: dict[str, str] = {}
+        self._required = required
+        #: NVML has found GPUs since start: if it goes away now, that is a failure
+        self._ever_worked = False
+        #: problems of single fields of the GPU being read
+        self._field_problems: list[str] = []
         self._init()
         if required and self.unavailable_reason is not None:
             raise NvmlUnavailableError(
@@ -139,7 +150,7 @@ class NvmlSampler:
             self._set_unavailable("NVML found no GPUs")
             return
         self.unavailable_reason = None
-        self._retry_delay = RETRY_FIRST
+        self._ever_worked = True
 
     def _set_unavailable(self, reason: str) -> None:
         self.unavailable_reason = reason
@@ -154,12 +165,28 @@ class NvmlSampler:
             except self._error as exc:
                 log.debug("nvmlShutdown: %s", exc)
 
-    def _lost(self, reason: str) -> None:
-        """NVML stopped answering: start over on a later round."""
+    def _lost(self, exc: BaseException) -> None:
+        """NVML as a whole stopped answering: start over on a later round, unless the
+        driver was upgraded under us, which only a restart can pick up."""
         self._shutdown()
         self._chosen.clear()
+        if self._code(exc) == ERROR_LIB_RM_VERSION_MISMATCH:
+            self._permanent = True
+            self.unavailable_reason = (
+                f"NVML stopped answering: {exc}: the NVIDIA driver changed under governor; "
+                "restart governor to load the new driver's library")
+            log.error("nvml: %s", self.unavailable_reason)
+            return
         self._retry_delay = RETRY_FIRST
-        self._set_unavailable(reason)
+        self._set_unavailable(f"NVML stopped answering: {exc}")
+
+    def _down(self) -> Exception:
+        """Why this round has no GPU readings: a failure if NVML worked before or is
+        required (so governor_sampler_up goes to 0), else hardware that is not here."""
+        assert self.unavailable_reason is not None
+        if self._ever_worked or self._required:
+            return RuntimeError(self.unavailable_reason)
+        return SamplerUnavailable(self.unavailable_reason)
 
     def close(self) -> None:
         self._shutdown()
@@ -169,21 +196,22 @@ class NvmlSampler:
     def sample(self) -> SampleResult:
         if self.unavailable_reason is not None:
             if self._permanent or self._clock() < self._next_retry:
-                raise SamplerUnavailable(self.unavailable_reason)
+                raise self._down()
             was = self.unavailable_reason
             self._shutdown()
             self._init()
             if self.unavailable_reason is not None:
-                raise SamplerUnavailable(self.unavailable_reason)
+                raise self._down()
             log.info("NVML is available again (it was: %s)", was)
         try:
             count = int(self._nvml.nvmlDeviceGetCount())
         except self._error as exc:
-            self._lost(f"NVML stopped answering: {exc}")
-            raise RuntimeError(self.unavailable_reason) from exc
+            self._lost(exc)
+            raise self._down() from exc
         if count == 0:
-            self._lost("NVML found no GPUs")
-            raise SamplerUnavailable(self.unavailable_reason)
+            self._shutdown()
+            self._set_unavailable("NVML found no GPUs")
+            raise self._down()
 
         result = SampleResult()
         failed = 0
@@ -195,27 +223,32 @@ class NvmlSampler:
                 result.problems.append(f"gpu {index}: {exc.__cause__ or exc}; skipped")
             except self._error as exc:
                 if self._code(exc) in NVML_GONE:
-                    self._lost(f"NVML stopped answering: {exc}")
-                    raise RuntimeError(self.unavailable_reason) from exc
+                    self._lost(exc)
+                    raise self._down() from exc
                 failed += 1
                 result.problems.append(f"gpu {index}: {exc}; skipped")
         if failed == count:
-            # Every GPU failing at once is the driver, not the GPUs: start NVML over.
-            self._lost("every GPU failed: " + "; ".join(result.problems))
-            raise RuntimeError(self.unavailable_reason)
+            raise RuntimeError("every GPU failed: " + "; ".join(result.problems))
+        self._retry_delay = RETRY_FIRST
         return result
 
     def _get(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """One field: None when this GPU lacks it, _GpuGone when the GPU is lost."""
+        """One field: None when it cannot be read, _GpuGone when the GPU is lost; NVML
+        errors that mean NVML itself is gone propagate."""
         try:
             return fn(*args)
         except self._error as exc:
-            code = self._code(exc)
-            if code in ABSENT:
-                return None
-            if code in GPU_GONE:
-                raise _GpuGone(str(exc)) from exc
-            raise
+            return self._field_failed(getattr(fn, "__name__", "?"), exc)
+
+    def _field_failed(self, name: str, exc: BaseException) -> None:
+        code = self._code(exc)
+        if code in GPU_GONE:
+            raise _GpuGone(str(exc)) from exc
+        if code in NVML_GONE:
+            raise exc
+        if code not in ABSENT:
+            self._field_problems.append(f"{name}: {exc}")
+        return None
 
     def _get_versioned(self, family: str, names: tuple[str, ...], *args: Any) -> Any:
         """The newest of several functions that the binding and the driver both have.
@@ -232,14 +265,11 @@ class NvmlSampler:
             try:
                 value = fn(*args)
             except self._error as exc:
-                if self._code(exc) == ERROR_FUNCTION_NOT_FOUND and not chosen:
+                if self._code(exc) in TRY_OLDER and not chosen:
                     continue
                 if self._code(exc) in ABSENT:
                     self._chosen[family] = name
-                    return None
-                if self._code(exc) in GPU_GONE:
-                    raise _GpuGone(str(exc)) from exc
-                raise
+                return self._field_failed(name, exc)
             self._chosen[family] = name
             return value
         return None
@@ -254,6 +284,7 @@ class NvmlSampler:
             raise
         gpu = str(index)
         readings = []
+        self._field_problems = []
         uuid = self._get(nvml.nvmlDeviceGetUUID, handle)
         name = self._get(nvml.nvmlDeviceGetName, handle)
         readings.append(reading("gpu_info", 1, gpu=gpu, uuid=_text(uuid), name=_text(name)))
@@ -294,6 +325,7 @@ class NvmlSampler:
             result.gpu_pids[gpu] = frozenset(int(p.pid) for p in processes)
         # Only a GPU read to the end counts: a GPU lost halfway leaves no partial series.
         result.readings.extend(readings)
+        result.problems.extend(f"gpu {index}: {p}" for p in self._field_problems)
 
 
 def _text(value: object) -> str:

@@ -64,6 +64,8 @@ class DaemonProcess:
         config = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
         config.setdefault("api", {}).setdefault("listen", f"127.0.0.1:{self.port}")
         config.setdefault("daemon", {}).setdefault("state_dir", str(workdir / "state"))
+        config["api"].setdefault("token_file", str(workdir / "token"))
+        self.token_path = Path(config["api"]["token_file"]) if config["api"]["token_file"] else None
         self.config_path = workdir / "governor.toml"
         self.config_path.write_text(to_toml(config))
         self.env = dict(os.environ)
@@ -106,6 +108,35 @@ class DaemonProcess:
 
     def get(self, path: str, **kwargs: Any) -> httpx.Response:
         return httpx.get(self.url + path, timeout=10, **kwargs)
+
+    @property
+    def token(self) -> str:
+        assert self.token_path is not None
+        return self.token_path.read_text().strip()
+
+    def call(self, method: str, path: str, *, auth: bool = True, **kwargs: Any) -> httpx.Response:
+        """A request with the daemon's token (auth=False: without it)."""
+        headers = dict(kwargs.pop("headers", {}))
+        if auth:
+            headers["Authorization"] = f"Bearer {self.token}"
+        return httpx.request(method, self.url + path, headers=headers, timeout=30, **kwargs)
+
+    def register(self, **body: Any) -> dict[str, Any]:
+        response = self.call("POST", "/v1/jobs", json=body)
+        assert response.status_code == 201, response.text
+        return dict(response.json())
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        response = self.get(f"/v1/jobs/{job_id}")
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """`governor VERB --config <this daemon's config> ARGS`, as a user would run it."""
+        verb, *rest = args
+        return subprocess.run(
+            [sys.executable, "-m", "governor", verb, "--config", str(self.config_path), *rest],
+            capture_output=True, text=True, timeout=timeout, cwd=self.workdir, env=self.env)
 
     def metrics(self) -> str:
         response = self.get("/metrics")

@@ -12,8 +12,12 @@ State keys (all optional):
   init_error:    error name raised by nvmlInit ("LIBRARY_NOT_FOUND", "DRIVER_NOT_LOADED"...)
   count_error:   error name raised by nvmlDeviceGetCount (a driver unloaded mid-run)
   missing_functions: functions the "driver" lacks (they raise FUNCTION_NOT_FOUND)
-  gpus: [{uuid, name, utilization, temperature, power_mw, power_limit_mw, memory_used,
-          memory_total, sm_clock_mhz, clock_events, pids, lost, errors: {function: error}}]
+  set_power_error: error name raised by nvmlDeviceSetPowerManagementLimit ("NO_PERMISSION")
+  gpus: [{uuid, name, utilization, temperature, power_mw, power_limit_mw, power_min_mw,
+          power_max_mw, memory_used, memory_total, sm_clock_mhz, clock_events, pids, lost,
+          errors: {function: error}}]
+
+Limits set through nvmlDeviceSetPowerManagementLimit are mirrored to `<state>.limits`.
 """
 
 from __future__ import annotations
@@ -99,6 +103,13 @@ class FakeNvml:
         self.initialized = False
         self.init_calls = 0
         self.calls: list[str] = []
+        #: GPU index -> power limit set through nvmlDeviceSetPowerManagementLimit (mW),
+        #: mirrored to <state>.limits so a test, or a later process, sees what was set
+        self.set_limits: dict[int, int] = {}
+        self.limits_path = Path(f"{path}.limits") if path is not None else None
+        if self.limits_path is not None and self.limits_path.exists():
+            saved = json.loads(self.limits_path.read_text())
+            self.set_limits = {int(k): int(v) for k, v in saved.items()}
 
     # ---- state ----
 
@@ -187,7 +198,8 @@ class FakeNvml:
         return int(self._field("nvmlDeviceGetPowerUsage", handle, "power_mw"))
 
     def nvmlDeviceGetEnforcedPowerLimit(self, handle: Handle) -> int:
-        return int(self._field("nvmlDeviceGetEnforcedPowerLimit", handle, "power_limit_mw"))
+        limit = int(self._field("nvmlDeviceGetEnforcedPowerLimit", handle, "power_limit_mw"))
+        return int(self.set_limits.get(handle.index, limit))
 
     def nvmlDeviceGetMemoryInfo(self, handle: Handle) -> Memory:
         gpu = self._call("nvmlDeviceGetMemoryInfo", handle)
@@ -209,6 +221,40 @@ class FakeNvml:
     def nvmlDeviceGetComputeRunningProcesses(self, handle: Handle) -> list[Process]:
         pids = self._field("nvmlDeviceGetComputeRunningProcesses", handle, "pids")
         return [Process(pid=int(p), usedGpuMemory=2**30) for p in pids]
+
+    def nvmlDeviceGetHandleByUUID(self, uuid: str | bytes) -> Handle:
+        self._call("nvmlDeviceGetHandleByUUID")
+        wanted = uuid.decode() if isinstance(uuid, bytes) else uuid
+        for index, gpu in enumerate(self.state().get("gpus", [])):
+            if gpu.get("uuid") == wanted:
+                return Handle(index)
+        raise error("NOT_FOUND")
+
+    # Power limits. A limit that was set is kept in an overlay, so a test that rewrites the
+    # state file (to heat a GPU) does not undo it; it shows as the enforced limit too.
+
+    def nvmlDeviceGetPowerManagementLimit(self, handle: Handle) -> int:
+        gpu = self._call("nvmlDeviceGetPowerManagementLimit", handle)
+        assert gpu is not None
+        return int(self.set_limits.get(handle.index, gpu["power_limit_mw"]))
+
+    def nvmlDeviceGetPowerManagementLimitConstraints(self, handle: Handle) -> list[int]:
+        gpu = self._call("nvmlDeviceGetPowerManagementLimitConstraints", handle)
+        assert gpu is not None
+        return [int(gpu.get("power_min_mw", 100000)), int(gpu.get("power_max_mw", 700000))]
+
+    def nvmlDeviceSetPowerManagementLimit(self, handle: Handle, limit: int) -> None:
+        gpu = self._call("nvmlDeviceSetPowerManagementLimit", handle)
+        assert gpu is not None
+        failure = self.state().get("set_power_error")
+        if failure:
+            raise error(failure)
+        low, high = self.nvmlDeviceGetPowerManagementLimitConstraints(handle)
+        if not low <= limit <= high:
+            raise error("INVALID_ARGUMENT")
+        self.set_limits[handle.index] = int(limit)
+        if self.limits_path is not None:
+            self.limits_path.write_text(json.dumps(self.set_limits))
 
     def _field(self, name: str, handle: Handle, key: str) -> Any:
         gpu = self._call(name, handle)

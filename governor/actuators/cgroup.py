@@ -1,0 +1,682 @@
+"""Holds jobs through cgroups: a freeze pauses them, a CPU quota slows them.
+
+A frozen cgroup also holds every child forked into it later, which signals cannot promise,
+and a CFS quota slows a job without the stop-start jitter of a duty cycle. Works on cgroup
+v2, v1 (freezer and cpu) and hybrids of both.
+
+Journal entries (kind "cgroup") name the files to undo and the quota to restore, so that
+`undo(entry)` can release a job with no daemon:
+
+    {"kind": "cgroup", "job": ID, "freeze": {"version": "v2"|"v1", "path": DIR},
+     "frozen": BOOL,
+     "quota": null | {"version": "v2"|"v1", "path": DIR, "original": "max 100000"|"-1"}}
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path, PurePath
+from typing import Literal
+
+import psutil
+
+from governor.actuators.base import ActuatorError, JournalEntry, hold_key
+from governor.jobs.model import Action, Directive, Job, Mode
+from governor.jobs.process import ProcessIdentity, identify, is_alive, tree
+from governor.journal import Journal
+
+log = logging.getLogger(__name__)
+
+KIND = "cgroup"
+#: where the actuator keeps its state of a job in job.extra
+EXTRA_KEY = "cgroup_actuator"
+#: the v1 controllers the actuator uses: freezer to pause, cpu to slow, cpuacct to measure
+V1_CONTROLLERS = frozenset({"freezer", "cpu", "cpuacct"})
+FREEZE_FILE = {"v2": "cgroup.freeze", "v1": "freezer.state"}
+#: (frozen, thawed) values of FREEZE_FILE
+FREEZE_VALUES = {"v2": ("1", "0"), "v1": ("FROZEN", "THAWED")}
+QUOTA_FILE = {"v2": "cpu.max", "v1": "cpu.cfs_quota_us"}
+V1_UNLIMITED = "-1"
+#: the kernel's smallest CFS quota
+MIN_QUOTA_US = 1000
+#: a job measured idle before it is slowed still gets this many cores times its speed
+MIN_DEMAND = 1.0
+#: weight of the newest unthrottled measurement in the demand average
+DEMAND_WEIGHT = 0.3
+#: each round the quota moves by (target / measured) ** FEEDBACK_GAIN, within FEEDBACK_STEP
+FEEDBACK_GAIN = 0.5
+FEEDBACK_STEP = (0.5, 2.0)
+#: rounds of moving a process tree before giving up on one that forks faster
+MOVE_ROUNDS = 50
+RMDIR_TRIES = 40
+POLL_S = 0.01
+JOB_ID = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+@dataclass(frozen=True, slots=True)
+class Hierarchy:
+    """A mounted cgroup hierarchy: "v2", or a v1 one named by its controller."""
+
+    name: str
+    mount: Path
+    #: the cgroup mounted at `mount`: "/" unless a subtree is mounted
+    root: str
+
+    @property
+    def version(self) -> Literal["v1", "v2"]:
+        return "v2" if self.name == "v2" else "v1"
+
+    def dir(self, cgroup: str) -> Path:
+        """The directory of a cgroup path as /proc/PID/cgroup names it."""
+        if self.root != "/" and (cgroup + "/").startswith(self.root + "/"):
+            cgroup = cgroup[len(self.root):]
+        return self.mount / cgroup.lstrip("/")
+
+    def cgroup(self, directory: Path) -> str | None:
+        """The cgroup path of a directory; None if it is not in this hierarchy."""
+        if not directory.is_relative_to(self.mount):
+            return None
+        return posixpath.normpath(posixpath.join(self.root, str(directory.relative_to(self.mount))))
+
+
+def find_hierarchies(mountinfo: Path = Path("/proc/self/mountinfo")) -> dict[str, Hierarchy]:
+    """The cgroup hierarchies mounted, by name: "v2", "freezer", "cpu", "cpuacct"."""
+    found: dict[str, Hierarchy] = {}
+    try:
+        lines = mountinfo.read_text().splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        fields = line.split()
+        if "-" not in fields[6:]:
+            continue
+        sep = fields.index("-", 6)
+        if len(fields) < sep + 4:
+            continue
+        fstype, options = fields[sep + 1], set(fields[sep + 3].split(","))
+        names = ["v2"] if fstype == "cgroup2" else (
+            sorted(options & V1_CONTROLLERS) if fstype == "cgroup" else [])
+        for name in names:
+            found.setdefault(name, Hierarchy(name, Path(_unescape(fields[4])),
+                                             _unescape(fields[3])))
+    return found
+
+
+def memberships(source: Path) -> dict[str, str]:
+    """Hierarchy name ("v2" or a v1 controller) to cgroup path, from a /proc/PID/cgroup file;
+    empty when the process is gone."""
+    found: dict[str, str] = {}
+    try:
+        lines = source.read_text().splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        hierarchy_id, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy_id == "0" and not controllers:
+            found["v2"] = path
+        for controller in filter(None, controllers.split(",")):
+            found[controller] = path
+    return found
+
+
+def undo(entry: JournalEntry) -> str:
+    """Release a hold from its journal entry alone, as `governor release-all` does with no
+    daemon: thaw the cgroup and restore its quota. Idempotent; never raises."""
+    try:
+        _, done = _undo(entry)
+        return f"cgroup hold of job {entry.get('job')}: " + ("; ".join(done) or "nothing to undo")
+    except Exception as exc:  # a malformed entry must not stop release-all
+        return f"could not undo cgroup hold {entry!r}: {exc}"
+
+
+def _undo(entry: JournalEntry) -> tuple[bool, list[str]]:
+    """Thaw and restore the quota; (whether all of it is undone, what was done)."""
+    done: list[str] = []
+    ok = True
+    freeze, quota = entry.get("freeze"), entry.get("quota")
+    if isinstance(freeze, dict) and freeze.get("version") in FREEZE_FILE:
+        version = freeze["version"]
+        ok &= _undo_write(Path(str(freeze.get("path"))) / FREEZE_FILE[version],
+                          FREEZE_VALUES[version][1], "thawed", done)
+    if isinstance(quota, dict) and quota.get("version") in QUOTA_FILE:
+        ok &= _undo_write(Path(str(quota.get("path"))) / QUOTA_FILE[quota["version"]],
+                          str(quota.get("original")), "restored the quota of", done)
+    return ok, done
+
+
+def _undo_write(file: Path, value: str, what: str, done: list[str]) -> bool:
+    if not file.is_absolute():
+        done.append(f"ignored {file}: not an absolute path")
+        return True
+    try:
+        _write(file, value)
+    except FileNotFoundError:
+        done.append(f"{file.parent} is gone")
+    except OSError as exc:
+        done.append(f"could not write {value!r} to {file}: {exc.strerror}")
+        return False
+    else:
+        done.append(f"{what} {file.parent}")
+    return True
+
+
+@dataclass
+class _Held:
+    """What the actuator knows of one attached job."""
+
+    freeze_h: Hierarchy
+    freeze: Path
+    quota_h: Hierarchy | None = None
+    quota: Path | None = None
+    #: cpu.stat (v2) or cpuacct.usage (v1); None sums the processes of the freeze cgroup
+    usage_file: Path | None = None
+    #: the cgroups attach created, by hierarchy name; empty for a cgroup given at registration
+    created: dict[str, Path] = field(default_factory=dict)
+    root_pid: int | None = None
+    #: pid to (start time, hierarchy name to cgroup path) of each process attach moved
+    origins: dict[int, tuple[float, dict[str, str]]] = field(default_factory=dict)
+    #: the hold this actuator has in the journal; None while the job runs free
+    entry: JournalEntry | None = None
+    original_quota: str | None = None
+    period_us: int = 100_000
+    quota_us: int | None = None
+    #: the slow speed quota_us is for
+    speed: float | None = None
+    #: CPU cores used while running unthrottled, averaged
+    demand: float | None = None
+    #: CPU cores used while slowed, over the last measured round
+    slow_rate: float | None = None
+    last_action: Action = Action.RUN
+    last_usage: float | None = None
+    last_time: float = 0.0
+    warned: set[str] = field(default_factory=set)
+
+
+class CgroupActuator:
+    """Pauses and slows jobs through cgroups; a job named by a pid gets a cgroup of its own
+    (`governor-<id>`) beside the governor's, so its later children are held too."""
+
+    mode = Mode.CGROUP
+
+    def __init__(self, journal: Journal, *, version: Literal["auto", "v1", "v2"] = "auto",
+                 mountinfo: Path = Path("/proc/self/mountinfo"),
+                 own_cgroups: Path = Path("/proc/self/cgroup"),
+                 period: float = 0.1, freeze_timeout: float = 2.0):
+        self.journal = journal
+        self.period_us = min(max(MIN_QUOTA_US, round(period * 1e6)), 1_000_000)
+        self.freeze_timeout = freeze_timeout
+        self._mounts = find_hierarchies(mountinfo)
+        own = memberships(own_cgroups)
+        self._own = {name: own.get(name, "/") for name in self._mounts}
+        allowed = [h for h in self._mounts.values() if version in ("auto", h.version)]
+        self._freezers = sorted((h for h in allowed if h.name in ("v2", "freezer")),
+                                key=lambda h: h.name != "v2")
+        self._quotas = sorted((h for h in allowed if h.name in ("v2", "cpu")),
+                              key=lambda h: h.name != "v2")
+        if not self._freezers:
+            wanted = {"auto": "cgroup v2 or the v1 freezer", "v2": "cgroup v2",
+                      "v1": "the v1 freezer"}[version]
+            raise ActuatorError(f"cannot hold jobs through cgroups: {mountinfo} shows no "
+                                f"mount of {wanted}")
+
+    # ---- the Actuator protocol ----
+
+    def attach(self, job: Job) -> None:
+        self._attach(job)
+
+    def apply(self, job: Job, directive: Directive) -> None:
+        held = job.extra.get(EXTRA_KEY)
+        if not isinstance(held, _Held):
+            held = self._attach(job)
+        self._measure(held)
+        action = directive.action
+        if action is Action.SLOW and held.quota is None:
+            self._warn(held, f"job {job.id}: no CPU quota can be set on its cgroup, so it "
+                             "is paused instead of slowed")
+            action = Action.PAUSE
+        if action is Action.RUN:
+            self._release(job, held)
+        elif action is Action.PAUSE:
+            self._pause(job, held)
+        else:
+            self._slow(job, held, directive.speed)
+        held.last_action = action
+
+    def detach(self, job: Job) -> None:
+        try:
+            self._detach(job)
+        except Exception:
+            log.warning("could not fully detach job %s from its cgroup", job.id, exc_info=True)
+
+    def close(self) -> None:
+        """No threads to stop."""
+
+    # ---- attach ----
+
+    def _attach(self, job: Job) -> _Held:
+        name = f"governor-{job.id}"
+        if job.pid is not None and (job.cgroup is None or PurePath(job.cgroup).name == name):
+            held = self._attach_pid(job, job.pid, name)
+        elif job.cgroup is not None:
+            held = self._attach_cgroup(job.cgroup)
+        else:
+            raise ActuatorError(f"job {job.id} names neither a process nor a cgroup")
+        self._adopt(job, held)
+        held.last_usage, held.last_time = self._usage(held), time.monotonic()
+        job.extra[EXTRA_KEY] = held
+        return held
+
+    def _attach_pid(self, job: Job, pid: int, name: str) -> _Held:
+        if not JOB_ID.fullmatch(job.id):
+            raise ActuatorError(f"job id {job.id!r} cannot name a cgroup")
+        identity = (identify(pid) if job.pid_started_at is None
+                    else ProcessIdentity(pid, job.pid_started_at))
+        if identity is None or not is_alive(identity):
+            raise ActuatorError(f"process {pid} has exited")
+        freeze_h = self._freezers[0]
+        quota_h = self._quota_for_new_cgroup()
+        held = _Held(freeze_h, freeze_h.dir(self._beside_own(freeze_h, name)), quota_h,
+                     root_pid=pid)
+        try:
+            for h in dict.fromkeys(h for h in (freeze_h, quota_h) if h is not None):
+                directory = h.dir(self._beside_own(h, name))
+                try:
+                    directory.mkdir(exist_ok=True)
+                except OSError as exc:
+                    raise ActuatorError(f"cannot create cgroup {directory}: "
+                                        f"{exc.strerror}") from exc
+                held.created[h.name] = directory
+            held.quota = held.created.get(quota_h.name) if quota_h is not None else None
+            self._move_tree(held, identity)
+        except ActuatorError:
+            self._return_processes(held)
+            raise
+        held.usage_file = self._usage_file(held)
+        job.cgroup = str(held.freeze)
+        return held
+
+    def _beside_own(self, h: Hierarchy, name: str) -> str:
+        """The cgroup path of `name` in the governor's parent cgroup of this hierarchy."""
+        return posixpath.join(posixpath.dirname(self._own[h.name]), name)
+
+    def _quota_for_new_cgroup(self) -> Hierarchy | None:
+        for h in self._quotas:
+            if h.version == "v1":
+                return h
+            parent = h.dir(posixpath.dirname(self._own[h.name]))
+            if "cpu" in _words(parent / "cgroup.controllers") and _enable_cpu(parent):
+                return h
+        return None
+
+    def _move_tree(self, held: _Held, identity: ProcessIdentity) -> None:
+        """Move the tree into the created cgroups until none of it is left outside: the
+        tree may fork while it is moved, and a child forked after its parent moved is in."""
+        targets = {n: self._mounts[n].cgroup(d) for n, d in held.created.items()}
+        for _ in range(MOVE_ROUNDS):
+            members = tree(identity)
+            if not members:
+                raise ActuatorError(f"process {identity.pid} has exited")
+            if any(m.pid == os.getpid() for m in members):
+                raise ActuatorError(f"process {identity.pid} is the governor or its ancestor")
+            moved = False
+            for member in members:
+                now = memberships(Path(f"/proc/{member.pid}/cgroup"))
+                outside = [n for n in held.created if now.get(n) != targets[n]]
+                if not outside or not is_alive(member):
+                    continue
+                moved = True
+                held.origins.setdefault(
+                    member.pid, (member.started_at, {n: now[n] for n in outside if n in now}))
+                for n in outside:
+                    _enter(held.created[n], member.pid)
+            if not moved:
+                return
+        raise ActuatorError(f"process {identity.pid} forks faster than it can be moved "
+                            "into its cgroup")
+
+    def _attach_cgroup(self, given: str) -> _Held:
+        directory = Path(os.path.normpath(given))
+        named = {h.name: cg for h in self._mounts.values()
+                 if (cg := h.cgroup(directory)) is not None}
+        if named:
+            cgroup = next(iter(named.values()))
+        elif given.startswith("/"):
+            cgroup = posixpath.normpath(given)
+        else:
+            raise ActuatorError(f"cgroup {given!r} is neither under a cgroup mount nor a "
+                                "cgroup path starting with /")
+        if cgroup == "/":
+            raise ActuatorError("refusing to hold a root cgroup: it holds every process")
+        freeze_h = next((h for h in self._freezers if h.name in named), self._freezers[0])
+        freeze = freeze_h.dir(cgroup)
+        if not freeze.is_dir():
+            raise ActuatorError(f"no cgroup at {freeze}")
+        own = self._own[freeze_h.name]
+        if (own + "/").startswith(cgroup.rstrip("/") + "/"):
+            raise ActuatorError(f"cgroup {cgroup} holds the governor itself")
+        held = _Held(freeze_h, freeze)
+        for h in sorted(self._quotas, key=lambda h: h.name not in named):
+            if (h.dir(cgroup) / QUOTA_FILE[h.version]).is_file():
+                held.quota_h, held.quota = h, h.dir(cgroup)
+                break
+        held.usage_file = self._usage_file(held)
+        return held
+
+    def _adopt(self, job: Job, held: _Held) -> None:
+        """Take over a hold an earlier run left in the journal on the same cgroup, so that a
+        run directive after a restart releases it."""
+        entry = self.journal.holds().get(hold_key(job))
+        if entry is None or not isinstance(freeze := entry.get("freeze"), dict):
+            return
+        if freeze.get("path") != str(held.freeze):
+            return
+        held.entry = entry
+        quota = entry.get("quota")
+        if isinstance(quota, dict) and quota.get("path") == str(held.quota):
+            held.original_quota = str(quota.get("original"))
+
+    def _usage_file(self, held: _Held) -> Path | None:
+        for h, directory in ((held.freeze_h, held.freeze), (held.quota_h, held.quota)):
+            if h is not None and directory is not None and h.version == "v2":
+                return directory / "cpu.stat"
+        if held.quota is not None and (held.quota / "cpuacct.usage").is_file():
+            return held.quota / "cpuacct.usage"
+        acct, cgroup = self._mounts.get("cpuacct"), held.freeze_h.cgroup(held.freeze)
+        if acct is None or cgroup is None:
+            return None
+        file = acct.dir(cgroup) / "cpuacct.usage"
+        return file if file.is_file() else None
+
+    # ---- apply ----
+
+    def _measure(self, held: _Held) -> None:
+        """Learn the job's demand while it runs free, and its usage while slowed."""
+        now, usage = time.monotonic(), self._usage(held)
+        held.slow_rate = None
+        if usage is None or held.last_usage is None:
+            held.last_usage, held.last_time = usage, now
+            return
+        if now - held.last_time < self.period_us / 1e6:
+            return
+        rate = max(0.0, usage - held.last_usage) / (now - held.last_time)
+        held.last_usage, held.last_time = usage, now
+        if held.last_action is Action.RUN:
+            held.demand = rate if held.demand is None else (
+                held.demand + DEMAND_WEIGHT * (rate - held.demand))
+        elif held.last_action is Action.SLOW:
+            held.slow_rate = rate
+
+    def _usage(self, held: _Held) -> float | None:
+        """CPU seconds the job has used, or None if they cannot be read."""
+        file = held.usage_file
+        if file is None:
+            return _procs_cpu_seconds(held.freeze)
+        try:
+            text = file.read_text()
+        except OSError:
+            return None
+        if file.name == "cpuacct.usage":
+            return int(text) / 1e9
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "usage_usec":
+                return int(value) / 1e6
+        return None
+
+    def _hold(self, job: Job, held: _Held, frozen: bool) -> None:
+        quota_h = held.quota_h
+        entry: JournalEntry = {
+            "kind": KIND, "job": job.id, "frozen": frozen,
+            "freeze": {"version": held.freeze_h.version, "path": str(held.freeze)},
+            "quota": None if held.original_quota is None or quota_h is None else {
+                "version": quota_h.version, "path": str(held.quota),
+                "original": held.original_quota},
+        }
+        try:
+            self.journal.put_hold(hold_key(job), entry)
+        except OSError as exc:
+            raise ActuatorError(f"cannot record the hold in the journal: {exc.strerror}") from exc
+        held.entry = entry
+
+    def _pause(self, job: Job, held: _Held) -> None:
+        self._hold(job, held, frozen=True)
+        version = held.freeze_h.version
+        state_file = held.freeze / FREEZE_FILE[version]
+        frozen, thawed = FREEZE_VALUES[version]
+        try:
+            before = _read(state_file)
+            if before == frozen:
+                return
+            _write(state_file, frozen)
+        except OSError as exc:
+            raise ActuatorError(f"cannot freeze cgroup {held.freeze}: {exc.strerror}") from exc
+        if before == thawed and not self._wait_frozen(held):
+            log.warning("cgroup %s of job %s is not frozen after %.1f s; it is still freezing",
+                        held.freeze, job.id, self.freeze_timeout)
+
+    def _wait_frozen(self, held: _Held) -> bool:
+        deadline = time.monotonic() + self.freeze_timeout
+        while True:
+            try:
+                if held.freeze_h.version == "v2":
+                    done = "frozen 1" in _lines(held.freeze / "cgroup.events")
+                else:
+                    done = _read(held.freeze / "freezer.state") == "FROZEN"
+            except OSError:
+                return False
+            if done:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(POLL_S)
+
+    def _slow(self, job: Job, held: _Held, speed: float) -> None:
+        assert held.quota_h is not None and held.quota is not None
+        version, directory = held.quota_h.version, held.quota
+        try:
+            if held.original_quota is None:
+                held.original_quota = _read(directory / QUOTA_FILE[version])
+            if held.quota_us is None:
+                # v1 keeps a limited cgroup's own period: undo restores the quota alone
+                held.period_us = self.period_us
+                if version == "v1" and held.original_quota != V1_UNLIMITED:
+                    held.period_us = int(_read(directory / "cpu.cfs_period_us"))
+            self._hold(job, held, frozen=False)
+            self._set_quota(held, self._next_quota(held, min(max(speed, 0.0), 1.0)))
+        except OSError as exc:
+            raise ActuatorError(f"cannot set the CPU quota of cgroup {directory}: "
+                                f"{exc.strerror}") from exc
+        try:
+            _thaw(held)
+        except OSError as exc:
+            self._warn(held, f"cannot thaw cgroup {held.freeze} to slow job {job.id}: "
+                             f"{exc.strerror}")
+
+    def _next_quota(self, held: _Held, speed: float) -> int:
+        """speed * demand * period, then corrected each round by how far the usage measured
+        while slowed is from that target; a new speed keeps the correction learnt so far."""
+        demand = max(held.demand or 0.0, MIN_DEMAND)
+        if held.quota_us is None or not held.speed:
+            quota = speed * demand * held.period_us
+        elif held.speed != speed:
+            quota = held.quota_us * speed / held.speed
+        elif held.slow_rate is not None:
+            step = (speed * demand / max(held.slow_rate, 1e-3)) ** FEEDBACK_GAIN
+            quota = held.quota_us * min(max(step, FEEDBACK_STEP[0]), FEEDBACK_STEP[1])
+        else:
+            quota = held.quota_us
+        held.speed = speed
+        held.quota_us = round(min(max(quota, MIN_QUOTA_US), demand * held.period_us))
+        return held.quota_us
+
+    def _set_quota(self, held: _Held, quota_us: int) -> None:
+        """Write the quota unless it is there already, so a quota changed by someone else is
+        set again."""
+        assert held.quota_h is not None and held.quota is not None
+        version, directory = held.quota_h.version, held.quota
+        want = f"{quota_us} {held.period_us}" if version == "v2" else str(quota_us)
+        if _read(directory / QUOTA_FILE[version]) == want:
+            return
+        if version == "v1" and _read(directory / "cpu.cfs_period_us") != str(held.period_us):
+            _write(directory / "cpu.cfs_period_us", str(held.period_us))
+        _write(directory / QUOTA_FILE[version], want)
+
+    def _release(self, job: Job, held: _Held) -> bool:
+        """Thaw and restore the original quota; drop the hold once all of it is undone."""
+        if held.entry is None:
+            return True
+        complete, done = _undo(held.entry)
+        if not complete:
+            self._warn(held, f"cannot release job {job.id}: " + "; ".join(done))
+            return False
+        self.journal.drop_hold(hold_key(job))
+        held.entry = held.original_quota = held.quota_us = held.speed = None
+        return True
+
+    def _warn(self, held: _Held, message: str) -> None:
+        """Log a problem once per job, not every round."""
+        if message not in held.warned:
+            held.warned.add(message)
+            log.warning("%s", message)
+
+    # ---- detach ----
+
+    def _detach(self, job: Job) -> None:
+        key = hold_key(job)
+        held = job.extra.pop(EXTRA_KEY, None)
+        if not isinstance(held, _Held):
+            entry = self.journal.holds().get(key)
+            if entry is not None:
+                log.info("%s", undo(entry))
+                self.journal.drop_hold(key)
+            return
+        released = self._release(job, held)
+        if held.created:
+            removed = self._return_processes(held)
+            if str(held.freeze) == job.cgroup:
+                job.cgroup = None
+            if not released and removed:
+                self.journal.drop_hold(key)
+
+    def _return_processes(self, held: _Held) -> bool:
+        """Move what is left in the created cgroups back where it came from and remove them;
+        True when all are gone."""
+        removed = True
+        for name, directory in held.created.items():
+            for _ in range(RMDIR_TRIES):
+                for pid in _pids(directory):
+                    self._return(pid, self._mounts[name], held)
+                try:
+                    directory.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.05)
+            else:
+                removed = False
+                log.warning("cannot remove cgroup %s: processes are still in it", directory)
+        return removed
+
+    def _return(self, pid: int, h: Hierarchy, held: _Held) -> None:
+        """Move a process to its cgroup from before attach; one forked since goes where the
+        job's first process came from; failing those, beside or into the governor's."""
+        origin = held.origins.get(pid)
+        identity = identify(pid)
+        if origin is None or identity is None or identity.started_at != origin[0]:
+            origin = held.origins.get(held.root_pid or 0)
+        candidates = [origin[1].get(h.name)] if origin else []
+        candidates += [posixpath.dirname(self._own[h.name]), self._own[h.name]]
+        for cgroup in dict.fromkeys(c for c in candidates if c is not None):
+            try:
+                _write(h.dir(cgroup) / "cgroup.procs", str(pid))
+                return
+            except ProcessLookupError:
+                return
+            except OSError:
+                continue
+        log.warning("cannot move process %d out of cgroup %s", pid, held.created[h.name])
+
+
+def _enter(directory: Path, pid: int) -> None:
+    try:
+        _write(directory / "cgroup.procs", str(pid))
+    except ProcessLookupError:
+        pass  # it exited
+    except OSError as exc:
+        raise ActuatorError(f"cannot move process {pid} into cgroup {directory}: "
+                            f"{exc.strerror}") from exc
+
+
+def _enable_cpu(parent: Path) -> bool:
+    """Make the cpu controller available to the children of a v2 cgroup."""
+    if "cpu" in _words(parent / "cgroup.subtree_control"):
+        return True
+    try:
+        _write(parent / "cgroup.subtree_control", "+cpu")
+    except OSError as exc:
+        log.warning("cannot enable the cpu controller in %s (%s); jobs will be paused "
+                    "instead of slowed", parent, exc.strerror)
+        return False
+    return True
+
+
+def _thaw(held: _Held) -> None:
+    version = held.freeze_h.version
+    state_file = held.freeze / FREEZE_FILE[version]
+    thawed = FREEZE_VALUES[version][1]
+    if _read(state_file) != thawed:
+        _write(state_file, thawed)
+
+
+def _procs_cpu_seconds(directory: Path) -> float:
+    total = 0.0
+    for pid in _pids(directory):
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def _pids(directory: Path) -> list[int]:
+    try:
+        return [int(pid) for pid in (directory / "cgroup.procs").read_text().split()]
+    except OSError:
+        return []
+
+
+def _read(file: Path) -> str:
+    return file.read_text().strip()
+
+
+def _lines(file: Path) -> list[str]:
+    return file.read_text().splitlines()
+
+
+def _words(file: Path) -> list[str]:
+    try:
+        return file.read_text().split()
+    except OSError:
+        return []
+
+
+def _write(file: Path, text: str) -> None:
+    """One write(2), as cgroup files want."""
+    fd = os.open(file, os.O_WRONLY)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _unescape(field: str) -> str:
+    """Undo mountinfo's octal escapes (a space is \\040)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)

@@ -1,0 +1,539 @@
+"""Holds a job's processes with SIGSTOP and SIGCONT: pause stops them, slow runs them on a
+duty cycle, for jobs that neither run in a cgroup of their own nor hold themselves.
+
+A job's processes are found anew each time: its root and the root's living descendants,
+or the pids in its cgroup's cgroup.procs. Every signal goes through
+`governor.jobs.process.send_signal`, so a pid that now names another process is never hit.
+
+Journal entries, kind "signal", written before any process is stopped and read by
+`undo` with no daemon state::
+
+    {"kind": "signal", "job": "<job id>", "state": "stopped" | "slowed",
+     "processes": [[pid, started_at], ...]}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import logging
+import os
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import psutil
+
+from governor.actuators.base import ActuatorError, JournalEntry, hold_key
+from governor.jobs.model import Action, Directive, Job, Mode
+from governor.jobs.process import (
+    ProcessIdentity,
+    ancestors,
+    identify,
+    is_alive,
+    is_kernel_thread,
+    send_signal,
+    tree,
+)
+from governor.journal import Journal
+
+log = logging.getLogger(__name__)
+
+#: rounds of stop-and-look-again before a pause gives up on a tree that keeps forking
+STOP_ROUNDS = 5
+#: the feedback loop judges the share a slowed job got over windows this long
+WINDOW = 0.5
+#: CPU seconds a window needs before it says anything; an idle job's window grows instead
+MIN_WINDOW_CPU = 0.02
+MAX_WINDOW = 5.0
+#: share of the error corrected per window; below 1, so the run fraction never overshoots
+GAIN = 0.5
+#: weight of the newest toggle in the running mean of how late toggles go out
+LATE_WEIGHT = 0.2
+MIN_FRACTION = 0.01
+
+
+@dataclass(eq=False)
+class _Cycle:
+    """A slowed job's place in the duty cycle and its feedback state."""
+
+    target: float
+    #: share of each period the job runs; starts at the target, then steered
+    fraction: float
+    running: bool
+    phase_started: float
+    window_started: float
+    #: the processes listed at the last continue, and their CPU seconds at the last reading
+    members: list[ProcessIdentity] = field(default_factory=list)
+    cpu: dict[ProcessIdentity, float] = field(default_factory=dict)
+    handles: dict[ProcessIdentity, Any] = field(default_factory=dict)
+    #: how late stops and continues go out (waking, listing the tree): each is planned early
+    #: by as much, so the phases last what the fraction says
+    stop_late: float | None = None
+    continue_late: float | None = None
+    run_time: float = 0.0
+    run_cpu: float = 0.0
+    window_cpu: float = 0.0
+    #: the target changed: the window under way measured the old one, so it says nothing
+    stale_window: bool = False
+
+
+@dataclass(eq=False)
+class _Held:
+    """What the actuator knows of one attached job."""
+
+    job_id: str
+    key: str
+    root: ProcessIdentity | None
+    cgroup_dir: Path | None
+    action: Action = Action.RUN
+    #: processes this actuator stopped and has not continued yet
+    stopped: set[ProcessIdentity] = field(default_factory=set)
+    cycle: _Cycle | None = None
+    #: pids already reported as not ours to signal, so the log says it once
+    denied: set[int] = field(default_factory=set)
+
+
+class _Stopped(NamedTuple):
+    members: list[ProcessIdentity]
+    #: some member was not ours to signal
+    denied: bool
+
+
+class SignalActuator:
+    """Pauses and slows process trees by signals; one thread drives every duty cycle."""
+
+    mode = Mode.SIGNAL
+
+    def __init__(self, journal: Journal, *, period: float = 0.1,
+                 clock: Callable[[], float] = time.monotonic):
+        self._journal = journal
+        self._period = period
+        self._clock = clock
+        self._wake = threading.Condition()
+        self._held: dict[str, _Held] = {}
+        self._heap: list[tuple[float, int, _Held, _Cycle]] = []
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        #: one item per caller waiting for the lock; the duty-cycle thread lets them in first
+        self._queued: list[None] = []
+        self._protected = {1, os.getpid(), *ancestors(os.getpid())}
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The lock, for callers: an overloaded duty cycle must never lock them out."""
+        self._queued.append(None)
+        try:
+            self._wake.acquire()
+        finally:
+            self._queued.pop()
+        try:
+            yield
+        finally:
+            self._wake.release()
+
+    # ---- the Actuator protocol ----
+
+    def attach(self, job: Job) -> None:
+        with self._locked():
+            if job.id not in self._held:
+                self._held[job.id] = self._make(job)
+
+    def apply(self, job: Job, directive: Directive) -> None:
+        with self._locked():
+            held = self._held.get(job.id)
+            if held is None:
+                if directive.action is Action.RUN:
+                    return
+                try:
+                    held = self._held[job.id] = self._make(job)
+                except ActuatorError as exc:
+                    log.info("job %s: nothing to hold: %s", job.id, exc)
+                    return
+            action, speed = directive.action, directive.speed
+            if action is Action.RUN or (action is Action.SLOW and speed >= 1.0):
+                if held.action is not Action.RUN or held.stopped:
+                    self._release(held)
+            elif action is Action.PAUSE or speed <= 0.0:
+                self._pause(held)
+            else:
+                self._slow(held, speed)
+
+    def detach(self, job: Job) -> None:
+        try:
+            with self._locked():
+                held = self._held.pop(job.id, None)
+                if held is not None and (held.action is not Action.RUN or held.stopped):
+                    self._release(held)
+        except Exception:
+            log.exception("job %s: could not release it on detach", job.id)
+
+    def close(self) -> None:
+        """Stop the duty-cycle thread, leaving every job it cycled running."""
+        with self._locked():
+            self._closing = True
+            self._wake.notify_all()
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+        with self._locked():
+            self._closing = False
+            self._heap.clear()
+            for held in self._held.values():
+                if held.cycle is not None:
+                    try:
+                        self._release(held)
+                    except Exception:
+                        log.exception("job %s: could not continue it on close", held.job_id)
+
+    # ---- the three states ----
+
+    def _pause(self, held: _Held) -> None:
+        held.cycle = None
+        result = self._stop(held, "stopped")
+        if result.denied and not held.stopped.intersection(result.members):
+            self._drop_hold(held)
+            held.action = Action.RUN
+            raise ActuatorError(f"not allowed to stop the processes of job {held.job_id}")
+        if held.action is not Action.PAUSE:
+            log.info("job %s paused: %d processes stopped", held.job_id, len(result.members))
+        held.action = Action.PAUSE
+
+    def _slow(self, held: _Held, speed: float) -> None:
+        cycle = held.cycle
+        if cycle is not None:
+            if speed != cycle.target:
+                cycle.fraction = _clamp(cycle.fraction + speed - cycle.target)
+                cycle.target = speed
+                cycle.stale_window = True
+            return
+        members = self._members(held)
+        if not members and not held.stopped:
+            return
+        if held.action is Action.RUN and members and all(
+                self._signal(held, p, 0) is None for p in members):
+            raise ActuatorError(f"not allowed to stop the processes of job {held.job_id}")
+        self._record(held, "slowed", members)
+        now = self._clock()
+        running = not held.stopped
+        cycle = _Cycle(target=speed, fraction=speed, running=running, phase_started=now,
+                       window_started=now, members=members)
+        self._cpu_used(cycle, members)
+        held.cycle, held.action = cycle, Action.SLOW
+        self._schedule(held, cycle, now + speed * self._period if running else now)
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run_cycles, name="signal-duty-cycle",
+                                            daemon=True)
+            self._thread.start()
+        log.info("job %s slowed to %.2f: %d processes", held.job_id, speed, len(members))
+
+    def _release(self, held: _Held) -> None:
+        held.cycle = None
+        self._continue(held, self._members(held))
+        self._drop_hold(held)
+        if held.action is not Action.RUN:
+            log.info("job %s running at full speed", held.job_id)
+        held.action = Action.RUN
+
+    # ---- the duty cycle ----
+
+    def _schedule(self, held: _Held, cycle: _Cycle, when: float) -> None:
+        heapq.heappush(self._heap, (when, next(self._seq), held, cycle))
+        self._wake.notify()
+
+    def _run_cycles(self) -> None:
+        with self._wake:
+            while not self._closing:
+                if not self._heap:
+                    self._wake.wait()
+                    continue
+                when, _, held, cycle = self._heap[0]
+                delay = when - self._clock()
+                if delay > 0:
+                    self._wake.wait(delay)
+                    continue
+                heapq.heappop(self._heap)
+                if held.cycle is not cycle or self._held.get(held.job_id) is not held:
+                    continue
+                try:
+                    self._toggle(held, cycle, when)
+                except Exception:
+                    log.exception("job %s: duty cycle failed; it runs free for a while",
+                                  held.job_id)
+                    self._recover(held, cycle)
+                while self._queued and not self._closing:
+                    self._wake.wait(0.001)
+
+    def _toggle(self, held: _Held, cycle: _Cycle, planned: float) -> None:
+        """Stop the members listed at the last continue, or list them anew and continue.
+        Listing is the costly part; done while the job is stopped, it takes no CPU from
+        it. A child forked while the job runs is stopped from the next period on."""
+        if cycle.running:
+            stopped_at = self._clock()  # like phase_started, just before the signals
+            for ident in cycle.members:
+                if not _is_stopped(ident.pid) and self._signal(held, ident, signal.SIGSTOP):
+                    held.stopped.add(ident)
+            cycle.stop_late = _mean(cycle.stop_late, stopped_at - planned)
+            cycle.run_time += stopped_at - cycle.phase_started
+            used = self._cpu_used(cycle, cycle.members)
+            cycle.run_cpu += used
+            cycle.window_cpu += used
+            cycle.running = False
+            stop_time = (1.0 - cycle.fraction) * self._period
+            self._schedule(held, cycle, stopped_at + stop_time - (cycle.continue_late or 0.0))
+            return
+        cycle.window_cpu += self._cpu_used(cycle, cycle.members)
+        now = self._clock()
+        if now - cycle.window_started >= WINDOW or cycle.stale_window:
+            self._steer(held, cycle, now)
+        cycle.members = self._members(held)
+        if cycle.members or held.stopped:
+            self._record(held, "slowed", cycle.members)
+        # timed before the signals: the woken job may take this thread's CPU for a while
+        cycle.phase_started = self._clock()
+        self._continue(held, ())
+        cycle.continue_late = _mean(cycle.continue_late, cycle.phase_started - planned)
+        cycle.running = True
+        run_time = cycle.fraction * self._period
+        self._schedule(held, cycle, cycle.phase_started + run_time - (cycle.stop_late or 0.0))
+
+    def _steer(self, held: _Held, cycle: _Cycle, now: float) -> None:
+        """Steer the run fraction by the share the job got over the window: the CPU it used
+        over what it would have used running free all along (its rate while running)."""
+        window = now - cycle.window_started
+        if cycle.stale_window:
+            cycle.stale_window = False
+        elif cycle.run_cpu >= MIN_WINDOW_CPU and cycle.run_time > 0:
+            demand = cycle.run_cpu / cycle.run_time
+            achieved = cycle.window_cpu / (demand * window)
+            cycle.fraction = _clamp(cycle.fraction + GAIN * (cycle.target - achieved))
+            log.debug("job %s: got %.3f of %.3f (%.2f cores while running); runs %.3f now",
+                      held.job_id, achieved, cycle.target, demand, cycle.fraction)
+        elif window < MAX_WINDOW:
+            return
+        cycle.window_started = now
+        cycle.run_time = cycle.run_cpu = cycle.window_cpu = 0.0
+
+    def _recover(self, held: _Held, cycle: _Cycle) -> None:
+        try:
+            self._continue(held, ())
+        except Exception:
+            log.exception("job %s: could not continue it", held.job_id)
+        cycle.running = True
+        cycle.phase_started = self._clock()
+        self._schedule(held, cycle, cycle.phase_started + 2 * WINDOW)
+
+    def _cpu_used(self, cycle: _Cycle, members: list[ProcessIdentity]) -> float:
+        """CPU seconds the members used since the last reading; a newcomer counts whole."""
+        used = 0.0
+        readings: dict[ProcessIdentity, float] = {}
+        handles: dict[ProcessIdentity, Any] = {}
+        for ident in members:
+            handle = cycle.handles.get(ident) or _handle(ident)
+            if handle is None:
+                continue
+            try:
+                times = handle.cpu_times()
+            except psutil.Error:
+                continue
+            seconds = float(times.user + times.system)
+            used += max(0.0, seconds - cycle.cpu.get(ident, 0.0))
+            readings[ident], handles[ident] = seconds, handle
+        cycle.cpu, cycle.handles = readings, handles
+        return used
+
+    # ---- processes and signals ----
+
+    def _make(self, job: Job) -> _Held:
+        if job.pid is not None:
+            return _Held(job.id, hold_key(job), root=self._root(job), cgroup_dir=None)
+        if job.cgroup:
+            return _Held(job.id, hold_key(job), root=None, cgroup_dir=_cgroup_dir(job.cgroup))
+        raise ActuatorError(f"job {job.id} names neither a process nor a cgroup")
+
+    def _root(self, job: Job) -> ProcessIdentity:
+        pid = job.pid
+        assert pid is not None
+        if pid in self._protected:
+            raise ActuatorError(f"pid {pid} is init, the governor or one of its ancestors")
+        current = identify(pid)
+        if current is None:
+            raise ActuatorError(f"process {pid} has exited")
+        if job.pid_started_at is not None and current.started_at != job.pid_started_at:
+            raise ActuatorError(f"pid {pid} is now another process")
+        if not is_alive(current):
+            raise ActuatorError(f"process {pid} has exited")
+        if is_kernel_thread(pid):
+            raise ActuatorError(f"pid {pid} is a kernel thread")
+        return current
+
+    def _members(self, held: _Held) -> list[ProcessIdentity]:
+        if held.root is not None:
+            found = tree(held.root)
+        elif held.cgroup_dir is not None:
+            found = _cgroup_members(held.cgroup_dir)
+        else:
+            found = []
+        return [p for p in found if p.pid not in self._protected]
+
+    def _stop(self, held: _Held, state: str) -> _Stopped:
+        """SIGSTOP every member, the root first so that it cannot fork, then look again
+        until no member is left running."""
+        sent: set[ProcessIdentity] = set()
+        members: list[ProcessIdentity] = []
+        denied = False
+        for _ in range(STOP_ROUNDS):
+            members = self._members(held)
+            if not members and not held.stopped:
+                self._drop_hold(held)
+                break
+            self._record(held, state, members)
+            todo = [p for p in members if p not in sent and not _is_stopped(p.pid)]
+            if not todo:
+                break
+            for ident in todo:
+                sent.add(ident)
+                done = self._signal(held, ident, signal.SIGSTOP)
+                if done:
+                    held.stopped.add(ident)
+                denied = denied or done is None
+        else:
+            log.warning("job %s: still forking after %d rounds of SIGSTOP",
+                        held.job_id, STOP_ROUNDS)
+        return _Stopped(members, denied)
+
+    def _continue(self, held: _Held, members: Iterable[ProcessIdentity]) -> None:
+        """SIGCONT the members and whatever this actuator stopped, children first."""
+        targets = list(dict.fromkeys([*members, *held.stopped]))
+        for ident in reversed(targets):
+            self._signal(held, ident, signal.SIGCONT)
+        held.stopped.clear()
+
+    def _signal(self, held: _Held, ident: ProcessIdentity, sig: int) -> bool | None:
+        """True if sent, False if the process is gone, None if it is not ours to signal."""
+        try:
+            return send_signal(ident, sig)
+        except PermissionError:
+            if ident.pid not in held.denied:
+                held.denied.add(ident.pid)
+                log.warning("job %s: not allowed to signal pid %d, another user's process; "
+                            "only a governor running as root can hold it",
+                            held.job_id, ident.pid)
+            return None
+        except OSError as exc:
+            log.warning("job %s: cannot signal pid %d: %s", held.job_id, ident.pid, exc)
+            return False
+
+    def _record(self, held: _Held, state: str, members: list[ProcessIdentity]) -> None:
+        processes = sorted({*members, *held.stopped}, key=lambda p: (p.pid, p.started_at))
+        entry = {"kind": "signal", "job": held.job_id, "state": state,
+                 "processes": [p.as_list() for p in processes]}
+        try:
+            self._journal.put_hold(held.key, entry)
+        except OSError as exc:
+            raise ActuatorError(f"cannot write the journal: {exc}") from exc
+
+    def _drop_hold(self, held: _Held) -> None:
+        try:
+            self._journal.drop_hold(held.key)
+        except OSError as exc:
+            log.warning("job %s: cannot drop its hold from the journal: %s", held.job_id, exc)
+
+
+def undo(entry: JournalEntry) -> str:
+    """Continue every process a signal hold lists, and its descendants, from the entry
+    alone. Idempotent; never raises."""
+    job = entry.get("job", "?") if isinstance(entry, dict) else "?"
+    try:
+        listed = [ProcessIdentity(int(pid), float(started))
+                  for pid, started in entry["processes"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        return f"signal hold of job {job} is malformed ({exc!r}); nothing continued"
+    continued: set[ProcessIdentity] = set()
+    refused: set[ProcessIdentity] = set()
+    gone = 0
+    try:
+        for ident in listed:
+            members = tree(ident) if ident.pid > 1 else []
+            gone += not members
+            for member in members:
+                if member in continued or member in refused:
+                    continue
+                try:
+                    if send_signal(member, signal.SIGCONT):
+                        continued.add(member)
+                except OSError:
+                    refused.add(member)
+    except Exception as exc:
+        return f"job {job}: continued {len(continued)} processes, then failed: {exc!r}"
+    text = f"job {job}: continued {len(continued)} processes ({gone} listed ones gone)"
+    return text + (f"; not allowed to signal {len(refused)}" if refused else "")
+
+
+def _mean(mean: float | None, value: float) -> float:
+    return value if mean is None else mean + LATE_WEIGHT * (value - mean)
+
+
+def _clamp(fraction: float) -> float:
+    return min(1.0, max(MIN_FRACTION, fraction))
+
+
+def _handle(ident: ProcessIdentity) -> Any:
+    try:
+        process = psutil.Process(ident.pid)
+        return process if process.create_time() == ident.started_at else None
+    except psutil.Error:
+        return None
+
+
+def _is_stopped(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2:][:1] in (b"T", b"t")
+
+
+def _cgroup2_mount() -> Path | None:
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields, _, fs = line.partition(" - ")
+        if fs.split(" ", 1)[0] == "cgroup2":
+            mount = fields.split()[4]
+            return Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), mount))
+    return None
+
+
+def _cgroup_dir(path: str) -> Path:
+    """The cgroup's directory: the path itself, or the path under the cgroup2 mount."""
+    given = Path(path)
+    if given.is_absolute() and (given / "cgroup.procs").is_file():
+        return given
+    mount = _cgroup2_mount()
+    if mount is None:
+        raise ActuatorError(f"cgroup {path} does not exist and no cgroup2 is mounted")
+    found = mount / path.lstrip("/")
+    if not (found / "cgroup.procs").is_file():
+        raise ActuatorError(f"cgroup {path} does not exist")
+    return found
+
+
+def _cgroup_members(cgroup_dir: Path) -> list[ProcessIdentity]:
+    try:
+        pids = [int(line) for line in (cgroup_dir / "cgroup.procs").read_text().split()]
+    except (OSError, ValueError):
+        return []
+    found = (identify(pid) for pid in pids if not is_kernel_thread(pid))
+    return [ident for ident in found if ident is not None]

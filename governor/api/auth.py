@@ -1,0 +1,92 @@
+"""Who is asking: a bearer token over TCP, or the peer's uid over the unix socket.
+
+Reads are open; mutating requests need the token (compared in constant time), or come
+over the unix socket, where the kernel tells the caller's uid (SO_PEERCRED): root may
+govern any process, other users only their own.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import secrets
+import socket
+import struct
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from governor.api.errors import ApiError
+from governor.jobs.registry import Caller
+
+log = logging.getLogger(__name__)
+
+UID_PREFIX = "uid:"
+
+
+def ensure_token(path: str) -> str | None:
+    """The token in `path`, created (random, mode 0600) if missing; None when path is ""."""
+    if not path:
+        return None
+    file = Path(path)
+    if not file.exists():
+        file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32) + "\n")
+            log.info("created a new API token in %s (mode 0600)", file)
+    token = file.read_text().strip()
+    if not token:
+        raise ValueError(f"the token file {file} is empty")
+    return token
+
+
+class PeerCredProtocol(H11Protocol):
+    """uvicorn's h11 protocol, recording the uid of a unix-socket peer as the ASGI client
+    ("uid:1000", pid), which a TCP peer's address can never look like."""
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family == socket.AF_UNIX:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid, uid, _gid = struct.unpack("3i", creds)
+            self.client = (f"{UID_PREFIX}{uid}", pid)
+
+
+def peer_uid(request: Request) -> int | None:
+    client = request.client
+    if client is not None and client.host.startswith(UID_PREFIX):
+        return int(client.host.removeprefix(UID_PREFIX))
+    return None
+
+
+class Authenticator:
+    def __init__(self, token: str | None, allow_unauthenticated: bool):
+        self._token = token
+        self._open = allow_unauthenticated
+
+    def __call__(self, request: Request) -> Caller:
+        """FastAPI dependency of every mutating route."""
+        uid = peer_uid(request)
+        if uid is not None:
+            return Caller(None if uid == 0 else uid, f"uid {uid} (unix socket)")
+        if self._token is None:
+            if self._open:
+                return Caller(None, "unauthenticated client")
+            raise ApiError(403, "Changes are refused: no api.token_file is set and "
+                                "api.allow_unauthenticated is false.")
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise ApiError(401, "This request needs an 'Authorization: Bearer <token>' header.")
+        if not hmac.compare_digest(given.strip().encode(), self._token.encode()):
+            raise ApiError(401, "The token is wrong.")
+        return Caller(None, "token")

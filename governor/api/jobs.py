@@ -1,0 +1,149 @@
+"""The /v1 routes for jobs, rules, directives and reload.
+
+(No `from __future__ import annotations` here: FastAPI must evaluate the route
+annotations, which name dependencies local to the router factory.)
+
+Mutating routes are plain `def`s: FastAPI runs them in its thread pool, so the
+controller's lock (held while a cgroup freezes) never blocks the event loop. The
+directive long-poll is async and waits on an event the controller sets.
+"""
+
+import asyncio
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from governor.control import Controller
+from governor.jobs.model import Mode
+from governor.jobs.registry import Caller, JobRequest
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "The body is not valid JSON."},
+    401: {"description": "No token, or a wrong one."},
+    403: {"description": "Not allowed: a protected process, or another user's."},
+    404: {"description": "No such job."},
+    409: {"description": "Conflict: already registered, a reused pid, a job that exited."},
+    422: {"description": "A field is invalid."},
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: ERRORS[code] for code in codes}
+
+
+class JobIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(min_length=1, max_length=128)
+    pid: int | None = Field(default=None, gt=0)
+    cgroup: str | None = Field(default=None, min_length=1)
+    mode: Literal["signal", "cgroup", "cooperative"] | None = None
+    devices: list[str] = Field(default_factory=list, max_length=64)
+    priority: int = 0
+    #: the start time the caller saw for the pid (`pid_started_at` of a job), if any
+    pid_started_at: float | None = None
+
+
+class DirectiveWatch:
+    """Wakes long-polling directive requests when the controller changes a directive."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event: asyncio.Event | None = None
+
+    def _current(self) -> asyncio.Event:
+        if self._event is None:
+            self._loop = asyncio.get_running_loop()
+            self._event = asyncio.Event()
+        return self._event
+
+    def notify(self, _job_id: str, _version: int) -> None:
+        """Called on the controller's thread."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        if self._event is not None:
+            self._event.set()
+        self._event = asyncio.Event()
+
+    async def until(self, changed: Callable[[], bool], timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not changed():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._current().wait(), remaining)
+            except TimeoutError:
+                return
+
+
+def job_router(controller: Controller, authenticate: Callable[..., Caller]) -> APIRouter:
+    router = APIRouter(prefix="/v1")
+    Writer = Annotated[Caller, Depends(authenticate)]
+    watch = DirectiveWatch()
+    controller.add_listener(watch.notify)
+
+    @router.get("/jobs", summary="The registered jobs")
+    async def jobs() -> list[dict[str, Any]]:
+        return list(controller.view.jobs)
+
+    @router.post("/jobs", status_code=201, summary="Register a job",
+                 responses=errors(400, 401, 403, 409, 422))
+    def register(body: JobIn, caller: Writer) -> dict[str, Any]:
+        request = JobRequest(
+            name=body.name, pid=body.pid, cgroup=body.cgroup,
+            mode=Mode(body.mode) if body.mode else None, devices=tuple(body.devices),
+            priority=body.priority, pid_started_at=body.pid_started_at,
+        )
+        return controller.register(request, caller)
+
+    @router.get("/jobs/{job_id}", summary="One job", responses=errors(404))
+    async def job(job_id: str) -> dict[str, Any]:
+        return controller.job(job_id)
+
+    @router.delete("/jobs/{job_id}", status_code=204, response_class=Response,
+                   summary="Forget a job, resuming it first", responses=errors(401, 403, 404))
+    def unregister(job_id: str, caller: Writer) -> Response:
+        controller.unregister(job_id, caller)
+        return Response(status_code=204)
+
+    @router.post("/jobs/{job_id}/pause", summary="Operator hold: pause until resumed",
+                 responses=errors(401, 403, 404, 409))
+    def pause(job_id: str, caller: Writer) -> dict[str, Any]:
+        return controller.hold(job_id, caller, held=True)
+
+    @router.post("/jobs/{job_id}/resume", summary="Lift the operator hold (rules still apply)",
+                 responses=errors(401, 403, 404, 409))
+    def resume(job_id: str, caller: Writer) -> dict[str, Any]:
+        return controller.hold(job_id, caller, held=False)
+
+    @router.get("/jobs/{job_id}/directive", summary="What the job should do; long-polls",
+                responses=errors(404, 422))
+    async def directive(
+        job_id: str,
+        wait: Annotated[float, Query(ge=0, le=300, description="seconds to wait for a change")]
+        = 0,
+        since: Annotated[int | None, Query(ge=0, description="the version last seen")] = None,
+    ) -> dict[str, Any]:
+        body, version = controller.directive(job_id)
+        if wait > 0:
+            baseline = version if since is None else since
+
+            def changed() -> bool:
+                found = controller.view.directives.get(job_id)
+                return found is None or found[1] != baseline
+
+            await watch.until(changed, wait)
+            body, version = controller.directive(job_id)
+        return {**body, "version": version}
+
+    @router.get("/rules", summary="Every rule's series and their state")
+    async def rules() -> list[dict[str, Any]]:
+        return list(controller.view.rules)
+
+    return router

@@ -1,0 +1,145 @@
+"""Talking to a running daemon over its REST API (the CLI, and jobs that hold themselves).
+
+The client finds the daemon and its token through the same config as the daemon: the
+unix socket when one is configured and reachable (the kernel then vouches for the
+caller's uid, no token needed), else TCP with the token from `api.token_file`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from governor.config import Config
+
+
+class ClientError(Exception):
+    """A request failed; the message is one sentence for the user."""
+
+    def __init__(self, message: str, status: int | None = None):
+        self.status = status
+        super().__init__(message)
+
+
+def daemon_url(config: Config) -> str:
+    host, port = config.api.host, config.api.port
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def read_token(config: Config) -> str | None:
+    path = config.api.token_file
+    if not path:
+        return None
+    try:
+        return Path(path).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+    except PermissionError:
+        raise ClientError(f"cannot read the token in {path}: permission denied (run as the "
+                          "daemon's user or root, or use the unix socket)") from None
+
+
+class ApiClient:
+    def __init__(self, config: Config, *, timeout: float = 10.0):
+        self.config = config
+        socket_path = config.api.socket
+        headers = {}
+        if socket_path and os.path.exists(socket_path):
+            transport = httpx.HTTPTransport(uds=socket_path)
+            self.where = socket_path
+            base_url = "http://governor"
+        else:
+            transport = httpx.HTTPTransport()
+            base_url = daemon_url(config)
+            self.where = base_url
+            token = os.environ.get("GOVERNOR_TOKEN") or read_token(config)
+            if token:
+                headers["Authorization"] = f"Bearer {token}"
+        self.url = base_url
+        self._http = httpx.Client(base_url=base_url, transport=transport, headers=headers,
+                                  timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> ApiClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def request(self, method: str, path: str, *, timeout: float | None = None,
+                **kwargs: Any) -> Any:
+        try:
+            if timeout is not None:
+                kwargs["timeout"] = timeout
+            response = self._http.request(method, path, **kwargs)
+        except httpx.ConnectError:
+            raise ClientError(f"cannot reach the governor at {self.where} "
+                              "(is `governor run` running?)") from None
+        except httpx.TimeoutException:
+            raise ClientError(f"the governor at {self.where} did not answer in time") from None
+        except httpx.HTTPError as exc:
+            raise ClientError(f"talking to the governor at {self.where}: {exc}") from None
+        if response.status_code == 204:
+            return None
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if response.status_code >= 400:
+            message = body.get("error") if isinstance(body, dict) else None
+            raise ClientError(message or f"HTTP {response.status_code}", response.status_code)
+        return body
+
+    # ---- the REST API, one method per route ----
+
+    def status(self) -> dict[str, Any]:
+        return dict(self.request("GET", "/v1/status"))
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return list(self.request("GET", "/v1/jobs"))
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return dict(self.request("GET", f"/v1/jobs/{job_id}"))
+
+    def register(self, name: str, *, pid: int | None = None, cgroup: str | None = None,
+                 mode: str | None = None, devices: list[str] | None = None,
+                 priority: int = 0) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name, "devices": devices or [], "priority": priority}
+        for key, value in (("pid", pid), ("cgroup", cgroup), ("mode", mode)):
+            if value is not None:
+                body[key] = value
+        return dict(self.request("POST", "/v1/jobs", json=body))
+
+    def unregister(self, job_id: str) -> None:
+        self.request("DELETE", f"/v1/jobs/{job_id}")
+
+    def pause(self, job_id: str) -> dict[str, Any]:
+        return dict(self.request("POST", f"/v1/jobs/{job_id}/pause"))
+
+    def resume(self, job_id: str) -> dict[str, Any]:
+        return dict(self.request("POST", f"/v1/jobs/{job_id}/resume"))
+
+    def directive(self, job_id: str, *, wait: float = 0,
+                  since: int | None = None) -> dict[str, Any]:
+        params: dict[str, Any] = {"wait": wait}
+        if since is not None:
+            params["since"] = since
+        return dict(self.request("GET", f"/v1/jobs/{job_id}/directive", params=params,
+                                 timeout=wait + 10))
+
+    def rules(self) -> list[dict[str, Any]]:
+        return list(self.request("GET", "/v1/rules"))
+
+    def reload(self) -> dict[str, Any]:
+        return dict(self.request("POST", "/v1/reload"))

@@ -1,0 +1,343 @@
+"""The control side: rule states -> directives -> actuators, for the registered jobs.
+
+Every change goes through here under one lock: a new snapshot (from the sampling loop),
+a registration or an operator hold (from the API), a reload. After each, the controller
+re-decides every job's directive, has the actuators bring the jobs to it, and publishes
+an immutable view that the API and the metrics read without taking the lock, so a slow
+cgroup freeze never stalls a scrape. The API never calls an actuator itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from governor.actuators.base import Actuator, ActuatorError
+from governor.actuators.gpu_power import PowerCapper
+from governor.config import Config, RuleConfig
+from governor.jobs import process
+from governor.jobs.model import RUN, Action, Directive, Job, Mode
+from governor.jobs.registry import Caller, JobRegistry, JobRequest, RegistrationError
+from governor.journal import Journal
+from governor.policy.directives import OPERATOR, PowerCap, decide, rule_states_view
+from governor.policy.rules import Phase, RuleStates, Transition, carry_over, evaluate_rules
+from governor.policy.rules import series_name as series_of
+from governor.snapshot import Snapshot
+
+log = logging.getLogger(__name__)
+actions_log = logging.getLogger("governor.actions")
+
+#: (job id, directive version), called on the controller's thread after a change
+DirectiveListener = Callable[[str, int], None]
+
+
+@dataclass(frozen=True)
+class ControlView:
+    """What the API and the metrics read: a copy, made after every change."""
+
+    jobs: tuple[dict[str, Any], ...] = ()
+    rules: tuple[dict[str, Any], ...] = ()
+    #: job id -> (directive as JSON, version)
+    directives: Mapping[str, tuple[dict[str, Any], int]] = field(default_factory=dict)
+
+
+class Controller:
+    def __init__(
+        self,
+        config: Config,
+        journal: Journal,
+        actuators: Mapping[Mode, Actuator],
+        power: PowerCapper | None,
+        *,
+        unavailable_modes: Mapping[Mode, str] | None = None,
+        power_unavailable: str | None = None,
+        on_action: Callable[[str, str], None] = lambda action, rule: None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ):
+        self._lock = threading.RLock()
+        self._rules: list[RuleConfig] = list(config.rules)
+        self._forget_after = config.jobs.forget_gone_after
+        self._states: RuleStates = {}
+        self._journal = journal
+        self._actuators = dict(actuators)
+        self._unavailable_modes = dict(unavailable_modes or {})
+        self._power = power
+        self._power_unavailable = power.unavailable if power is not None else power_unavailable
+        self._caps: dict[str, PowerCap] = {}
+        self._on_action = on_action
+        self._clock = clock
+        self._wall = wall
+        self.registry = JobRegistry()
+        self._listeners: list[DirectiveListener] = []
+        #: who last held or released each job by hand, for the action log
+        self._operator: dict[str, str] = {}
+        #: jobs whose directive changed since the view was last published; listeners hear
+        #: of them only after it is, so a woken long-poll finds the new directive
+        self._changed: dict[str, int] = {}
+        self.view = ControlView()
+        self._warn_unenforceable()
+        self._publish()
+
+    # ---- the sampling loop's hook --------------------------------------------------------
+
+    def on_snapshot(self, snapshot: Snapshot) -> None:
+        with self._lock:
+            self._notice_gone()
+            self._bind_devices(snapshot)
+            self._states, transitions = evaluate_rules(
+                self._rules, self._states, snapshot, snapshot.monotonic
+            )
+            for transition in transitions:
+                self._log_transition(transition)
+            self._enforce()
+
+    # ---- requests from the API -----------------------------------------------------------
+
+    def add_listener(self, listener: DirectiveListener) -> None:
+        self._listeners.append(listener)
+
+    def register(self, request: JobRequest, caller: Caller) -> dict[str, Any]:
+        with self._lock:
+            job = self.registry.admit(request, caller, self._wall())
+            why = self._unavailable_modes.get(job.mode)
+            if why is not None:
+                raise RegistrationError(422, f"{job.mode.value} mode is not available here: "
+                                             f"{why}")
+            try:
+                self._actuators[job.mode].attach(job)
+            except ActuatorError as exc:
+                raise RegistrationError(422, str(exc)) from None
+            self.registry.add(job)
+            self._journal.put_job(job.id, self._record(job))
+            _action_line("register", job, by=str(caller))
+            self._enforce()
+            return job.as_dict()
+
+    def unregister(self, job_id: str, caller: Caller) -> None:
+        with self._lock:
+            job = self._owned(job_id, caller)
+            self._actuators[job.mode].detach(job)
+            if job.directive.action is not Action.RUN:
+                self._count("resume", job.directive.rules)
+            self.registry.remove(job.id)
+            self._journal.drop_job(job.id)
+            self._operator.pop(job.id, None)
+            job.directive = RUN
+            job.directive_version += 1
+            _action_line("unregister", job, by=str(caller))
+            self._notify(job)
+            self._publish()
+
+    def hold(self, job_id: str, caller: Caller, held: bool) -> dict[str, Any]:
+        """Operator pause (held=True) or resume (False); rules still apply after a resume."""
+        with self._lock:
+            job = self._owned(job_id, caller)
+            if job.gone_at is not None:
+                raise RegistrationError(409, f"Job {job.id} ({job.name}) has exited.")
+            job.held_by_operator = held
+            self._operator[job.id] = str(caller)
+            self._journal.put_job(job.id, self._record(job))
+            self._enforce()
+            return job.as_dict()
+
+    def reload(self, config: Config) -> list[dict[str, Any]]:
+        with self._lock:
+            self._states = carry_over(self._rules, config.rules, self._states)
+            self._rules = list(config.rules)
+            self._forget_after = config.jobs.forget_gone_after
+            self._warn_unenforceable()
+            self._enforce()
+            return list(self.view.rules)
+
+    def shutdown(self) -> None:
+        """Everything back to full speed and every power limit restored; the registrations
+        stay in the journal."""
+        with self._lock:
+            for job in self.registry.all():
+                if job.gone_at is None:
+                    try:
+                        self._actuators[job.mode].apply(job, RUN)
+                    except ActuatorError as exc:
+                        log.error("job %s (%s): could not release: %s", job.id, job.name, exc)
+            if self._power is not None:
+                self._power.release_all()
+            for actuator in self._actuators.values():
+                actuator.close()
+            if self._power is not None:
+                self._power.close()
+
+    # ---- reading -------------------------------------------------------------------------
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        for job in self.view.jobs:
+            if job["id"] == job_id:
+                return job
+        raise RegistrationError(404, f"There is no job {job_id!r}.")
+
+    def directive(self, job_id: str) -> tuple[dict[str, Any], int]:
+        found = self.view.directives.get(job_id)
+        if found is None:
+            raise RegistrationError(404, f"There is no job {job_id!r}.")
+        return found
+
+    def rule_states(self) -> RuleStates:
+        return self._states
+
+    # ---- the work ------------------------------------------------------------------------
+
+    def _owned(self, job_id: str, caller: Caller) -> Job:
+        job = self.registry.get(job_id)
+        if caller.restricted and job.owner_uid != caller.uid:
+            raise RegistrationError(403, f"Job {job_id} is not yours; only root may govern "
+                                         "another user's job.")
+        return job
+
+    def _enforce(self) -> None:
+        jobs = [job for job in self.registry.all() if job.gone_at is None]
+        directives, caps = decide(self._rules, self._states, jobs)
+        for job in jobs:
+            self._apply(job, directives[job.id])
+        if self._power is not None:
+            for action, gpu, cap in self._power.apply(caps):
+                rules = cap.rules if cap is not None else self._caps[gpu].rules
+                self._count(action, rules)
+                actions_log.info("%s", json.dumps({
+                    "action": action, "gpu": gpu, "rules": list(rules),
+                    "watts": cap.watts if cap else None,
+                    "reasons": list(cap.reasons) if cap else []}))
+        self._caps = {cap.gpu: cap for cap in caps.values()}
+        self._publish()
+
+    def _apply(self, job: Job, directive: Directive) -> None:
+        before = job.directive
+        try:
+            self._actuators[job.mode].apply(job, directive)
+            job.extra.pop("error", None)
+        except ActuatorError as exc:
+            if job.extra.get("error") != str(exc):
+                log.warning("job %s (%s): %s", job.id, job.name, exc)
+            job.extra["error"] = str(exc)
+        if directive == before:
+            return
+        job.directive = directive
+        job.directive_version += 1
+        if not directive.same_hold(before):
+            action = {Action.PAUSE: "pause", Action.SLOW: "slow", Action.RUN: "resume"}[
+                directive.action]
+            rules = directive.rules if directive.action is not Action.RUN else before.rules
+            self._count(action, rules)
+            by = [self._operator.get(job.id, "operator") if r == OPERATOR else f"rule {r}"
+                  for r in rules]
+            _action_line(action, job, by=", ".join(by), directive=directive)
+        self._notify(job)
+
+    def _count(self, action: str, rules: tuple[str, ...]) -> None:
+        for rule in rules or ("operator",):
+            self._on_action(action, rule)
+
+    def _notify(self, job: Job) -> None:
+        """Tell the listeners once the view holds the change (see _publish)."""
+        self._changed[job.id] = job.directive_version
+
+    def _notice_gone(self) -> None:
+        """Jobs whose process exited are released and marked gone; forgotten later."""
+        now = self._wall()
+        for job in self.registry.all():
+            if job.gone_at is not None:
+                if now - job.gone_at >= self._forget_after:
+                    self.registry.remove(job.id)
+                continue
+            if job.pid is None or job.pid_started_at is None:
+                continue
+            if process.is_alive(process.ProcessIdentity(job.pid, job.pid_started_at)):
+                continue
+            self._actuators[job.mode].detach(job)
+            if job.directive.action is not Action.RUN:
+                self._count("resume", job.directive.rules)
+            job.gone_at = now
+            job.directive = RUN
+            job.directive_version += 1
+            self._journal.drop_job(job.id)
+            _action_line("gone", job, by="exit")
+            self._notify(job)
+
+    def _bind_devices(self, snapshot: Snapshot) -> None:
+        """Jobs registered without devices are bound to the GPUs NVML lists them on."""
+        gpu_pids = {gpu: pids for gpu, pids in snapshot.gpu_pids.items() if pids}
+        for job in self.registry.all():
+            if job.devices or job.gone_at is not None:
+                continue
+            bound: frozenset[str] = frozenset()
+            if gpu_pids and job.pid is not None and job.pid_started_at is not None:
+                tree = {p.pid for p in process.tree(
+                    process.ProcessIdentity(job.pid, job.pid_started_at))}
+                bound = frozenset(f"gpu{gpu}" for gpu, pids in gpu_pids.items() if pids & tree)
+            if bound != job.auto_devices:
+                log.info("job %s (%s): bound to %s by NVML's process list", job.id, job.name,
+                         ", ".join(sorted(bound)) or "no GPU")
+                job.auto_devices = bound
+
+    def _log_transition(self, t: Transition) -> None:
+        rule = next((r for r in self._rules if r.name == t.rule), None)
+        series = series_of(rule, t.labels) if rule else t.rule
+        value = "missing" if t.value is None else f"{t.value:g}"
+        level = logging.INFO if t.after in (Phase.TRIPPED, Phase.OK) else logging.DEBUG
+        log.log(level, "rule %s: %s %s -> %s (value %s)", t.rule, series, t.before.value,
+                t.after.value, value)
+
+    def _warn_unenforceable(self) -> None:
+        if self._power_unavailable is None:
+            return
+        for rule in self._rules:
+            if rule.action == "power_cap":
+                log.warning("rule %s (power_cap) is not enforceable: %s", rule.name,
+                            self._power_unavailable)
+
+    def _record(self, job: Job) -> dict[str, Any]:
+        return {**job.as_dict(), "devices": list(job.devices)}
+
+    def _publish(self) -> None:
+        rules = rule_states_view(self._rules, self._states, self._wall() - self._clock())
+        by_name = {r.name: r for r in self._rules}
+        for entry in rules:
+            if by_name[str(entry["name"])].action == "power_cap":
+                entry["enforceable"] = self._power_unavailable is None
+                if self._power_unavailable is not None:
+                    entry["not_enforceable_because"] = self._power_unavailable
+        jobs = []
+        directives: dict[str, tuple[dict[str, Any], int]] = {}
+        for job in self.registry.all():
+            entry = job.as_dict()
+            if "error" in job.extra:
+                entry["error"] = job.extra["error"]
+            jobs.append(entry)
+            directives[job.id] = (job.directive.as_dict(), job.directive_version)
+        self.view = ControlView(tuple(jobs), tuple(rules), directives)
+        changed, self._changed = self._changed, {}
+        for job_id, version in changed.items():
+            for listener in self._listeners:
+                try:
+                    listener(job_id, version)
+                except Exception:
+                    log.exception("directive listener failed")
+
+    @property
+    def power_caps(self) -> dict[str, float]:
+        return self._power.capped if self._power is not None else {}
+
+
+def _action_line(action: str, job: Job, *, by: str, directive: Directive | None = None) -> None:
+    """One structured line per action: who or which rule, on which job, and why."""
+    entry: dict[str, Any] = {"action": action, "job": job.name, "id": job.id,
+                             "pid": job.pid, "mode": job.mode.value, "by": by}
+    if directive is not None:
+        entry["speed"] = directive.speed
+        entry["reasons"] = list(directive.reasons)
+    actions_log.info("%s", json.dumps(entry))
+

@@ -1,0 +1,173 @@
+"""The job registry and the rules for admitting a job.
+
+Admission refuses what must never be held (pid 1, the governor, its ancestors, kernel
+threads), what the caller may not touch (another user's process, over the unix socket),
+and conflicts (a process already registered, a pid that now names another process),
+each with the documented status and one sentence.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from governor.jobs import process
+from governor.jobs.model import Job, Mode
+
+DEVICE = re.compile(r"^[A-Za-z][\w.-]{0,63}$")
+
+
+class RegistrationError(Exception):
+    def __init__(self, status: int, message: str):
+        self.status = status
+        self.message = message
+        super().__init__(message)
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who asks. uid None: a token holder or root, who may govern any process."""
+
+    uid: int | None
+    via: str
+
+    @property
+    def restricted(self) -> bool:
+        return self.uid is not None
+
+    def __str__(self) -> str:
+        return self.via
+
+
+ROOT = Caller(None, "root")
+
+
+@dataclass(frozen=True, slots=True)
+class JobRequest:
+    name: str
+    pid: int | None = None
+    cgroup: str | None = None
+    mode: Mode | None = None
+    devices: tuple[str, ...] = ()
+    priority: int = 0
+    #: optional: the start time the caller saw, so a pid reused since is refused
+    pid_started_at: float | None = None
+
+
+def resolve_mode(request: JobRequest) -> Mode:
+    if request.mode is not None:
+        mode = request.mode
+    elif request.pid is not None:
+        mode = Mode.SIGNAL
+    elif request.cgroup is not None:
+        mode = Mode.CGROUP
+    else:
+        mode = Mode.COOPERATIVE
+    if mode in (Mode.SIGNAL, Mode.CGROUP) and request.pid is None and request.cgroup is None:
+        raise RegistrationError(422, f"A job in {mode.value} mode needs a pid or a cgroup.")
+    if mode is Mode.COOPERATIVE and request.cgroup is not None:
+        raise RegistrationError(422, "A cooperative job is named by a pid or nothing, "
+                                     "not a cgroup.")
+    return mode
+
+
+class JobRegistry:
+    def __init__(self, protected: Iterable[int] = ()):
+        self.lock = threading.RLock()
+        self._jobs: dict[str, Job] = {}
+        #: pids that must never be held besides pid 1 and the governor's own line
+        self.protected = set(protected)
+
+    def get(self, job_id: str) -> Job:
+        with self.lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise RegistrationError(404, f"There is no job {job_id!r}.")
+        return job
+
+    def all(self) -> list[Job]:
+        with self.lock:
+            return list(self._jobs.values())
+
+    def add(self, job: Job) -> None:
+        with self.lock:
+            self._jobs[job.id] = job
+
+    def remove(self, job_id: str) -> Job | None:
+        with self.lock:
+            return self._jobs.pop(job_id, None)
+
+    def new_id(self) -> str:
+        with self.lock:
+            while (job_id := secrets.token_hex(4)) in self._jobs:
+                pass
+            return job_id
+
+    def admit(self, request: JobRequest, caller: Caller, now: float) -> Job:
+        """A new job for this request, checked; not yet added or attached."""
+        name = request.name.strip()
+        if not name:
+            raise RegistrationError(422, "A job needs a name.")
+        mode = resolve_mode(request)
+        for device in request.devices:
+            if not DEVICE.match(device):
+                raise RegistrationError(422, f"{device!r} is not a device name like gpu0, "
+                                             "card0 or accel0.")
+        if request.cgroup is not None and caller.restricted:
+            raise RegistrationError(403, "Only root or a token holder may register a cgroup.")
+        started_at = None
+        owner = caller.uid
+        if request.pid is not None:
+            identity = self._check_pid(request, caller)
+            started_at = identity.started_at
+            owner = process.owner_uid(request.pid)
+        if request.cgroup is not None:
+            self._check_cgroup_free(request.cgroup)
+        return Job(
+            id=self.new_id(), name=name, mode=mode, pid=request.pid,
+            pid_started_at=started_at, cgroup=request.cgroup, devices=request.devices,
+            priority=request.priority, registered_at=now, owner_uid=owner,
+        )
+
+    def _check_pid(self, request: JobRequest, caller: Caller) -> process.ProcessIdentity:
+        pid = request.pid
+        assert pid is not None
+        if pid <= 0:
+            raise RegistrationError(422, f"{pid} is not a process id.")
+        if pid == 1:
+            raise RegistrationError(403, "Pid 1 (init) cannot be governed.")
+        if pid == os.getpid():
+            raise RegistrationError(403, f"Pid {pid} is the governor itself.")
+        if pid in process.ancestors(os.getpid()):
+            raise RegistrationError(403, f"Pid {pid} is an ancestor of the governor.")
+        if pid in self.protected:
+            raise RegistrationError(403, f"Pid {pid} belongs to the governor.")
+        identity = process.identify(pid)
+        if identity is None:
+            raise RegistrationError(422, f"No process has pid {pid}.")
+        if process.is_kernel_thread(pid):
+            raise RegistrationError(403, f"Pid {pid} is a kernel thread.")
+        if request.pid_started_at is not None and request.pid_started_at != identity.started_at:
+            raise RegistrationError(409, f"Pid {pid} is now another process (it started at "
+                                         f"{identity.started_at}, not {request.pid_started_at}).")
+        if caller.restricted and process.owner_uid(pid) != caller.uid:
+            raise RegistrationError(403, f"Pid {pid} is not yours; only root may govern "
+                                         "another user's process.")
+        with self.lock:
+            for job in self._jobs.values():
+                if (job.gone_at is None and job.pid == pid
+                        and job.pid_started_at == identity.started_at):
+                    raise RegistrationError(409, f"Pid {pid} is already registered as job "
+                                                 f"{job.id} ({job.name}).")
+        return identity
+
+    def _check_cgroup_free(self, cgroup: str) -> None:
+        with self.lock:
+            for job in self._jobs.values():
+                if job.gone_at is None and job.cgroup == cgroup:
+                    raise RegistrationError(409, f"Cgroup {cgroup} is already registered as "
+                                                 f"job {job.id} ({job.name}).")
