@@ -80,6 +80,8 @@ def test_a_hot_sensor_pauses_the_job_and_cooling_resumes_it(
     assert job["mode"] == "signal" and job["state"] == "running"
     heat(sys_tree, 95)
     eventually(stopped(pid), what="the job stops when the sensor is hot")
+    assert ('governor_rule_state{rule="cpu-hot",series="cpu_temperature_celsius{chip=\\"'
+            'platform_coretemp_0\\",sensor=\\"Package id 0\\"}"} 2.0') in d.metrics()
     paused = d.job(job["id"])
     assert paused["state"] == "paused" and paused["speed"] == 0
     assert paused["reasons"] == [
@@ -447,3 +449,92 @@ def test_cli_without_a_daemon(tmp_path: Path) -> None:
                              str(config_path)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     assert result.stderr.startswith("governor: cannot reach the governor at http://127.0.0.1:")
+
+
+def unix_request(path: Path, method: str, target: str, body: str = "",
+                 as_uid: int | None = None) -> tuple[int, str]:
+    """One HTTP request over a unix socket, from a forked child running as `as_uid` (the
+    venv's interpreter is not readable by other users, so no exec)."""
+    import json
+    import socket
+
+    read_fd, write_fd = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            os.close(read_fd)
+            if as_uid is not None:
+                os.setgid(as_uid)
+                os.setuid(as_uid)
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.connect(str(path))
+                data = body.encode()
+                sock.sendall(f"{method} {target} HTTP/1.1\r\nHost: governor\r\n"
+                             f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+                             f"Connection: close\r\n\r\n".encode() + data)
+                answer = b""
+                while chunk := sock.recv(65536):
+                    answer += chunk
+            os.write(write_fd, answer)
+        except BaseException as exc:
+            os.write(2, f"unix_request child: {exc!r}\n".encode())
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    answer = b""
+    while chunk := os.read(read_fd, 65536):
+        answer += chunk
+    os.close(read_fd)
+    os.waitpid(child, 0)
+    head, _, payload = answer.decode().partition("\r\n\r\n")
+    status = int(head.split()[1])
+    return status, json.loads(payload)["error"] if status >= 400 else payload
+
+
+@pytest.mark.skipif(not ROOT, reason="acting as another user needs root")
+def test_unix_socket_callers_are_identified_by_uid(
+        daemon: StartDaemon, sys_tree: Path, proc_tree: Path, tmp_path: Path,
+        children: list[subprocess.Popen[bytes]]) -> None:
+    import json
+    import shutil
+    import tempfile
+
+    nobody = 65534
+    base = Path(tempfile.mkdtemp(prefix="governor-sock-"))  # pytest's tmp is root-only
+    base.chmod(0o755)
+    sock = base / "run" / "governor.sock"
+    d = daemon(config(sys_tree, proc_tree, api={"socket": str(sock)}))
+    d.cleanups.append(lambda: shutil.rmtree(base, ignore_errors=True))
+    assert (sock.parent.stat().st_mode & 0o777) == 0o750, "the socket sits in a 0750 directory"
+    # this test lets `nobody` through the directory, as a group membership would
+    os.chmod(sock.parent, 0o755)
+    os.chmod(sock, 0o666)
+    roots = spawn(children)
+    theirs = subprocess.Popen(["sleep", "60"], user=nobody)
+    children.append(theirs)
+
+    status, error = unix_request(sock, "POST", "/v1/jobs",
+                                 json.dumps({"name": "not-mine", "pid": roots}), as_uid=nobody)
+    assert (status, error) == (403, f"Pid {roots} is not yours; only root may govern another "
+                                    "user's process.")
+    status, body = unix_request(sock, "POST", "/v1/jobs",
+                                json.dumps({"name": "mine", "pid": theirs.pid}), as_uid=nobody)
+    assert status == 201, body
+    assert json.loads(body)["owner_uid"] == nobody
+    root_job = d.register(name="roots", pid=roots)
+    status, error = unix_request(sock, "POST", f"/v1/jobs/{root_job['id']}/pause",
+                                 as_uid=nobody)
+    assert status == 403 and "not yours" in error
+    assert state(roots) != "T"
+    # root over the socket needs no token and may govern anything
+    status, body = unix_request(sock, "POST", f"/v1/jobs/{root_job['id']}/pause")
+    assert status == 200 and json.loads(body)["state"] == "paused"
+    assert state(roots) == "T"
+
+
+def test_the_token_file_is_created_private(daemon: StartDaemon, sys_tree: Path,
+                                           proc_tree: Path) -> None:
+    d = daemon(config(sys_tree, proc_tree))
+    assert d.token_path is not None
+    assert (d.token_path.stat().st_mode & 0o777) == 0o600
+    assert len(d.token) >= 32

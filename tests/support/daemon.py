@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,8 @@ class DaemonProcess:
         self.env.update(env or {})
         self.log_path = workdir / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        #: run after the daemon stops
+        self.cleanups: list[Callable[[], None]] = []
         self.url = f"http://127.0.0.1:{self.port}"
 
     def start(self, wait: bool = True) -> DaemonProcess:
@@ -167,6 +170,8 @@ class DaemonProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        while self.cleanups:
+            self.cleanups.pop()()
         return self.proc.returncode
 
     def __enter__(self) -> DaemonProcess:
