@@ -54,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     try:
         daemon = Daemon(config, path)
-    except NvmlUnavailableError as exc:
+    except (NvmlUnavailableError, StartupError) as exc:
         return fail(str(exc))
     try:
         daemon.serve()
@@ -201,6 +201,32 @@ def cmd_launch(args: argparse.Namespace) -> int:
                       mode=args.mode, devices=args.device, priority=args.priority)
 
 
+def cmd_release_all(args: argparse.Namespace) -> int:
+    from governor.journal import Journal
+    from governor.release import release_holds
+    from governor.state_lock import StateLock
+
+    logging.basicConfig(level=logging.CRITICAL)
+    config, _ = _load(args.config)
+    state_dir = Path(config.daemon.state_dir)
+    lock = StateLock(state_dir)
+    if lock.held_elsewhere():
+        print(f"governor: a daemon (pid {lock.holder()}) is running with {state_dir}; "
+              "releasing anyway: its rules hold the jobs again on its next round",
+              file=sys.stderr)
+    journal = Journal(state_dir)
+    failed = False
+    for problem in journal.load():
+        print(f"governor: {problem}", file=sys.stderr)
+        failed = True
+    results = release_holds(journal)
+    for result in results:
+        print(result)
+    if not results:
+        print(f"nothing to release ({journal.path} lists no hold)")
+    return 1 if failed or not all(r.ok for r in results) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="governor",
@@ -235,6 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time between the two reads that rates are computed from (default 0.5)")
     p.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     p.set_defaults(func=cmd_sample)
+
+    p = verbs.add_parser(
+        "release-all", help="undo every hold the journal lists (no daemon needed)",
+        description="Read the state journal and undo every action it records: resume stopped "
+        "or frozen jobs, lift CPU quotas, restore GPU power limits. Works without the daemon; "
+        "systemd's ExecStopPost runs it. Releasing twice is harmless.")
+    config_option(p)
+    p.set_defaults(func=cmd_release_all)
 
     p = verbs.add_parser("status", help="readings, rules and jobs of the running daemon",
                          description="Ask the running daemon for its readings, rules and jobs.")

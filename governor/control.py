@@ -119,6 +119,44 @@ class Controller:
             self._enforce()
             return job.as_dict()
 
+    def adopt(self, records: Mapping[str, Mapping[str, Any]]) -> list[str]:
+        """Take back the jobs an earlier run registered (from the journal): those whose
+        process still runs, with their operator holds. Returns what was forgotten, why."""
+        forgotten = []
+        with self._lock:
+            for job_id, record in records.items():
+                try:
+                    job = _job_from_record(job_id, record)
+                except (KeyError, TypeError, ValueError) as exc:
+                    forgotten.append(f"job {job_id}: unreadable record ({exc!r})")
+                    self._journal.drop_job(job_id)
+                    continue
+                why = self._cannot_adopt(job)
+                if why is not None:
+                    forgotten.append(f"job {job.id} ({job.name}): {why}")
+                    self._journal.drop_job(job.id)
+                    continue
+                self.registry.add(job)
+                self._journal.put_job(job.id, self._record(job))
+                _action_line("adopt", job, by="restart")
+            self._enforce()
+        for line in forgotten:
+            log.warning("journal: %s; forgotten", line)
+        return forgotten
+
+    def _cannot_adopt(self, job: Job) -> str | None:
+        if job.pid is not None and (job.pid_started_at is None or not process.is_alive(
+                process.ProcessIdentity(job.pid, job.pid_started_at))):
+            return f"process {job.pid} exited while governor was down"
+        why = self._unavailable_modes.get(job.mode)
+        if why is not None:
+            return f"{job.mode.value} mode is not available here: {why}"
+        try:
+            self._actuators[job.mode].attach(job)
+        except ActuatorError as exc:
+            return str(exc)
+        return None
+
     def unregister(self, job_id: str, caller: Caller) -> None:
         with self._lock:
             job = self._owned(job_id, caller)
@@ -330,6 +368,21 @@ class Controller:
     @property
     def power_caps(self) -> dict[str, float]:
         return self._power.capped if self._power is not None else {}
+
+
+def _job_from_record(job_id: str, record: Mapping[str, Any]) -> Job:
+    pid = record.get("pid")
+    started = record.get("pid_started_at")
+    return Job(
+        id=job_id, name=str(record["name"]), mode=Mode(record["mode"]),
+        pid=int(pid) if pid is not None else None,
+        pid_started_at=float(started) if started is not None else None,
+        cgroup=record.get("cgroup"), devices=tuple(str(d) for d in record.get("devices", ())),
+        priority=int(record.get("priority", 0)),
+        registered_at=float(record["registered_at"]),
+        owner_uid=record.get("owner_uid"),
+        held_by_operator=bool(record.get("held_by_operator", False)),
+    )
 
 
 def _action_line(action: str, job: Job, *, by: str, directive: Directive | None = None) -> None:

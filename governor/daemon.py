@@ -31,6 +31,7 @@ from governor.api.app import create_app
 from governor.api.auth import Authenticator, PeerCredProtocol, ensure_token
 from governor.config import Config, load_config
 from governor.control import Controller
+from governor.guardian import Guardian
 from governor.jobs.model import Mode
 from governor.journal import Journal
 from governor.loop import SamplingLoop
@@ -39,8 +40,13 @@ from governor.release import release_holds
 from governor.sampling.registry import build_samplers
 from governor.sampling.runner import SamplerRunner
 from governor.snapshot import Snapshot, SnapshotStore
+from governor.state_lock import LockHeld, StateLock
 
 log = logging.getLogger(__name__)
+
+#: how long a starting daemon waits for the state lock (a dead daemon's guardian may be
+#: releasing its holds)
+LOCK_WAIT = 5.0
 
 
 class StartupError(Exception):
@@ -110,27 +116,48 @@ class ApiServer(uvicorn.Server):
 
 
 class Daemon:
+    """Started in this order so that nothing is ever held without a way back: the
+    samplers (which may refuse: nvml = "required"), the state lock (one daemon per
+    journal), the holds a crashed run left (undone), the guardian (before any new hold),
+    the jobs the journal lists (adopted), then sampling."""
+
     def __init__(self, config: Config, config_path: Path | None = None):
         self.config = config
         self.config_path = config_path
+        samplers = build_samplers(config.sources)
+        state_dir = Path(config.daemon.state_dir)
+        self.lock = StateLock(state_dir)
+        try:
+            self.lock.acquire(timeout=LOCK_WAIT)
+        except (LockHeld, OSError) as exc:
+            raise StartupError(f"daemon.state_dir: {exc}") from None
         self.store = SnapshotStore()
         self.metrics = DaemonMetrics(self.store)
-        self.journal = Journal(config.daemon.state_dir)
+        self.journal = Journal(state_dir)
         for problem in self.journal.load():
             log.error("journal: %s", problem)
-        # A run that died while holding jobs left its holds here: undo them first.
         if self.journal.holds():
             log.warning("the last run left %d hold(s) in %s; releasing them",
                         len(self.journal.holds()), self.journal.path)
             release_holds(self.journal)
-        self.runner = SamplerRunner(
-            build_samplers(config.sources), config.daemon.effective_sampler_timeout
-        )
+        self.guardian = Guardian(state_dir)
+        self.runner = SamplerRunner(samplers, config.daemon.effective_sampler_timeout)
         self.loop = SamplingLoop(self.runner, self.store, self.metrics, config.daemon.interval)
         self.controller = self._build_controller(config)
+        self._protect_guardian()
         self.metrics.watch(self.controller)
+        self.controller.adopt(self.journal.jobs())
+        self.loop.add_hook(self._keep_guardian)
         self.loop.add_hook(self.controller.on_snapshot)
         self._reload_lock = threading.Lock()
+
+    def _protect_guardian(self) -> None:
+        if self.guardian.pid is not None:
+            self.controller.registry.protected.add(self.guardian.pid)
+
+    def _keep_guardian(self, _: Snapshot) -> None:
+        if self.guardian.ensure():
+            self._protect_guardian()
 
     def _build_controller(self, config: Config) -> Controller:
         actuators: dict[Mode, Actuator] = {
@@ -229,7 +256,10 @@ class Daemon:
             self.close()
 
     def close(self) -> None:
+        """Release every job and power limit, then let the guardian go and the lock."""
         self.loop.stop()
         self.controller.shutdown()
         self.runner.close()
+        self.guardian.stop()
+        self.lock.release()
         log.info("governor stopped")

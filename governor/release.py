@@ -1,41 +1,59 @@
 """Undo every hold the journal lists, without the daemon.
 
-`governor release-all` runs this (systemd's ExecStopPost), and the daemon runs it at
-start for holds a crashed run left behind. Each hold kind is undone by the `undo` of the
-actuator module that wrote it; undoing twice is harmless.
+`governor release-all` runs this (systemd's ExecStopPost), the guardian runs it when the
+daemon dies, and the daemon runs it at start for holds a crashed run left behind. Each
+hold kind is undone by the actuator module that wrote it. A hold that could not be fully
+undone stays in the journal, so a later release-all tries again; undoing twice is
+harmless.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from governor.journal import Journal
 
 log = logging.getLogger(__name__)
 
+Undo = Callable[[dict[str, Any]], tuple[bool, str]]
 
-def _undoers() -> dict[str, Callable[[dict[str, Any]], str]]:
+
+@dataclass(frozen=True)
+class Released:
+    key: str
+    ok: bool
+    line: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.line}" + ("" if self.ok else " (kept in the journal)")
+
+
+def _undoers() -> dict[str, Undo]:
     from governor.actuators import cgroup, gpu_power, signal
 
-    return {"signal": signal.undo, "cgroup": cgroup.undo, "power_cap": gpu_power.undo}
+    return {"signal": signal.undo_checked, "cgroup": cgroup.undo_checked,
+            "power_cap": gpu_power.undo_checked}
 
 
-def release_holds(journal: Journal) -> list[str]:
-    """Undo each hold and drop it from the journal. Returns one line per hold."""
+def release_holds(journal: Journal) -> list[Released]:
+    """Undo each hold; drop the ones fully undone. One result per hold."""
     undoers = _undoers()
-    done = []
+    results = []
     for key, entry in journal.holds().items():
         undo = undoers.get(str(entry.get("kind")))
         if undo is None:
-            line = f"{key}: unknown hold kind {entry.get('kind')!r}; left in the journal"
+            result = Released(key, False, f"unknown hold kind {entry.get('kind')!r}")
         else:
             try:
-                line = f"{key}: {undo(entry)}"
+                ok, line = undo(entry)
             except Exception as exc:  # undo must never raise; if it does, keep going
-                line = f"{key}: undo failed: {exc}"
-            journal.drop_hold(key)
-        log.info("release: %s", line)
-        done.append(line)
-    return done
+                ok, line = False, f"undo failed: {exc}"
+            result = Released(key, ok, line)
+            if ok:
+                journal.drop_hold(key)
+        log.log(logging.INFO if result.ok else logging.ERROR, "release: %s", result)
+        results.append(result)
+    return results

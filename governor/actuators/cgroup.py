@@ -128,11 +128,17 @@ def memberships(source: Path) -> dict[str, str]:
 def undo(entry: JournalEntry) -> str:
     """Release a hold from its journal entry alone, as `governor release-all` does with no
     daemon: thaw the cgroup and restore its quota. Idempotent; never raises."""
+    return undo_checked(entry)[1]
+
+
+def undo_checked(entry: JournalEntry) -> tuple[bool, str]:
+    """As undo, and whether everything was undone (else release-all keeps the hold)."""
     try:
-        _, done = _undo(entry)
-        return f"cgroup hold of job {entry.get('job')}: " + ("; ".join(done) or "nothing to undo")
+        ok, done = _undo(entry)
+        return ok, (f"cgroup hold of job {entry.get('job')}: "
+                    + ("; ".join(done) or "nothing to undo"))
     except Exception as exc:  # a malformed entry must not stop release-all
-        return f"could not undo cgroup hold {entry!r}: {exc}"
+        return True, f"could not undo cgroup hold {entry!r}: {exc}"
 
 
 def _undo(entry: JournalEntry) -> tuple[bool, list[str]]:

@@ -126,21 +126,26 @@ class PowerCapper:
 
 def undo(entry: dict[str, Any], nvml: ModuleType | None = None) -> str:
     """Put a GPU's original power limit back, from a journal entry alone."""
+    return undo_checked(entry, nvml)[1]
+
+
+def undo_checked(entry: dict[str, Any], nvml: ModuleType | None = None) -> tuple[bool, str]:
+    """As undo, and whether the limit was restored (else release-all keeps the hold)."""
     gpu = entry.get("gpu")
     try:
         module: Any = nvml if nvml is not None else load_module()
         module.nvmlInit()
     except Exception as exc:
-        return f"gpu {gpu}: cannot restore the power limit: NVML is not available: {exc}"
+        return False, f"gpu {gpu}: cannot restore the power limit: NVML is not available: {exc}"
     try:
         try:
             handle = module.nvmlDeviceGetHandleByUUID(entry["uuid"])
         except module.NVMLError:
             handle = module.nvmlDeviceGetHandleByIndex(int(str(gpu)))
         module.nvmlDeviceSetPowerManagementLimit(handle, int(entry["original_mw"]))
-        return f"gpu {gpu}: power limit restored to {int(entry['original_mw']) / 1000:g} W"
+        return True, f"gpu {gpu}: power limit restored to {int(entry['original_mw']) / 1000:g} W"
     except (module.NVMLError, KeyError, ValueError) as exc:
-        return f"gpu {gpu}: cannot restore the power limit: {exc}"
+        return False, f"gpu {gpu}: cannot restore the power limit: {exc}"
     finally:
         with contextlib.suppress(module.NVMLError):
             module.nvmlShutdown()

@@ -450,12 +450,18 @@ class SignalActuator:
 def undo(entry: JournalEntry) -> str:
     """Continue every process a signal hold lists, and its descendants, from the entry
     alone. Idempotent; never raises."""
+    return undo_checked(entry)[1]
+
+
+def undo_checked(entry: JournalEntry) -> tuple[bool, str]:
+    """As undo, and whether everything was undone: False when a process could not be
+    signalled (release-all then keeps the hold, to try again)."""
     job = entry.get("job", "?") if isinstance(entry, dict) else "?"
     try:
         listed = [ProcessIdentity(int(pid), float(started))
                   for pid, started in entry["processes"]]
     except (KeyError, TypeError, ValueError) as exc:
-        return f"signal hold of job {job} is malformed ({exc!r}); nothing continued"
+        return True, f"signal hold of job {job} is malformed ({exc!r}); nothing continued"
     continued: set[ProcessIdentity] = set()
     refused: set[ProcessIdentity] = set()
     gone = 0
@@ -472,9 +478,9 @@ def undo(entry: JournalEntry) -> str:
                 except OSError:
                     refused.add(member)
     except Exception as exc:
-        return f"job {job}: continued {len(continued)} processes, then failed: {exc!r}"
+        return False, f"job {job}: continued {len(continued)} processes, then failed: {exc!r}"
     text = f"job {job}: continued {len(continued)} processes ({gone} listed ones gone)"
-    return text + (f"; not allowed to signal {len(refused)}" if refused else "")
+    return not refused, text + (f"; not allowed to signal {len(refused)}" if refused else "")
 
 
 def _mean(mean: float | None, value: float) -> float:
