@@ -52,21 +52,25 @@ class ApiClient:
     def __init__(self, config: Config, *, timeout: float = 10.0):
         self.config = config
         socket_path = config.api.socket
-        headers = {}
+        #: the daemon's TCP address, which is what jobs are told (GOVERNOR_URL)
+        self.url = daemon_url(config)
+        self.socket: str | None = None
         if socket_path and os.path.exists(socket_path):
             transport = httpx.HTTPTransport(uds=socket_path)
-            self.where = socket_path
+            self.where = self.socket = socket_path
             base_url = "http://governor"
         else:
             transport = httpx.HTTPTransport()
-            base_url = daemon_url(config)
-            self.where = base_url
-            token = os.environ.get("GOVERNOR_TOKEN") or read_token(config)
-            if token:
-                headers["Authorization"] = f"Bearer {token}"
-        self.url = base_url
-        self._http = httpx.Client(base_url=base_url, transport=transport, headers=headers,
-                                  timeout=timeout)
+            base_url = self.where = self.url
+        self._http = httpx.Client(base_url=base_url, transport=transport, timeout=timeout)
+
+    def _auth(self) -> dict[str, str]:
+        """The token header for a change; read only then, so any user can read status.
+        Over the unix socket the kernel vouches for the caller instead."""
+        if self.socket is not None:
+            return {}
+        token = os.environ.get("GOVERNOR_TOKEN") or read_token(self.config)
+        return {"Authorization": f"Bearer {token}"} if token else {}
 
     def close(self) -> None:
         self._http.close()
@@ -79,6 +83,8 @@ class ApiClient:
 
     def request(self, method: str, path: str, *, timeout: float | None = None,
                 **kwargs: Any) -> Any:
+        if method != "GET":
+            kwargs["headers"] = {**kwargs.get("headers", {}), **self._auth()}
         try:
             if timeout is not None:
                 kwargs["timeout"] = timeout

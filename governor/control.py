@@ -44,6 +44,8 @@ class ControlView:
     rules: tuple[dict[str, Any], ...] = ()
     #: job id -> (directive as JSON, version)
     directives: Mapping[str, tuple[dict[str, Any], int]] = field(default_factory=dict)
+    #: GPU index -> the power cap in force, in watts
+    power_caps: Mapping[str, float] = field(default_factory=dict)
 
 
 class Controller:
@@ -112,9 +114,16 @@ class Controller:
             try:
                 self._actuators[job.mode].attach(job)
             except ActuatorError as exc:
-                raise RegistrationError(422, str(exc)) from None
+                raise RegistrationError(exc.status, str(exc)) from None
+            self._check_cgroup_free(job)
+            try:
+                self._journal.put_job(job.id, self._record(job))
+            except OSError as exc:
+                self._actuators[job.mode].detach(job)
+                raise RegistrationError(
+                    507, f"The job was not registered: the journal cannot be written "
+                         f"({exc.strerror}).") from None
             self.registry.add(job)
-            self._journal.put_job(job.id, self._record(job))
             _action_line("register", job, by=str(caller))
             self._enforce()
             return job.as_dict()
@@ -156,6 +165,17 @@ class Controller:
         except ActuatorError as exc:
             return str(exc)
         return None
+
+    def _check_cgroup_free(self, job: Job) -> None:
+        """The actuator resolved the job's cgroup: no other live job may hold it, however
+        either was spelled at registration."""
+        if job.cgroup is None:
+            return
+        for other in self.registry.all():
+            if other.gone_at is None and other.cgroup == job.cgroup:
+                self._actuators[job.mode].detach(job)
+                raise RegistrationError(409, f"Cgroup {job.cgroup} is already registered as "
+                                             f"job {other.id} ({other.name}).")
 
     def unregister(self, job_id: str, caller: Caller) -> None:
         with self._lock:
@@ -224,6 +244,9 @@ class Controller:
             raise RegistrationError(404, f"There is no job {job_id!r}.")
         return found
 
+    def actuator(self, mode: Mode) -> Actuator | None:
+        return self._actuators.get(mode)
+
     def rule_states(self) -> RuleStates:
         return self._states
 
@@ -243,13 +266,17 @@ class Controller:
             self._apply(job, directives[job.id])
         if self._power is not None:
             for action, gpu, cap in self._power.apply(caps):
-                rules = cap.rules if cap is not None else self._caps[gpu].rules
+                previous = self._caps.get(gpu)
+                rules = cap.rules if cap is not None else (
+                    previous.rules if previous is not None else ("unknown",))
                 self._count(action, rules)
                 actions_log.info("%s", json.dumps({
                     "action": action, "gpu": gpu, "rules": list(rules),
                     "watts": cap.watts if cap else None,
                     "reasons": list(cap.reasons) if cap else []}))
-        self._caps = {cap.gpu: cap for cap in caps.values()}
+        still_capped = self._power.capped if self._power is not None else {}
+        self._caps = {gpu: cap for gpu, cap in self._caps.items() if gpu in still_capped}
+        self._caps.update({cap.gpu: cap for cap in caps.values()})
         self._publish()
 
     def _apply(self, job: Job, directive: Directive) -> None:
@@ -338,7 +365,8 @@ class Controller:
                             self._power_unavailable)
 
     def _record(self, job: Job) -> dict[str, Any]:
-        return {**job.as_dict(), "devices": list(job.devices)}
+        return {**job.as_dict(), "devices": list(job.devices),
+                "restricted_uid": job.restricted_uid, "saved": job.saved}
 
     def _publish(self) -> None:
         rules = rule_states_view(self._rules, self._states, self._wall() - self._clock())
@@ -356,7 +384,8 @@ class Controller:
                 entry["error"] = job.extra["error"]
             jobs.append(entry)
             directives[job.id] = (job.directive.as_dict(), job.directive_version)
-        self.view = ControlView(tuple(jobs), tuple(rules), directives)
+        caps = self._power.capped if self._power is not None else {}
+        self.view = ControlView(tuple(jobs), tuple(rules), directives, caps)
         changed, self._changed = self._changed, {}
         for job_id, version in changed.items():
             for listener in self._listeners:
@@ -367,7 +396,7 @@ class Controller:
 
     @property
     def power_caps(self) -> dict[str, float]:
-        return self._power.capped if self._power is not None else {}
+        return dict(self.view.power_caps)
 
 
 def _job_from_record(job_id: str, record: Mapping[str, Any]) -> Job:
@@ -382,6 +411,8 @@ def _job_from_record(job_id: str, record: Mapping[str, Any]) -> Job:
         registered_at=float(record["registered_at"]),
         owner_uid=record.get("owner_uid"),
         held_by_operator=bool(record.get("held_by_operator", False)),
+        restricted_uid=record.get("restricted_uid"),
+        saved=dict(record.get("saved") or {}),
     )
 
 

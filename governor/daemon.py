@@ -67,12 +67,18 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def bind_unix(path: str) -> socket.socket:
-    """A unix socket in a directory of mode 0750: only root and the directory's group can
-    reach it, whatever mode the socket itself gets."""
+    """A unix socket in a directory of mode 0750, so only root and the directory's group
+    can reach it, whatever mode the socket itself gets. A directory that already exists
+    is the operator's to set up (systemd's RuntimeDirectory=): its mode is left alone."""
     target = Path(path)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(target.parent, 0o750)
+        if not target.parent.exists():
+            target.parent.mkdir(parents=True, mode=0o750)
+            os.chmod(target.parent, 0o750)  # whatever the umask took away
+        elif target.parent.stat().st_mode & 0o007:
+            log.warning("the unix socket's directory %s is open to every user (mode %o); "
+                        "callers are still told apart by uid", target.parent,
+                        target.parent.stat().st_mode & 0o7777)
         with contextlib.suppress(FileNotFoundError):
             target.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -147,6 +153,9 @@ class Daemon:
         self._protect_guardian()
         self.metrics.watch(self.controller)
         self.controller.adopt(self.journal.jobs())
+        cgroups = self.controller.actuator(Mode.CGROUP)
+        if isinstance(cgroups, CgroupActuator):
+            cgroups.sweep(job["id"] for job in self.controller.view.jobs)
         self.loop.add_hook(self._keep_guardian)
         self.loop.add_hook(self.controller.on_snapshot)
         self._reload_lock = threading.Lock()
@@ -159,15 +168,20 @@ class Daemon:
         if self.guardian.ensure():
             self._protect_guardian()
 
+    def _guardian_pids(self) -> tuple[int, ...]:
+        return (self.guardian.pid,) if self.guardian.pid is not None else ()
+
     def _build_controller(self, config: Config) -> Controller:
         actuators: dict[Mode, Actuator] = {
-            Mode.SIGNAL: SignalActuator(self.journal, period=config.jobs.slow_period),
+            Mode.SIGNAL: SignalActuator(self.journal, period=config.jobs.slow_period,
+                                        protected=self._guardian_pids),
             Mode.COOPERATIVE: CooperativeActuator(),
         }
         unavailable: dict[Mode, str] = {}
         try:
             actuators[Mode.CGROUP] = CgroupActuator(self.journal,
-                                                    version=config.jobs.cgroup_version)
+                                                    version=config.jobs.cgroup_version,
+                                                    protected=self._guardian_pids)
         except ActuatorError as exc:
             unavailable[Mode.CGROUP] = str(exc)
             log.info("cgroup mode is not available: %s", exc)
@@ -202,6 +216,9 @@ class Daemon:
                     log.warning("reload: [%s] changed; restart the daemon to apply it", section)
             if config.daemon.state_dir != self.config.daemon.state_dir:
                 log.warning("reload: daemon.state_dir changed; restart the daemon to apply it")
+            for key in ("cgroup_version", "slow_period"):
+                if getattr(config.jobs, key) != getattr(self.config.jobs, key):
+                    log.warning("reload: jobs.%s changed; restart the daemon to apply it", key)
             rules = self.controller.reload(config)
             self.loop.interval = config.daemon.interval
             self.runner.timeout = config.daemon.effective_sampler_timeout
@@ -244,6 +261,9 @@ class Daemon:
                 access_log=False,
                 lifespan="off",
                 http=PeerCredProtocol,
+                # who the client is comes from the socket, never from a header
+                proxy_headers=False,
+                forwarded_allow_ips="",
                 timeout_graceful_shutdown=3,
             ),
             self,

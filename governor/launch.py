@@ -68,8 +68,10 @@ def launch(client: ApiClient, argv: Sequence[str], *, name: str, mode: str | Non
                 client.unregister(registered.pop())
 
     try:
-        os.write(write_fd, json.dumps({"GOVERNOR_URL": client.url,
-                                       "GOVERNOR_JOB_ID": registered[0]}).encode())
+        env = {"GOVERNOR_URL": client.url, "GOVERNOR_JOB_ID": registered[0]}
+        if client.socket is not None:
+            env["GOVERNOR_SOCKET"] = client.socket
+        os.write(write_fd, json.dumps(env).encode())
         os.close(write_fd)
         return _wait(pid, release)
     finally:

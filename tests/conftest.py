@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections.abc import Callable, Iterator
@@ -79,3 +80,13 @@ def daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     yield start
     for process in started:
         process.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_empty_governor_cgroups() -> Iterator[None]:
+    """Tests kill daemons with -9, which cannot remove the cgroups they made; once the
+    test children are gone those are empty, and this leaves the machine as it was."""
+    yield
+    for directory in Path("/sys/fs/cgroup").glob("*/governor-*"):
+        with contextlib.suppress(OSError):
+            directory.rmdir()

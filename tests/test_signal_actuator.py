@@ -28,6 +28,7 @@ from governor.actuators.base import ActuatorError, hold_key
 from governor.actuators.signal import SignalActuator, undo
 from governor.jobs.model import RUN, Job, Mode, pause, slow
 from governor.journal import Journal
+from tests.support.processes import favour
 
 BUSY = [sys.executable, "-c", "while True: pass"]
 #: a shell that forks two busy children only after it has been attached
@@ -74,17 +75,6 @@ def tree_cpu(pid: int) -> float:
             times = process.cpu_times()
             total += times.user + times.system
     return total
-
-
-def favour(pids: list[int]) -> None:
-    """Raise the processes' priority where we may (root). The cores are shared with other
-    work, and a job that is stopped and continued ten times a second loses out to it when
-    it wakes; the priority keeps that load from deciding the shares measured here."""
-    for pid in pids:
-        with contextlib.suppress(PermissionError):
-            os.setpriority(os.PRIO_PROCESS, pid, -10)
-        with contextlib.suppress(OSError):  # the job's session is an autogroup of its own
-            Path(f"/proc/{pid}/autogroup").write_text("-10")
 
 
 def cpu_rate(pid: int, seconds: float) -> float:

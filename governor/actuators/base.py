@@ -15,7 +15,13 @@ from governor.jobs.model import Directive, Job, Mode
 
 
 class ActuatorError(Exception):
-    """This job cannot be held this way; the message is one sentence for the caller."""
+    """This job cannot be held this way; the message is one sentence for the caller, and
+    `status` the HTTP status a registration refused for it gets (403: a protected
+    process inside)."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
 
 
 class Actuator(Protocol):

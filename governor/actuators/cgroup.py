@@ -19,6 +19,7 @@ import os
 import posixpath
 import re
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Literal
@@ -27,7 +28,14 @@ import psutil
 
 from governor.actuators.base import ActuatorError, JournalEntry, hold_key
 from governor.jobs.model import Action, Directive, Job, Mode
-from governor.jobs.process import ProcessIdentity, identify, is_alive, tree
+from governor.jobs.process import (
+    ProcessIdentity,
+    ancestors,
+    identify,
+    is_alive,
+    is_kernel_thread,
+    tree,
+)
 from governor.journal import Journal
 
 log = logging.getLogger(__name__)
@@ -213,8 +221,12 @@ class CgroupActuator:
     def __init__(self, journal: Journal, *, version: Literal["auto", "v1", "v2"] = "auto",
                  mountinfo: Path = Path("/proc/self/mountinfo"),
                  own_cgroups: Path = Path("/proc/self/cgroup"),
-                 period: float = 0.1, freeze_timeout: float = 2.0):
+                 period: float = 0.1, freeze_timeout: float = 2.0,
+                 protected: Callable[[], Iterable[int]] = tuple):
         self.journal = journal
+        #: more pids never to hold besides init, the governor and its ancestors (asked
+        #: each time: the guardian may be restarted)
+        self._also_protected = protected
         self.period_us = min(max(MIN_QUOTA_US, round(period * 1e6)), 1_000_000)
         self.freeze_timeout = freeze_timeout
         self._mounts = find_hierarchies(mountinfo)
@@ -242,6 +254,11 @@ class CgroupActuator:
             held = self._attach(job)
         self._measure(held)
         action = directive.action
+        if action is not Action.RUN and (pid := self._protected_inside(held.freeze)):
+            self._release(job, held)
+            raise ActuatorError(f"cgroup {held.freeze} now holds pid {pid} (init, the "
+                                "governor, one of its ancestors or a kernel thread): not "
+                                "holding it", status=403)
         if action is Action.SLOW and held.quota is None:
             self._warn(held, f"job {job.id}: no CPU quota can be set on its cgroup, so it "
                              "is paused instead of slowed")
@@ -263,16 +280,46 @@ class CgroupActuator:
     def close(self) -> None:
         """No threads to stop."""
 
+    def sweep(self, keep: Iterable[str]) -> list[Path]:
+        """Remove the empty `governor-<id>` cgroups of jobs not in `keep`: a daemon that
+        was killed could not remove the cgroups it created, and their jobs have ended."""
+        kept = {f"governor-{job_id}" for job_id in keep}
+        removed = []
+        for h in self._mounts.values():
+            parent = h.dir(posixpath.dirname(self._own[h.name]))
+            try:
+                names = [n for n in os.listdir(parent) if n.startswith("governor-")]
+            except OSError:
+                continue
+            for name in names:
+                directory = parent / name
+                if name in kept or not JOB_ID.fullmatch(name.removeprefix("governor-")):
+                    continue
+                try:
+                    directory.rmdir()  # fails while processes are in it: those stay
+                except OSError:
+                    continue
+                removed.append(directory)
+        if removed:
+            log.info("removed %d empty cgroup(s) left by an earlier run", len(removed))
+        return removed
+
     # ---- attach ----
 
     def _attach(self, job: Job) -> _Held:
         name = f"governor-{job.id}"
         if job.pid is not None and (job.cgroup is None or PurePath(job.cgroup).name == name):
             held = self._attach_pid(job, job.pid, name)
+            self._keep_origins(job, held)
         elif job.cgroup is not None:
             held = self._attach_cgroup(job.cgroup)
+            job.cgroup = str(held.freeze)  # one spelling per cgroup, whatever was given
         else:
             raise ActuatorError(f"job {job.id} names neither a process nor a cgroup")
+        if pid := self._protected_inside(held.freeze):
+            raise ActuatorError(f"cgroup {held.freeze} holds pid {pid}, which is init, the "
+                                "governor, one of its ancestors or a kernel thread",
+                                status=403)
         self._adopt(job, held)
         held.last_usage, held.last_time = self._usage(held), time.monotonic()
         job.extra[EXTRA_KEY] = held
@@ -306,6 +353,23 @@ class CgroupActuator:
         held.usage_file = self._usage_file(held)
         job.cgroup = str(held.freeze)
         return held
+
+    def _keep_origins(self, job: Job, held: _Held) -> None:
+        """Where the moved processes came from, in the job's saved state, so that a daemon
+        restarted since still puts them back there when the job is unregistered."""
+        for pid, (started, paths) in job.saved.get("cgroup_origins", {}).items():
+            held.origins.setdefault(int(pid), (float(started), dict(paths)))
+        job.saved["cgroup_origins"] = {
+            str(pid): [started, paths] for pid, (started, paths) in held.origins.items()}
+
+    def _protected_inside(self, directory: Path) -> int | None:
+        """A process in this cgroup or below that must never be held, if there is one."""
+        never = {1, os.getpid(), *ancestors(os.getpid()), *self._also_protected()}
+        for dirpath, _dirs, _files in os.walk(directory):
+            for pid in _pids(Path(dirpath)):
+                if pid in never or is_kernel_thread(pid):
+                    return pid
+        return None
 
     def _beside_own(self, h: Hierarchy, name: str) -> str:
         """The cgroup path of `name` in the governor's parent cgroup of this hierarchy."""

@@ -98,6 +98,8 @@ class _Held:
     cycle: _Cycle | None = None
     #: pids already reported as not ours to signal, so the log says it once
     denied: set[int] = field(default_factory=set)
+    #: hold only processes of this uid (a job a non-root user registered)
+    only_uid: int | None = None
 
 
 class _Stopped(NamedTuple):
@@ -112,7 +114,8 @@ class SignalActuator:
     mode = Mode.SIGNAL
 
     def __init__(self, journal: Journal, *, period: float = 0.1,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 protected: Callable[[], Iterable[int]] = tuple):
         self._journal = journal
         self._period = period
         self._clock = clock
@@ -125,6 +128,8 @@ class SignalActuator:
         #: one item per caller waiting for the lock; the duty-cycle thread lets them in first
         self._queued: list[None] = []
         self._protected = {1, os.getpid(), *ancestors(os.getpid())}
+        #: more pids never to touch, asked each time (the guardian, which may be restarted)
+        self._also_protected = protected
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -353,16 +358,19 @@ class SignalActuator:
 
     def _make(self, job: Job) -> _Held:
         if job.pid is not None:
-            return _Held(job.id, hold_key(job), root=self._root(job), cgroup_dir=None)
+            return _Held(job.id, hold_key(job), root=self._root(job), cgroup_dir=None,
+                         only_uid=job.restricted_uid)
         if job.cgroup:
-            return _Held(job.id, hold_key(job), root=None, cgroup_dir=_cgroup_dir(job.cgroup))
+            return _Held(job.id, hold_key(job), root=None, cgroup_dir=_cgroup_dir(job.cgroup),
+                         only_uid=job.restricted_uid)
         raise ActuatorError(f"job {job.id} names neither a process nor a cgroup")
 
     def _root(self, job: Job) -> ProcessIdentity:
         pid = job.pid
         assert pid is not None
-        if pid in self._protected:
-            raise ActuatorError(f"pid {pid} is init, the governor or one of its ancestors")
+        if pid in self._protected or pid in set(self._also_protected()):
+            raise ActuatorError(f"pid {pid} is init, the governor or one of its ancestors",
+                                status=403)
         current = identify(pid)
         if current is None:
             raise ActuatorError(f"process {pid} has exited")
@@ -381,7 +389,11 @@ class SignalActuator:
             found = _cgroup_members(held.cgroup_dir)
         else:
             found = []
-        return [p for p in found if p.pid not in self._protected]
+        protected = self._protected | set(self._also_protected())
+        members = [p for p in found if p.pid not in protected]
+        if held.only_uid is not None:
+            members = [p for p in members if _uid(p.pid) == held.only_uid]
+        return members
 
     def _stop(self, held: _Held, state: str) -> _Stopped:
         """SIGSTOP every member, the root first so that it cannot fork, then look again
@@ -407,6 +419,8 @@ class SignalActuator:
         else:
             log.warning("job %s: still forking after %d rounds of SIGSTOP",
                         held.job_id, STOP_ROUNDS)
+        if state == "stopped":
+            _wait_stopped(sent)
         return _Stopped(members, denied)
 
     def _continue(self, held: _Held, members: Iterable[ProcessIdentity]) -> None:
@@ -499,13 +513,40 @@ def _handle(ident: ProcessIdentity) -> Any:
         return None
 
 
-def _is_stopped(pid: int) -> bool:
+#: how long a pause waits for its processes to show as stopped before it answers
+STOP_WAIT = 0.5
+
+
+def _wait_stopped(sent: Iterable[ProcessIdentity]) -> None:
+    """SIGSTOP is delivered when the process next runs: wait (bounded) until each shows
+    T, so a pause is reported only once it holds."""
+    deadline = time.monotonic() + STOP_WAIT
+    pending = [p.pid for p in sent]
+    while pending and time.monotonic() < deadline:
+        pending = [pid for pid in pending if _state(pid) not in (b"T", b"t", b"Z", b"X", b"")]
+        if pending:
+            time.sleep(0.002)
+
+
+def _uid(pid: int) -> int | None:
+    try:
+        return int(psutil.Process(pid).uids().real)
+    except psutil.Error:
+        return None
+
+
+def _state(pid: int) -> bytes:
+    """The state letter of /proc/PID/stat; b"" when the process is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
-        return False
-    return stat[stat.rindex(b")") + 2:][:1] in (b"T", b"t")
+        return b""
+    return stat[stat.rindex(b")") + 2:][:1]
+
+
+def _is_stopped(pid: int) -> bool:
+    return _state(pid) in (b"T", b"t")
 
 
 def _cgroup2_mount() -> Path | None:

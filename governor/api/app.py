@@ -8,7 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from governor import __version__
 from governor.api.auth import Authenticator
-from governor.api.errors import error_response, install_error_handlers
+from governor.api.errors import ApiError, error_response, install_error_handlers
 from governor.api.jobs import errors, job_router
 from governor.config import ConfigError
 from governor.control import Controller
@@ -75,6 +75,8 @@ def create_app(daemon: DaemonView, authenticate: Authenticator) -> FastAPI:
     @app.post("/v1/reload", summary="Reload the config file; a bad one changes nothing",
               responses=errors(401, 403, 422))
     def reload(caller: Annotated[Caller, Depends(authenticate)]) -> Any:
+        if caller.restricted:
+            raise ApiError(403, "Only root or a token holder may reload the config.")
         try:
             return {"rules": daemon.reload()}
         except ConfigError as exc:

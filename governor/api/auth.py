@@ -24,7 +24,8 @@ from governor.jobs.registry import Caller
 
 log = logging.getLogger(__name__)
 
-UID_PREFIX = "uid:"
+#: the ASGI scope key carrying a unix-socket peer's uid; only PeerCredProtocol sets it
+PEER_UID = "governor.peer_uid"
 
 
 def ensure_token(path: str) -> str | None:
@@ -49,23 +50,29 @@ def ensure_token(path: str) -> str | None:
 
 
 class PeerCredProtocol(H11Protocol):
-    """uvicorn's h11 protocol, recording the uid of a unix-socket peer as the ASGI client
-    ("uid:1000", pid), which a TCP peer's address can never look like."""
+    """uvicorn's h11 protocol that, on a unix-socket connection, asks the kernel for the
+    peer's uid (SO_PEERCRED) and puts it in every request's ASGI scope. Nothing a client
+    sends (headers, addresses) can reach that key; the daemon also runs uvicorn with
+    proxy headers off, so X-Forwarded-For cannot rewrite who the client is."""
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family == socket.AF_UNIX:
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            pid, uid, _gid = struct.unpack("3i", creds)
-            self.client = (f"{UID_PREFIX}{uid}", pid)
+        if sock is None or sock.family != socket.AF_UNIX:
+            return
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        app = self.app
+
+        async def with_peer_uid(scope: Any, receive: Any, send: Any) -> None:
+            await app({**scope, PEER_UID: uid}, receive, send)
+
+        self.app = with_peer_uid
 
 
 def peer_uid(request: Request) -> int | None:
-    client = request.client
-    if client is not None and client.host.startswith(UID_PREFIX):
-        return int(client.host.removeprefix(UID_PREFIX))
-    return None
+    uid = request.scope.get(PEER_UID)
+    return uid if isinstance(uid, int) else None
 
 
 class Authenticator:

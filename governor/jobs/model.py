@@ -96,6 +96,9 @@ class Job:
     registered_at: float
     #: uid of the process owner (or of the caller, for cooperative jobs)
     owner_uid: int | None = None
+    #: set when a non-root caller registered the job over the unix socket: only that
+    #: user's processes of the job may be held (a setuid child is left alone)
+    restricted_uid: int | None = None
     held_by_operator: bool = False
     #: GPUs NVML lists one of the job's processes on (unbound jobs only)
     auto_devices: frozenset[str] = frozenset()
@@ -105,7 +108,10 @@ class Job:
     directive_version: int = 0
     #: wall time the process was found gone, if it was
     gone_at: float | None = None
+    #: the actuator's working state (not persisted)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: what the actuator needs to survive a restart (JSON): kept in the journal's record
+    saved: dict[str, Any] = field(default_factory=dict)
 
     @property
     def bound_devices(self) -> frozenset[str]:

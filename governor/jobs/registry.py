@@ -117,8 +117,8 @@ class JobRegistry:
             if not DEVICE.match(device):
                 raise RegistrationError(422, f"{device!r} is not a device name like gpu0, "
                                              "card0 or accel0.")
-        if request.cgroup is not None and caller.restricted:
-            raise RegistrationError(403, "Only root or a token holder may register a cgroup.")
+        if caller.restricted and (request.cgroup is not None or mode is Mode.CGROUP):
+            raise RegistrationError(403, "Only root or a token holder may use cgroups.")
         started_at = None
         owner = caller.uid
         if request.pid is not None:
@@ -131,6 +131,7 @@ class JobRegistry:
             id=self.new_id(), name=name, mode=mode, pid=request.pid,
             pid_started_at=started_at, cgroup=request.cgroup, devices=request.devices,
             priority=request.priority, registered_at=now, owner_uid=owner,
+            restricted_uid=caller.uid,
         )
 
     def _check_pid(self, request: JobRequest, caller: Caller) -> process.ProcessIdentity:

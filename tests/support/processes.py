@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import sys
 import time
@@ -22,6 +24,17 @@ def state(pid: int) -> str:
 def cpu_seconds(pid: int) -> float:
     times = psutil.Process(pid).cpu_times()
     return float(times.user + times.system)
+
+
+def favour(pids: list[int]) -> None:
+    """Raise the processes' priority where we may (root). The cores are shared with other
+    work, and a job that is stopped and continued ten times a second loses out to it when
+    it wakes; the priority keeps that load from deciding the shares measured here."""
+    for pid in pids:
+        with contextlib.suppress(PermissionError):
+            os.setpriority(os.PRIO_PROCESS, pid, -10)
+        with contextlib.suppress(OSError):  # the job's session is an autogroup of its own
+            Path(f"/proc/{pid}/autogroup").write_text("-10")
 
 
 def eventually(check: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
