@@ -9,10 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 
 from governor import __version__
@@ -189,6 +192,44 @@ def cmd_hold(args: argparse.Namespace) -> int:
     return 0
 
 
+_AGO = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|m|h|d)\s*$")
+_AGO_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def since_spec(text: str) -> float:
+    """--since: Unix seconds, an ISO 8601 time (local unless it names a zone), or a
+    duration ago: "90s", "10m", "2h", "7d"."""
+    ago = _AGO.match(text)
+    if ago:
+        return time.time() - float(ago.group(1)) * _AGO_UNITS[ago.group(2)]
+    try:
+        value = float(text)
+    except ValueError:
+        pass
+    else:
+        if math.isfinite(value):
+            return value
+    try:
+        return datetime.fromisoformat(text.strip()).timestamp()
+    except (ValueError, OverflowError, OSError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not Unix seconds, an ISO 8601 time or a duration like 10m or 2h"
+        ) from None
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from governor.report import render_events
+
+    with _client(args) as client:
+        events = client.all_events(args.since)
+    if args.json:
+        json.dump({"events": events}, sys.stdout, indent=2)
+        print()
+    else:
+        print(render_events(events))
+    return 0
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
     from governor.launch import launch
 
@@ -315,6 +356,17 @@ def build_parser() -> argparse.ArgumentParser:
         config_option(p)
         p.add_argument("id", help="the job's id")
         p.set_defaults(func=cmd_hold)
+
+    p = verbs.add_parser(
+        "events", help="the audit log: what was done, by whom, and why",
+        description="Print the daemon's audit log: every action and operator request, a "
+        "line each (local time, who, what, job, why), oldest first.")
+    config_option(p)
+    p.add_argument("--since", type=since_spec, default=0.0, metavar="SPEC",
+                   help="only events after this: Unix seconds, an ISO 8601 time "
+                   "(2024-05-01T12:00), or a duration ago (10m, 2h, 7d); default: all kept")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_events)
 
     p = verbs.add_parser(
         "launch", help="run a command as a governed job",

@@ -7,6 +7,7 @@ caller's uid, no token needed), else TCP with the token from `api.token_file`.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -149,3 +150,22 @@ class ApiClient:
 
     def reload(self) -> dict[str, Any]:
         return dict(self.request("POST", "/v1/reload"))
+
+    def events(self, since: float = 0.0, limit: int = 1000) -> list[dict[str, Any]]:
+        body = self.request("GET", "/v1/events", params={"since": since, "limit": limit})
+        return list(body["events"])
+
+    def all_events(self, since: float = 0.0, page: int = 1000) -> list[dict[str, Any]]:
+        """Every event after `since`, a page at a time. A page ends on an event's time, and
+        the next asks from just before it: events sharing that time are kept, once."""
+        found: list[dict[str, Any]] = []
+        seen: set[tuple[float, int]] = set()
+        while True:
+            batch = self.events(since, page)
+            fresh = [e for e in batch if (e["time"], e["seq"]) not in seen]
+            found += fresh
+            if len(batch) < page or not fresh:
+                return found
+            last = batch[-1]["time"]
+            seen = {(e["time"], e["seq"]) for e in batch if e["time"] == last}
+            since = math.nextafter(last, -math.inf)

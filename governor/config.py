@@ -169,6 +169,13 @@ class JobsConfig(_Section):
         return value
 
 
+class AuditConfig(_Section):
+    #: the audit log (state_dir/audit.jsonl) is rotated before it would grow past this
+    max_bytes: int = Field(default=10_000_000, ge=4096)
+    #: rotated files kept: audit.jsonl.1 ... audit.jsonl.<keep>; older ones are dropped
+    keep: int = Field(default=3, ge=1, le=100)
+
+
 class RuleConfig(_Section):
     name: str = Field(min_length=1)
     metric: str
@@ -258,6 +265,7 @@ class Config(_Section):
     api: ApiConfig = Field(default_factory=ApiConfig)
     sources: SourcesConfig = Field(default_factory=SourcesConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     rules: list[RuleConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")

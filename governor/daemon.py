@@ -29,7 +29,9 @@ from governor.actuators.gpu_power import PowerCapper
 from governor.actuators.signal import SignalActuator
 from governor.api.app import create_app
 from governor.api.auth import Authenticator, PeerCredProtocol, ensure_token
-from governor.config import Config, load_config
+from governor.audit import FILENAME as AUDIT_FILENAME
+from governor.audit import AuditLog
+from governor.config import Config, ConfigError, load_config
 from governor.control import Controller
 from governor.guardian import Guardian
 from governor.jobs.model import Mode
@@ -139,6 +141,9 @@ class Daemon:
             raise StartupError(f"daemon.state_dir: {exc}") from None
         self.store = SnapshotStore()
         self.metrics = DaemonMetrics(self.store)
+        self.audit = AuditLog(state_dir / AUDIT_FILENAME,
+                              config.audit.max_bytes, config.audit.keep,
+                              on_error=self.metrics.audit_errors.inc)
         self.journal = Journal(state_dir)
         for problem in self.journal.load():
             log.error("journal: %s", problem)
@@ -159,6 +164,7 @@ class Daemon:
         self.loop.add_hook(self._keep_guardian)
         self.loop.add_hook(self.controller.on_snapshot)
         self._reload_lock = threading.Lock()
+        self._serving = False
 
     def _protect_guardian(self) -> None:
         if self.guardian.pid is not None:
@@ -194,6 +200,7 @@ class Daemon:
         return Controller(
             config, self.journal, actuators, power, unavailable_modes=unavailable,
             power_unavailable=power_unavailable, on_action=self.metrics.count_action,
+            audit=self.audit.append,
         )
 
     # --- what the API reads (DaemonView) ---
@@ -207,10 +214,16 @@ class Daemon:
     def render_metrics(self) -> bytes:
         return self.metrics.render()
 
-    def reload(self) -> list[dict[str, Any]]:
-        """Reload the config file. A bad file raises ConfigError and changes nothing."""
+    def reload(self, who: str = "operator (SIGHUP)") -> list[dict[str, Any]]:
+        """Reload the config file. A bad file raises ConfigError and changes nothing.
+        `who` asked, for the audit log."""
         with self._reload_lock:
-            config = load_config(self.config_path)
+            source = str(self.config_path or "defaults")
+            try:
+                config = load_config(self.config_path)
+            except ConfigError as exc:
+                self._note("reload-refused", who, exc.lines())
+                raise
             for section in ("api", "sources"):
                 if getattr(config, section) != getattr(self.config, section):
                     log.warning("reload: [%s] changed; restart the daemon to apply it", section)
@@ -222,14 +235,20 @@ class Daemon:
             rules = self.controller.reload(config)
             self.loop.interval = config.daemon.interval
             self.runner.timeout = config.daemon.effective_sampler_timeout
+            self.audit.configure(config.audit.max_bytes, config.audit.keep)
             self.config = config
+            self._note("reload", who, [f"{source}: {len(config.rules)} rule(s)"],
+                       rules=[rule.name for rule in config.rules])
             log.info("reloaded %s: %d rule(s)", self.config_path or "defaults", len(config.rules))
             return rules
 
+    def _note(self, what: str, who: str, reasons: list[str], **more: Any) -> None:
+        """An audit event about the daemon itself: a reload, a start, a stop."""
+        self.audit.append({"who": who, "what": what, "job": None,
+                           "why": {"reasons": reasons, "readings": []}, "round": None, **more})
+
     def reload_quietly(self) -> None:
         """SIGHUP: reload, and on a bad file keep the running config and say why."""
-        from governor.config import ConfigError
-
         try:
             self.reload()
         except ConfigError as exc:
@@ -251,6 +270,9 @@ class Daemon:
             "governor %s: config %s; sampling every %g s",
             __version__, self.config_path or "(built-in defaults)", self.config.daemon.interval,
         )
+        self._serving = True
+        self._note("start", "governor", [f"governor {__version__} started with "
+                                         f"{self.config_path or 'built-in defaults'}"])
         self.loop.start()
         self.loop.wait_first_round(timeout=max(5.0, 2 * self.config.daemon.interval))
         app = create_app(self, Authenticator(token, api.allow_unauthenticated))
@@ -280,6 +302,10 @@ class Daemon:
         self.loop.stop()
         self.controller.shutdown()
         self.runner.close()
+        if self._serving:
+            self._note("stop", "governor", ["stopped; every job was released and every power "
+                                            "limit restored"])
+        self.audit.close()
         self.guardian.stop()
         self.lock.release()
         log.info("governor stopped")

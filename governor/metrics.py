@@ -147,6 +147,12 @@ class DaemonMetrics:
             ["sampler"],
             registry=self.registry,
         )
+        self.audit_errors = Counter(
+            "governor_audit_errors",
+            "Audit events that could not be written (a full disk, an I/O error); the "
+            "actions they record went on.",
+            registry=self.registry,
+        )
 
     def watch(self, controller: Controller) -> None:
         self.registry.register(ControlCollector(controller))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 Row = tuple[str, ...]
@@ -180,3 +181,46 @@ def render_jobs(jobs: list[dict[str, Any]]) -> str:
             state, f"{j['speed']:g}", reasons,
         ))
     return "\n".join(table(rows, indent=""))
+
+
+def render_events(events: list[dict[str, Any]]) -> str:
+    """The audit log, a row per event: local time, who, what, on which job (or GPU), why."""
+    if not events:
+        return "no events"
+    rows: list[Row] = [("time", "who", "what", "job", "why")]
+    for e in events:
+        rows.append((
+            datetime.fromtimestamp(float(e["time"])).strftime("%Y-%m-%d %H:%M:%S"),
+            str(e.get("who", "")), str(e.get("what", "")), _event_subject(e), _event_why(e),
+        ))
+    return "\n".join(table(rows, indent=""))
+
+
+def _event_subject(event: dict[str, Any]) -> str:
+    job = event.get("job")
+    if isinstance(job, dict):
+        name, job_id = job.get("name"), job.get("id")
+        if name and job_id:
+            return f"{name} ({job_id})"
+        return str(name or job_id or "-")
+    if event.get("gpu") is not None:
+        return f"gpu{event['gpu']}"
+    return "-"
+
+
+def _event_why(event: dict[str, Any]) -> str:
+    why = event.get("why")
+    reasons = why.get("reasons", []) if isinstance(why, dict) else []
+    text = "; ".join(str(r) for r in reasons)
+    readings = why.get("readings", []) if isinstance(why, dict) else []
+    now = [f"{r['series']} = {_number(r.get('value'))}" for r in readings
+           if isinstance(r, dict) and r.get("state") != "tripped"]
+    if now:
+        text += "; now " + ", ".join(now)
+    if event.get("watts") is not None:
+        text = f"{event['watts']:g} W: {text}"
+    return text
+
+
+def _number(value: Any) -> str:
+    return "missing" if value is None else f"{value:g}"

@@ -2,7 +2,7 @@
 
 from typing import Annotated, Any, Protocol
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -10,6 +10,7 @@ from governor import __version__
 from governor.api.auth import Authenticator
 from governor.api.errors import ApiError, error_response, install_error_handlers
 from governor.api.jobs import errors, job_router
+from governor.audit import AuditLog
 from governor.config import ConfigError
 from governor.control import Controller
 from governor.jobs.registry import Caller, RegistrationError
@@ -20,6 +21,7 @@ class DaemonView(Protocol):
     """What the API needs from the daemon; it never reaches hardware or actuators."""
 
     controller: Controller
+    audit: AuditLog
 
     def health(self) -> tuple[bool, str]: ...
 
@@ -27,8 +29,8 @@ class DaemonView(Protocol):
 
     def render_metrics(self) -> bytes: ...
 
-    def reload(self) -> list[dict[str, Any]]:
-        """Reload the config file; ConfigError keeps the running config."""
+    def reload(self, who: str = ...) -> list[dict[str, Any]]:
+        """Reload the config file; ConfigError keeps the running config. `who` asked."""
         ...
 
 
@@ -68,7 +70,19 @@ def create_app(daemon: DaemonView, authenticate: Authenticator) -> FastAPI:
         body["rules"] = list(view.rules)
         body["jobs"] = list(view.jobs)
         body["power_caps"] = daemon.controller.power_caps
+        body["audit"] = daemon.audit.status()
         return body
+
+    # A sync route: the files are read in the thread pool, never on the event loop.
+    @app.get("/v1/events", responses=errors(422),
+             summary="The audit log: actions and operator requests with time > since, oldest "
+             "first, at most limit of them; page on with since = the last event's time")
+    def events(
+        since: Annotated[float, Query(allow_inf_nan=False,
+                                      description="Unix time; only events after it")] = 0.0,
+        limit: Annotated[int, Query(ge=1, le=10000, description="at most this many")] = 1000,
+    ) -> dict[str, Any]:
+        return {"events": daemon.audit.read(since, limit)}
 
     app.include_router(job_router(daemon.controller, authenticate))
 
@@ -78,7 +92,7 @@ def create_app(daemon: DaemonView, authenticate: Authenticator) -> FastAPI:
         if caller.restricted:
             raise ApiError(403, "Only root or a token holder may reload the config.")
         try:
-            return {"rules": daemon.reload()}
+            return {"rules": daemon.reload(who=str(caller))}
         except ConfigError as exc:
             return JSONResponse(
                 {"error": f"The config was not reloaded: {exc.lines()[0]}",
