@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 #: how long a starting daemon waits for the state lock (a dead daemon's guardian may be
 #: releasing its holds)
-LOCK_WAIT = 5.0
+LOCK_WAIT = 3.0
 
 
 class StartupError(Exception):
@@ -306,6 +306,7 @@ class Daemon:
             self._note("stop", "governor", ["stopped; every job was released and every power "
                                             "limit restored"])
         self.audit.close()
-        self.guardian.stop()
+        # the lock first: the guardian takes it to check (and retry) what is left held
         self.lock.release()
+        self.guardian.stop()
         log.info("governor stopped")
