@@ -2,13 +2,16 @@
 
 The client finds the daemon and its token through the same config as the daemon: the
 unix socket when one is configured and reachable (the kernel then vouches for the
-caller's uid, no token needed), else TCP with the token from `api.token_file`.
+caller's uid, no token needed), else TCP with the token from `api.token_file`, over
+https when the daemon serves TLS (verified against `api.tls_ca`, else the daemon's own
+certificate, which is how a self-signed one is trusted).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +36,21 @@ def daemon_url(config: Config) -> str:
         host = "::1"
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{port}"
+    scheme = "https" if config.api.tls else "http"
+    return f"{scheme}://{host}:{port}"
+
+
+def tls_context(config: Config) -> ssl.SSLContext:
+    """Trust what the daemon's certificate is signed by: api.tls_ca, else the certificate
+    itself (a self-signed one)."""
+    cafile = config.api.tls_ca or config.api.tls_cert
+    try:
+        return ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as exc:
+        key = "api.tls_ca" if config.api.tls_ca else "api.tls_cert"
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ClientError(f"cannot use {cafile} ({key}) to verify the governor: "
+                          f"{reason}") from None
 
 
 def read_token(config: Config) -> str | None:
@@ -49,6 +66,16 @@ def read_token(config: Config) -> str | None:
                           "daemon's user or root, or use the unix socket)") from None
 
 
+def _tls_failure(exc: BaseException) -> str | None:
+    """The reason, when a connection failed in the TLS handshake rather than not at all."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return str(seen.reason or seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 class ApiClient:
     def __init__(self, config: Config, *, timeout: float = 10.0):
         self.config = config
@@ -61,7 +88,8 @@ class ApiClient:
             self.where = self.socket = socket_path
             base_url = "http://governor"
         else:
-            transport = httpx.HTTPTransport()
+            transport = httpx.HTTPTransport(
+                verify=tls_context(config) if config.api.tls else True)
             base_url = self.where = self.url
         self._http = httpx.Client(base_url=base_url, transport=transport, timeout=timeout)
 
@@ -90,7 +118,11 @@ class ApiClient:
             if timeout is not None:
                 kwargs["timeout"] = timeout
             response = self._http.request(method, path, **kwargs)
-        except httpx.ConnectError:
+        except httpx.ConnectError as exc:
+            tls = _tls_failure(exc)
+            if tls is not None:
+                raise ClientError(f"TLS with the governor at {self.where} failed: {tls} "
+                                  "(check api.tls_ca and api.tls_cert)") from None
             raise ClientError(f"cannot reach the governor at {self.where} "
                               "(is `governor run` running?)") from None
         except httpx.TimeoutException:

@@ -11,6 +11,7 @@ import ipaddress
 import math
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -125,17 +126,68 @@ class DaemonConfig(_Section):
         return 0.8 * self.interval
 
 
+def _existing_file(value: str) -> str:
+    """"" or a path that names a file. A file this user may not look at passes: the CLI
+    reads the daemon's config without the right to see the daemon's private key."""
+    if not value:
+        return value
+    try:
+        if stat.S_ISDIR(os.stat(value).st_mode):
+            raise ValueError(f"{value} is a directory, not a file")
+    except (FileNotFoundError, NotADirectoryError):
+        raise ValueError(f"no such file: {value}") from None
+    except PermissionError:
+        pass
+    return value
+
+
 class ApiConfig(_Section):
     listen: str = "127.0.0.1:9474"
     token_file: str = ".governor/token"
     allow_unauthenticated: bool = False
     socket: str = ""
+    #: Host header values accepted (DNS rebinding guard); empty: this machine's names
+    allowed_hosts: list[str] = Field(default_factory=list)
+    #: TLS for the TCP listener: a PEM certificate (chain) and its private key, or neither
+    tls_cert: str = ""
+    tls_key: str = ""
+    #: what the CLI verifies the daemon's certificate against; "": tls_cert itself
+    tls_ca: str = ""
 
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
         parse_listen(value)
         return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        for host in value:
+            if not host.strip() or any(c in host for c in "/ \t"):
+                raise ValueError(f"{host!r} is not a host name, an address or \"*\"")
+        return value
+
+    @field_validator("tls_cert", "tls_key", "tls_ca")
+    @classmethod
+    def _tls_file(cls, value: str) -> str:
+        return _existing_file(value)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Self:
+        if self.tls_cert and not self.tls_key:
+            raise ValueError("tls_key: is needed with api.tls_cert (the certificate's "
+                             "private key)")
+        if self.tls_key and not self.tls_cert:
+            raise ValueError("tls_cert: is needed with api.tls_key (the key's certificate)")
+        if self.tls_ca and not self.tls_cert:
+            raise ValueError("tls_ca: applies only with api.tls_cert; without it the API "
+                             "is served without TLS")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
 
     @property
     def host(self) -> str:

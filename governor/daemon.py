@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,9 +30,10 @@ from governor.actuators.gpu_power import PowerCapper
 from governor.actuators.signal import SignalActuator
 from governor.api.app import create_app
 from governor.api.auth import Authenticator, PeerCredProtocol, ensure_token
+from governor.api.hosts import default_allowed_hosts
 from governor.audit import FILENAME as AUDIT_FILENAME
 from governor.audit import AuditLog
-from governor.config import Config, ConfigError, load_config
+from governor.config import ApiConfig, Config, ConfigError, is_loopback, load_config
 from governor.control import Controller
 from governor.guardian import Guardian
 from governor.jobs.model import Mode
@@ -91,8 +93,39 @@ def bind_unix(path: str) -> socket.socket:
     return sock
 
 
+def check_exposure(api: ApiConfig) -> None:
+    """Refuse a listener the network can reach when nothing guards changes; warn when the
+    token would cross the network in clear text."""
+    if is_loopback(api.host):
+        return
+    if not api.token_file:
+        raise StartupError(
+            f"api.listen = {api.listen!r} is reachable from the network, but "
+            'api.token_file = "": set a token file, or listen on 127.0.0.1')
+    if not api.tls:
+        log.warning("api.listen = %r is reachable from the network without TLS: the token "
+                    "and every answer cross it in clear text (set api.tls_cert and "
+                    "api.tls_key)", api.listen)
+
+
+def check_tls(api: ApiConfig) -> None:
+    """Load the certificate and key once, so a bad pair is one clear line at start and not
+    a traceback from inside uvicorn."""
+    if not api.tls:
+        return
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(api.tls_cert, api.tls_key)
+    except ssl.SSLError as exc:
+        raise StartupError(f"api.tls_cert / api.tls_key: cannot load {api.tls_cert} with "
+                           f"{api.tls_key}: {exc.reason or exc}") from None
+    except OSError as exc:
+        raise StartupError(f"api.tls_cert / api.tls_key: {exc.strerror}: "
+                           f"{exc.filename or api.tls_cert}") from None
+
+
 class ApiServer(uvicorn.Server):
-    """uvicorn, minus its signal handling.
+    """uvicorn, minus its signal handling, and with TLS on TCP only.
 
     uvicorn re-raises a captured SIGTERM once serving stops, which kills the process
     before the daemon has released what it holds. Here SIGTERM and SIGINT only ask the
@@ -102,6 +135,26 @@ class ApiServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, daemon: Daemon):
         super().__init__(config)
         self._daemon = daemon
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn would wrap every socket in TLS. The unix socket stays plain HTTP: the
+        kernel vouches for its peers, and the CLI reaches it without certificates."""
+        local = [s for s in sockets or [] if s.family == socket.AF_UNIX]
+        if not local or self.config.ssl is None:
+            await super().startup(sockets=sockets)
+            return
+        assert sockets is not None
+        await super().startup(sockets=[s for s in sockets if s.family != socket.AF_UNIX])
+        config = self.config
+
+        def plain() -> asyncio.Protocol:
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=self.server_state, app_state=self.lifespan.state)
+
+        loop = asyncio.get_running_loop()
+        for sock in local:
+            self.servers.append(await loop.create_server(plain, sock=sock,
+                                                         backlog=config.backlog))
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -259,6 +312,8 @@ class Daemon:
 
     def serve(self) -> None:
         api = self.config.api
+        check_exposure(api)
+        check_tls(api)
         try:
             token = ensure_token(api.token_file)
         except (OSError, ValueError) as exc:
@@ -275,7 +330,8 @@ class Daemon:
                                          f"{self.config_path or 'built-in defaults'}"])
         self.loop.start()
         self.loop.wait_first_round(timeout=max(5.0, 2 * self.config.daemon.interval))
-        app = create_app(self, Authenticator(token, api.allow_unauthenticated))
+        app = create_app(self, Authenticator(token, api.allow_unauthenticated),
+                         allowed_hosts=api.allowed_hosts or default_allowed_hosts(api.host))
         server = ApiServer(
             uvicorn.Config(
                 app,
@@ -287,10 +343,13 @@ class Daemon:
                 proxy_headers=False,
                 forwarded_allow_ips="",
                 timeout_graceful_shutdown=3,
+                ssl_certfile=api.tls_cert or None,
+                ssl_keyfile=api.tls_key or None,
             ),
             self,
         )
-        log.info("serving /metrics, /healthz and /v1 on http://%s%s", api.listen,
+        log.info("serving /metrics, /healthz and /v1 on %s://%s%s",
+                 "https" if api.tls else "http", api.listen,
                  f" and {api.socket}" if api.socket else "")
         try:
             asyncio.run(server.serve(sockets=sockets))

@@ -215,3 +215,53 @@ def test_config_search_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("GOVERNOR_CONFIG", "/from/env.toml")
     assert find_config(None) == Path("/from/env.toml")
     assert find_config("explicit.toml") == Path("explicit.toml")
+
+
+def test_transport_security_defaults() -> None:
+    api = Config().api
+    assert api.allowed_hosts == [] and not api.tls
+    assert api.tls_cert == api.tls_key == api.tls_ca == ""
+
+
+def test_tls_files_are_accepted_as_a_pair(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("cert")
+    key.write_text("key")
+    api = parse_config({"api": {"tls_cert": str(cert), "tls_key": str(key),
+                                "tls_ca": str(cert), "allowed_hosts": ["gpu1.example", "*"]}}).api
+    assert api.tls and api.allowed_hosts == ["gpu1.example", "*"]
+
+
+@pytest.mark.parametrize(("given", "problem"), [
+    ({"tls_cert": "CERT"}, "test.toml: api.tls_key: is needed with api.tls_cert (the "
+                           "certificate's private key)"),
+    ({"tls_key": "CERT"}, "test.toml: api.tls_cert: is needed with api.tls_key (the key's "
+                          "certificate)"),
+    ({"tls_ca": "CERT"}, "test.toml: api.tls_ca: applies only with api.tls_cert; without it "
+                         "the API is served without TLS"),
+    ({"tls_cert": "CERT", "tls_key": "MISSING"}, "test.toml: api.tls_key: no such file: "
+                                                  "MISSING"),
+    ({"tls_cert": "MISSING", "tls_key": "CERT"}, "test.toml: api.tls_cert: no such file: "
+                                                  "MISSING"),
+    ({"tls_cert": "CERT", "tls_key": "CERT", "tls_ca": "MISSING"},
+     "test.toml: api.tls_ca: no such file: MISSING"),
+    ({"tls_cert": "DIR", "tls_key": "CERT"}, "test.toml: api.tls_cert: DIR is a directory, "
+                                              "not a file"),
+    ({"allowed_hosts": "localhost"}, "test.toml: api.allowed_hosts: should be a valid list "
+                                     "(got 'localhost')"),
+    ({"allowed_hosts": ["evil example"]}, "test.toml: api.allowed_hosts: 'evil example' is "
+                                          'not a host name, an address or "*"'),
+])
+def test_tls_and_host_errors_name_the_key(tmp_path: Path, given: dict[str, object],
+                                          problem: str) -> None:
+    cert = tmp_path / "cert.pem"
+    cert.write_text("cert")
+    paths = {"CERT": str(cert), "MISSING": str(tmp_path / "missing.pem"), "DIR": str(tmp_path)}
+    api = {key: paths.get(value, value) if isinstance(value, str) else value
+           for key, value in given.items()}
+    expected = problem
+    for placeholder, path in paths.items():
+        expected = expected.replace(placeholder, path)
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"api": api}, "test.toml")
+    assert caught.value.lines() == [expected]

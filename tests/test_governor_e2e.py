@@ -656,6 +656,6 @@ def test_an_unexpected_error_is_a_json_500() -> None:
     broken.controller = Idle()
     client = TestClient(create_app(broken, Authenticator(None, False)),
                         raise_server_exceptions=False)
-    response = client.get("/healthz")
+    response = client.get("/healthz", headers={"Host": "localhost"})
     assert response.status_code == 500
     assert response.json() == {"error": "The governor failed to answer: RuntimeError."}

@@ -1,15 +1,20 @@
-"""The FastAPI application: open read-only routes, and token-guarded changes."""
+"""The FastAPI application: open read-only routes, and token-guarded changes, behind a
+Host header check; its OpenAPI document states every status a route can answer."""
 
+from collections.abc import Iterable
 from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, FastAPI, Query, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from governor import __version__
+from governor.api import models
 from governor.api.auth import Authenticator
 from governor.api.errors import ApiError, error_response, install_error_handlers
-from governor.api.jobs import errors, job_router
+from governor.api.hosts import HostCheck, default_allowed_hosts
+from governor.api.jobs import TOKEN, errors, job_router
 from governor.audit import AuditLog
 from governor.config import ConfigError
 from governor.control import Controller
@@ -34,7 +39,9 @@ class DaemonView(Protocol):
         ...
 
 
-def create_app(daemon: DaemonView, authenticate: Authenticator) -> FastAPI:
+def create_app(daemon: DaemonView, authenticate: Authenticator,
+               allowed_hosts: Iterable[str] | None = None) -> FastAPI:
+    """`allowed_hosts`: the Host header values answered; None: this machine's names."""
     app = FastAPI(
         title="governor",
         version=__version__,
@@ -42,12 +49,20 @@ def create_app(daemon: DaemonView, authenticate: Authenticator) -> FastAPI:
         "when the hardware runs hot.",
     )
     install_error_handlers(app)
+    app.add_middleware(
+        HostCheck,
+        allowed=default_allowed_hosts("localhost") if allowed_hosts is None else allowed_hosts,
+    )
 
     @app.exception_handler(RegistrationError)
     async def _registration(_: Request, exc: RegistrationError) -> JSONResponse:
         return error_response(exc.status, exc.message)
 
-    @app.get("/healthz", summary="200 while the sampling loop keeps its cadence, else 503")
+    @app.get("/healthz", summary="200 while the sampling loop keeps its cadence, else 503",
+             response_model=models.Healthy, responses={
+                 **errors(),
+                 503: {"model": models.Unhealthy,
+                       "description": "No sampling round has completed for 3 intervals."}})
     async def healthz() -> JSONResponse:
         ok, why = daemon.health()
         if ok:
@@ -56,12 +71,17 @@ def create_app(daemon: DaemonView, authenticate: Authenticator) -> FastAPI:
 
     # A sync route: FastAPI runs it in its thread pool, so rendering never stalls the
     # event loop. It reads the last snapshot only; no hardware I/O happens here.
-    @app.get("/metrics", summary="Prometheus text exposition of the last sampling round")
+    @app.get("/metrics", summary="Prometheus text exposition of the last sampling round",
+             response_class=Response, responses={
+                 **errors(),
+                 200: {"description": "Prometheus text format",
+                       "content": {"text/plain": {"schema": {"type": "string"}}}}})
     def metrics() -> Response:
         return Response(daemon.render_metrics(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/status", summary="Samplers, readings, rules and jobs")
-    async def status() -> dict[str, Any]:
+    @app.get("/v1/status", summary="Samplers, readings, rules and jobs",
+             response_model=models.Status, responses=errors())
+    async def status() -> models.AsBuilt:
         snapshot = daemon.latest()
         view = daemon.controller.view
         body: dict[str, Any] = {"samplers": [], "readings": []}
@@ -71,28 +91,32 @@ def create_app(daemon: DaemonView, authenticate: Authenticator) -> FastAPI:
         body["jobs"] = list(view.jobs)
         body["power_caps"] = daemon.controller.power_caps
         body["audit"] = daemon.audit.status()
-        return body
+        return models.AsBuilt(body)
 
     # A sync route: the files are read in the thread pool, never on the event loop.
-    @app.get("/v1/events", responses=errors(422),
+    @app.get("/v1/events", response_model=models.Events, responses=errors(422),
              summary="The audit log: actions and operator requests with time > since, oldest "
              "first, at most limit of them; page on with since = the last event's time")
     def events(
         since: Annotated[float, Query(allow_inf_nan=False,
                                       description="Unix time; only events after it")] = 0.0,
         limit: Annotated[int, Query(ge=1, le=10000, description="at most this many")] = 1000,
-    ) -> dict[str, Any]:
-        return {"events": daemon.audit.read(since, limit)}
+    ) -> models.AsBuilt:
+        return models.AsBuilt({"events": daemon.audit.read(since, limit)})
 
     app.include_router(job_router(daemon.controller, authenticate))
 
     @app.post("/v1/reload", summary="Reload the config file; a bad one changes nothing",
-              responses=errors(401, 403, 422))
-    def reload(caller: Annotated[Caller, Depends(authenticate)]) -> Any:
+              response_model=models.Reloaded, openapi_extra=TOKEN, responses={
+                  **errors(401, 403),
+                  422: {"model": models.ReloadRefused,
+                        "description": "The file is bad: the running config stays. "
+                                       "`problems` names each key."}})
+    def reload(caller: Annotated[Caller, Depends(authenticate)]) -> Response:
         if caller.restricted:
             raise ApiError(403, "Only root or a token holder may reload the config.")
         try:
-            return {"rules": daemon.reload(who=str(caller))}
+            return models.AsBuilt({"rules": daemon.reload(who=str(caller))})
         except ConfigError as exc:
             return JSONResponse(
                 {"error": f"The config was not reloaded: {exc.lines()[0]}",
@@ -100,4 +124,27 @@ def create_app(daemon: DaemonView, authenticate: Authenticator) -> FastAPI:
                 status_code=422,
             )
 
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, minus the 422 `HTTPValidationError` it adds to routes with
+    parameters: validation errors here answer ErrorBody, and only where documented."""
+    if app.openapi_schema is None:
+        document = get_openapi(title=app.title, version=app.version,
+                               description=app.description, routes=app.routes)
+        for operations in document.get("paths", {}).values():
+            for operation in operations.values():
+                default = operation.get("responses", {}).get("422", {})
+                if "HTTPValidationError" in str(default.get("content")):
+                    del operation["responses"]["422"]
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        schemas.pop("HTTPValidationError", None)
+        schemas.pop("ValidationError", None)
+        document["components"]["securitySchemes"] = {"bearerToken": {
+            "type": "http", "scheme": "bearer",
+            "description": "The token in api.token_file. Over the unix socket (api.socket) "
+                           "no token is needed: the caller's uid decides."}}
+        app.openapi_schema = document
+    return app.openapi_schema

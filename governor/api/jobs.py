@@ -15,22 +15,38 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from governor.api import models
 from governor.control import Controller
 from governor.jobs.model import Mode
 from governor.jobs.registry import Caller, JobRequest
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"description": "The body is not valid JSON."},
+    400: {"description": "The body is not valid JSON, or the Host header names no host "
+                         "this daemon answers for (api.allowed_hosts)."},
     401: {"description": "No token, or a wrong one."},
-    403: {"description": "Not allowed: a protected process, or another user's."},
+    403: {"description": "Not allowed: changes while no token is configured "
+                         "(api.token_file = \"\", api.allow_unauthenticated = false), a "
+                         "protected process (pid 1, the governor, its ancestors, kernel "
+                         "threads), or another user's process or job."},
     404: {"description": "No such job."},
     409: {"description": "Conflict: already registered, a reused pid, a job that exited."},
-    422: {"description": "A field is invalid."},
+    422: {"description": "A field or query value is invalid, or no process has the pid."},
 }
+
+#: every route can answer this 400: the Host check runs before any of them
+HOST_REFUSED: dict[str, Any] = {
+    "description": "The Host header names no host this daemon answers for "
+                   "(api.allowed_hosts)."}
+
+#: the OpenAPI security requirement of the routes that change something
+TOKEN: dict[str, Any] = {"security": [{"bearerToken": []}]}
 
 
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: ERRORS[code] for code in codes}
+    """The documented error responses of a route: `codes`, and the Host check's 400."""
+    documented = {400: HOST_REFUSED, **{code: ERRORS[code] for code in codes}}
+    return {code: {**documented[code], "model": models.ErrorBody}
+            for code in sorted(documented, key=int)}
 
 
 class JobIn(BaseModel):
@@ -88,48 +104,53 @@ def job_router(controller: Controller, authenticate: Callable[..., Caller]) -> A
     watch = DirectiveWatch()
     controller.add_listener(watch.notify)
 
-    @router.get("/jobs", summary="The registered jobs")
-    async def jobs() -> list[dict[str, Any]]:
-        return list(controller.view.jobs)
+    @router.get("/jobs", summary="The registered jobs", response_model=list[models.Job],
+                responses=errors())
+    async def jobs() -> models.AsBuilt:
+        return models.AsBuilt(list(controller.view.jobs))
 
-    @router.post("/jobs", status_code=201, summary="Register a job",
-                 responses=errors(400, 401, 403, 409, 422))
-    def register(body: JobIn, caller: Writer) -> dict[str, Any]:
+    @router.post("/jobs", status_code=201, summary="Register a job", response_model=models.Job,
+                 responses=errors(400, 401, 403, 409, 422), openapi_extra=TOKEN)
+    def register(body: JobIn, caller: Writer) -> models.AsBuilt:
         request = JobRequest(
             name=body.name, pid=body.pid, cgroup=body.cgroup,
             mode=Mode(body.mode) if body.mode else None, devices=tuple(body.devices),
             priority=body.priority, pid_started_at=body.pid_started_at,
         )
-        return controller.register(request, caller)
+        return models.AsBuilt(controller.register(request, caller), status_code=201)
 
-    @router.get("/jobs/{job_id}", summary="One job", responses=errors(404))
-    async def job(job_id: str) -> dict[str, Any]:
-        return controller.job(job_id)
+    @router.get("/jobs/{job_id}", summary="One job", response_model=models.Job,
+                responses=errors(404))
+    async def job(job_id: str) -> models.AsBuilt:
+        return models.AsBuilt(controller.job(job_id))
 
     @router.delete("/jobs/{job_id}", status_code=204, response_class=Response,
-                   summary="Forget a job, resuming it first", responses=errors(401, 403, 404))
+                   summary="Forget a job, resuming it first", responses=errors(401, 403, 404),
+                   openapi_extra=TOKEN)
     def unregister(job_id: str, caller: Writer) -> Response:
         controller.unregister(job_id, caller)
         return Response(status_code=204)
 
     @router.post("/jobs/{job_id}/pause", summary="Operator hold: pause until resumed",
-                 responses=errors(401, 403, 404, 409))
-    def pause(job_id: str, caller: Writer) -> dict[str, Any]:
-        return controller.hold(job_id, caller, held=True)
+                 response_model=models.Job, responses=errors(401, 403, 404, 409),
+                 openapi_extra=TOKEN)
+    def pause(job_id: str, caller: Writer) -> models.AsBuilt:
+        return models.AsBuilt(controller.hold(job_id, caller, held=True))
 
     @router.post("/jobs/{job_id}/resume", summary="Lift the operator hold (rules still apply)",
-                 responses=errors(401, 403, 404, 409))
-    def resume(job_id: str, caller: Writer) -> dict[str, Any]:
-        return controller.hold(job_id, caller, held=False)
+                 response_model=models.Job, responses=errors(401, 403, 404, 409),
+                 openapi_extra=TOKEN)
+    def resume(job_id: str, caller: Writer) -> models.AsBuilt:
+        return models.AsBuilt(controller.hold(job_id, caller, held=False))
 
     @router.get("/jobs/{job_id}/directive", summary="What the job should do; long-polls",
-                responses=errors(404, 422))
+                response_model=models.Directive, responses=errors(404, 422))
     async def directive(
         job_id: str,
         wait: Annotated[float, Query(ge=0, le=300, description="seconds to wait for a change")]
         = 0,
         since: Annotated[int | None, Query(ge=0, description="the version last seen")] = None,
-    ) -> dict[str, Any]:
+    ) -> models.AsBuilt:
         body, version = controller.directive(job_id)
         if wait > 0:
             baseline = version if since is None else since
@@ -140,10 +161,11 @@ def job_router(controller: Controller, authenticate: Callable[..., Caller]) -> A
 
             await watch.until(changed, wait)
             body, version = controller.directive(job_id)
-        return {**body, "version": version}
+        return models.AsBuilt({**body, "version": version})
 
-    @router.get("/rules", summary="Every rule's series and their state")
-    async def rules() -> list[dict[str, Any]]:
-        return list(controller.view.rules)
+    @router.get("/rules", summary="Every rule's series and their state",
+                response_model=list[models.RuleSeries], responses=errors())
+    async def rules() -> models.AsBuilt:
+        return models.AsBuilt(list(controller.view.rules))
 
     return router
