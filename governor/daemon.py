@@ -124,7 +124,8 @@ class Daemon:
                         len(self.journal.holds()), self.journal.path)
             release_holds(self.journal)
         self.runner = SamplerRunner(
-            build_samplers(config.sources), config.daemon.effective_sampler_timeout
+            build_samplers(config.sources), config.daemon.effective_sampler_timeout,
+            interval=config.daemon.interval,
         )
         self.loop = SamplingLoop(self.runner, self.store, self.metrics, config.daemon.interval)
         self.controller = self._build_controller(config)
@@ -178,6 +179,7 @@ class Daemon:
             rules = self.controller.reload(config)
             self.loop.interval = config.daemon.interval
             self.runner.timeout = config.daemon.effective_sampler_timeout
+            self.runner.interval = config.daemon.interval
             self.config = config
             log.info("reloaded %s: %d rule(s)", self.config_path or "defaults", len(config.rules))
             return rules
