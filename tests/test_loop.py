@@ -83,3 +83,34 @@ def test_hooks_see_every_snapshot_and_a_failing_hook_does_not_stop_the_loop() ->
     loop.stop()
     assert seen[:3] == [1, 2, 3]
     assert loop.store.latest is not None
+
+
+def test_lateness_is_measured_against_the_tick_and_late_rounds_counted() -> None:
+    clock_now = [100.0]
+    store = SnapshotStore()
+    metrics = DaemonMetrics(store)
+    loop = SamplingLoop(SamplerRunner([Slow(0)], timeout=1.0), store, metrics, 1.0,
+                        clock=lambda: clock_now[0])
+    loop.run_once(due=100.0)
+    assert (loop.last_lateness, loop.late_rounds) == (0.0, 0)
+    clock_now[0] = 101.5  # exactly half an interval: not late yet
+    loop.run_once(due=101.0)
+    assert (loop.last_lateness, loop.late_rounds) == (0.5, 0)
+    clock_now[0] = 102.75
+    loop.run_once(due=102.0)
+    assert (loop.last_lateness, loop.late_rounds) == (0.75, 1)
+    text = metrics.render().decode()
+    assert "governor_round_lateness_seconds 0.75" in text
+    assert "governor_rounds_late_total 1.0" in text
+    loop.run_once()  # a round outside the grid (tests, `governor sample`) is never late
+    assert loop.last_lateness == 0.0
+
+
+def test_an_idle_loop_starts_its_rounds_on_time() -> None:
+    loop = make_loop(Slow(0), interval=0.05)
+    loop.start()
+    time.sleep(0.6)
+    loop.stop()
+    assert loop.rounds >= 5
+    assert loop.late_rounds == 0
+    assert loop.last_lateness < 0.025
