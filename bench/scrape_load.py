@@ -145,6 +145,13 @@ async def _load(url: str, paths: tuple[str, ...], clients: int,
     }
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process, from /proc/PID/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def live(workdir: Path, paths: tuple[str, ...], clients: int, seconds: float,
          interval: float) -> dict[str, Any]:
     sys_tree, proc, nvml = trees(workdir)
@@ -156,12 +163,17 @@ def live(workdir: Path, paths: tuple[str, ...], clients: int, seconds: float,
     run_dir = workdir / "daemon"
     run_dir.mkdir()
     daemon = DaemonProcess(run_dir, config, fake_nvml_state=nvml).start()
+    assert daemon.proc is not None
     try:
         before = daemon.metrics()
+        cpu_before = _cpu_seconds(daemon.proc.pid)
         result = asyncio.run(_load(daemon.url, paths, clients, seconds))
+        cpu = _cpu_seconds(daemon.proc.pid) - cpu_before
         after = daemon.metrics()
     finally:
         daemon.stop()
+    # the daemon's own CPU time per request: what a scrape costs it, whoever else runs
+    result["daemon_cpu_ms_per_request"] = round(cpu / max(result["requests"], 1) * 1000, 3)
     for name in ("governor_rounds_total", "governor_rounds_overrun_total",
                  "governor_rounds_late_total"):
         start, end = counter(before, name), counter(after, name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -212,6 +213,10 @@ class Daemon:
         self.loop.start()
         self.loop.wait_first_round(timeout=max(5.0, 2 * self.config.daemon.interval))
         app = create_app(self, Authenticator(token, api.allow_unauthenticated))
+        # What exists now lives as long as the daemon. Out of the collector's sight, a
+        # full collection under API load scans only what came later: tens of ms held
+        # under the GIL on a busy box, which the sampling loop would wait for.
+        gc.freeze()
         server = ApiServer(
             uvicorn.Config(
                 app,

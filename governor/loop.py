@@ -49,6 +49,7 @@ class SamplingLoop:
         self.late_rounds = 0
         #: how late the last round started against its tick, in seconds
         self.last_lateness = 0.0
+        self._late_warned_at: float | None = None
         self.last_round_end: float | None = None
 
     def add_hook(self, hook: RoundHook) -> None:
@@ -105,10 +106,19 @@ class SamplingLoop:
         if lateness > self.interval / 2:
             self.late_rounds += 1
             self.metrics.rounds_late.inc()
-            log.debug("round started %.3f s after its tick (interval %g s)", lateness,
-                      self.interval)
+            self._warn_late(lateness, started)
         self._first_round.set()
         return snapshot
+
+    def _warn_late(self, lateness: float, now: float) -> None:
+        """One warning a minute at most: a starved daemon would otherwise flood its log
+        just when the machine is busiest."""
+        if self._late_warned_at is not None and now - self._late_warned_at < 60.0:
+            return
+        self._late_warned_at = now
+        log.warning("a sampling round started %.2f s late (interval %g s): governor is "
+                    "short of CPU; %d late round(s) so far", lateness, self.interval,
+                    self.late_rounds)
 
     def _run(self) -> None:
         due = self._clock()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from governor.loop import SamplingLoop
 from governor.metrics import DaemonMetrics
 from governor.sampling.base import SampleResult
@@ -106,11 +108,59 @@ def test_lateness_is_measured_against_the_tick_and_late_rounds_counted() -> None
     assert loop.last_lateness == 0.0
 
 
-def test_an_idle_loop_starts_its_rounds_on_time() -> None:
-    loop = make_loop(Slow(0), interval=0.05)
-    loop.start()
-    time.sleep(0.6)
-    loop.stop()
-    assert loop.rounds >= 5
-    assert loop.late_rounds == 0
-    assert loop.last_lateness < 0.025
+class LateWakeups:
+    """Stands in for the loop's stop event: every wait returns `late` seconds after its
+    timeout on the fake clock, as a thread starved of CPU wakes late."""
+
+    def __init__(self, clock_now: list[float], late: float):
+        self.clock_now = clock_now
+        self.late = late
+        self.flag = False
+
+    def wait(self, timeout: float) -> bool:
+        self.clock_now[0] += timeout + self.late
+        return self.flag
+
+    def is_set(self) -> bool:
+        return self.flag
+
+    def set(self) -> None:
+        self.flag = True
+
+
+@pytest.mark.parametrize(("late", "counted"), [(0.25, 0), (0.75, 3)])
+def test_the_loop_measures_each_round_against_its_tick(late: float, counted: int) -> None:
+    clock_now = [100.0]
+    store = SnapshotStore()
+    loop = SamplingLoop(SamplerRunner([Slow(0)], timeout=1.0), store, DaemonMetrics(store),
+                        1.0, clock=lambda: clock_now[0])
+    wakeups = LateWakeups(clock_now, late)
+    loop._stop = wakeups  # type: ignore[assignment]
+
+    def stop_after_four(_: object) -> None:
+        if loop.rounds == 3:  # the hook runs before the round is counted
+            wakeups.set()
+
+    loop.add_hook(stop_after_four)
+    loop._run()
+    assert loop.rounds == 4
+    assert loop.last_lateness == late, "the first round is on time, the others late"
+    assert (loop.late_rounds, loop.overruns) == (counted, 0)
+
+
+def test_late_rounds_are_logged_once_a_minute(caplog: pytest.LogCaptureFixture) -> None:
+    clock_now = [100.0]
+    store = SnapshotStore()
+    loop = SamplingLoop(SamplerRunner([Slow(0)], timeout=1.0), store, DaemonMetrics(store),
+                        1.0, clock=lambda: clock_now[0])
+    with caplog.at_level("WARNING", logger="governor.loop"):
+        for second in (0, 10, 61):
+            clock_now[0] = 100.0 + second + 0.8
+            loop.run_once(due=100.0 + second)
+    assert loop.late_rounds == 3
+    assert [r.getMessage() for r in caplog.records] == [
+        "a sampling round started 0.80 s late (interval 1 s): governor is short of CPU; "
+        "1 late round(s) so far",
+        "a sampling round started 0.80 s late (interval 1 s): governor is short of CPU; "
+        "3 late round(s) so far",
+    ]
