@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -205,7 +206,8 @@ class Daemon:
                         len(self.journal.holds()), self.journal.path)
             release_holds(self.journal)
         self.guardian = Guardian(state_dir)
-        self.runner = SamplerRunner(samplers, config.daemon.effective_sampler_timeout)
+        self.runner = SamplerRunner(samplers, config.daemon.effective_sampler_timeout,
+                                    interval=config.daemon.interval)
         self.loop = SamplingLoop(self.runner, self.store, self.metrics, config.daemon.interval)
         self.controller = self._build_controller(config)
         self._protect_guardian()
@@ -289,6 +291,7 @@ class Daemon:
             self.loop.interval = config.daemon.interval
             self.runner.timeout = config.daemon.effective_sampler_timeout
             self.audit.configure(config.audit.max_bytes, config.audit.keep)
+            self.runner.interval = config.daemon.interval
             self.config = config
             self._note("reload", who, [f"{source}: {len(config.rules)} rule(s)"],
                        rules=[rule.name for rule in config.rules])
@@ -332,6 +335,10 @@ class Daemon:
         self.loop.wait_first_round(timeout=max(5.0, 2 * self.config.daemon.interval))
         app = create_app(self, Authenticator(token, api.allow_unauthenticated),
                          allowed_hosts=api.allowed_hosts or default_allowed_hosts(api.host))
+        # What exists now lives as long as the daemon. Out of the collector's sight, a
+        # full collection under API load scans only what came later: tens of ms held
+        # under the GIL on a busy box, which the sampling loop would wait for.
+        gc.freeze()
         server = ApiServer(
             uvicorn.Config(
                 app,

@@ -1,15 +1,19 @@
 """The Prometheus exposition, built from the last snapshot at each scrape.
 
-As client_python's custom collectors: readings become fresh metric families on every
-scrape, so a GPU that vanished leaves no stale series, and a scrape does no hardware
-I/O. The daemon's own counters are ordinary Counter/Gauge objects in the same private
-registry.
+As client_python's custom collectors: readings become fresh metric families from the
+last snapshot, so a GPU that vanished leaves no stale series, and a scrape does no
+hardware I/O. The daemon's own counters are Counter/Gauge objects in the same private
+registry. The rendered bytes are cached until the snapshot, the controller's view or one
+of the daemon's own counters changes: many scrapers between two rounds then cost one
+render, and a scrape under load stays cheap.
 """
 
 from __future__ import annotations
 
+import itertools
+import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -30,6 +34,47 @@ if TYPE_CHECKING:
 
 # `_created` series double every counter for no use here.
 disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
+class _Changes:
+    """A token that every change to a daemon counter or gauge replaces, so the cached
+    exposition can tell that it is stale without rendering. Tokens are never reused, so
+    two changes racing on threads still leave a token that no cache holds."""
+
+    def __init__(self) -> None:
+        self._tokens = itertools.count(1)
+        self.token = 0
+
+    def bump(self) -> None:
+        self.token = next(self._tokens)
+
+
+_CHANGES = _Changes()
+
+
+class TrackedCounter(Counter):
+    """A Counter whose increments invalidate the cached exposition (its labelled children
+    are TrackedCounters too)."""
+
+    def inc(self, amount: float = 1, exemplar: dict[str, str] | None = None) -> None:
+        super().inc(amount, exemplar)
+        _CHANGES.bump()
+
+
+class TrackedGauge(Gauge):
+    """A Gauge whose changes invalidate the cached exposition."""
+
+    def inc(self, amount: float = 1) -> None:
+        super().inc(amount)
+        _CHANGES.bump()
+
+    def dec(self, amount: float = 1) -> None:
+        super().dec(amount)
+        _CHANGES.bump()
+
+    def set(self, value: float) -> None:
+        super().set(value)
+        _CHANGES.bump()
 
 
 class SnapshotCollector(Collector):
@@ -117,48 +162,105 @@ class ControlCollector(Collector):
 
 
 class DaemonMetrics:
-    """The private registry, with the daemon's own counters beside the snapshot collector."""
+    """The private registry, with the daemon's own counters beside the snapshot collector.
+
+    `render` caches: everything in the registry must be covered by its key (the snapshot,
+    the controller's view and power caps, and the token that TrackedCounter and
+    TrackedGauge move on), so a new counter of the daemon's own must be one of those.
+    """
 
     def __init__(self, store: SnapshotStore):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(SnapshotCollector(store))
-        self.actions = Counter(
+        self._store = store
+        self._controller: Controller | None = None
+        self._render_lock = threading.Lock()
+        self._cached: tuple[tuple[Any, ...], bytes] | None = None
+        self.actions = TrackedCounter(
             "governor_actions", "Actions taken: pause, resume, slow, power_cap, restore; "
             "rule is the rule's name, or operator.", ["action", "rule"],
             registry=self.registry,
         )
-        self.rounds = Counter(
+        self.rounds = TrackedCounter(
             "governor_rounds", "Sampling rounds completed.", registry=self.registry
         )
-        self.rounds_overrun = Counter(
+        self.rounds_overrun = TrackedCounter(
             "governor_rounds_overrun",
             "Rounds that took longer than the interval; the rounds they overlapped were "
             "skipped, not stacked.",
             registry=self.registry,
         )
-        self.round_duration = Gauge(
+        self.round_duration = TrackedGauge(
             "governor_round_duration_seconds",
             "How long the last sampling round took, all samplers together.",
             registry=self.registry,
         )
-        self.sampler_errors = Counter(
+        self.sampler_errors = TrackedCounter(
             "governor_sampler_errors",
-            "Rounds in which the sampler failed.",
+            "Rounds in which the sampler failed, including rounds it sat out while backing "
+            "off or stuck in a read.",
             ["sampler"],
             registry=self.registry,
         )
-        self.audit_errors = Counter(
+        self.audit_errors = TrackedCounter(
             "governor_audit_errors",
             "Audit events that could not be written (a full disk, an I/O error); the "
             "actions they record went on.",
             registry=self.registry,
         )
+        self.sampler_problems = TrackedCounter(
+            "governor_sampler_problems",
+            "Faults that did not fail the sampler's round (a sensor that vanished or read "
+            "garbage, a lost GPU, a field NVML could not read), one per fault per round.",
+            ["sampler"],
+            registry=self.registry,
+        )
+        self.round_lateness = TrackedGauge(
+            "governor_round_lateness_seconds",
+            "How late the last sampling round started against its tick on the interval "
+            "grid.",
+            registry=self.registry,
+        )
+        self.rounds_late = TrackedCounter(
+            "governor_rounds_late",
+            "Rounds that started more than half an interval late (the daemon starved of "
+            "CPU); overruns are counted apart.",
+            registry=self.registry,
+        )
 
     def watch(self, controller: Controller) -> None:
+        self._controller = controller
         self.registry.register(ControlCollector(controller))
 
     def count_action(self, action: str, rule: str) -> None:
         self.actions.labels(action, rule).inc()
 
+    def _key(self) -> tuple[Any, ...]:
+        """What the exposition is made of, read before rendering: a change after this
+        read moves the key on, so the next scrape renders again."""
+        controller = self._controller
+        if controller is None:
+            return (self._store.latest, None, (), _CHANGES.token)
+        return (self._store.latest, controller.view,
+                tuple(sorted(controller.power_caps.items())), _CHANGES.token)
+
+    @staticmethod
+    def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+        # identity for the snapshot and the view: both are replaced, never changed
+        return a[0] is b[0] and a[1] is b[1] and a[2] == b[2] and a[3] == b[3]
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        key = self._key()
+        cached = self._cached
+        if cached is not None and self._same(cached[0], key):
+            return cached[1]
+        # One render at a time: scrapers that arrive together after a round wait for it
+        # and share it instead of each rendering the same bytes.
+        with self._render_lock:
+            key = self._key()
+            cached = self._cached
+            if cached is not None and self._same(cached[0], key):
+                return cached[1]
+            body = generate_latest(self.registry)
+            self._cached = (key, body)
+            return body

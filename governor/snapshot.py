@@ -68,6 +68,10 @@ class SamplerHealth:
     problems: tuple[str, ...] = ()
     #: wall-clock time of the last round that succeeded, if any
     last_success: float | None = None
+    #: calls in a row that raised (0 after a success); the sampler backs off meanwhile
+    failures: int = 0
+    #: wall-clock time of the round that tries a failing sampler again
+    retry_at: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -78,6 +82,8 @@ class SamplerHealth:
             "error": self.error,
             "problems": list(self.problems),
             "last_success": self.last_success,
+            "consecutive_failures": self.failures,
+            "retry_at": self.retry_at,
         }
 
 

@@ -28,7 +28,8 @@ GOLDEN = Path(__file__).parent / "golden" / "metrics.prom"
 #: series whose values are timings or depend on how many rounds ran
 VOLATILE = ("governor_sample_duration_seconds", "governor_round_duration_seconds",
             "governor_rounds_total", "governor_rounds_overrun_total", "governor_build_info",
-            "governor_sampler_errors_total")
+            "governor_sampler_errors_total", "governor_sampler_problems_total",
+            "governor_round_lateness_seconds", "governor_rounds_late_total")
 
 
 class StatTicker:

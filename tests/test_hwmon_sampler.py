@@ -107,3 +107,41 @@ def test_cpu_sensors_by_chip_name_or_zone_type(name: str, cpu: bool) -> None:
 )
 def test_clean_name(raw: str, clean: str) -> None:
     assert clean_name(raw) == clean
+
+
+PACKAGE = "devices/platform/coretemp.0/hwmon/hwmon0/temp1_input"
+PACKAGE_SERIES = 'cpu_temperature_celsius{chip="platform_coretemp_0",sensor="Package id 0"}'
+
+
+def test_a_sensor_that_vanishes_is_a_problem_while_its_chip_is_there(sys_tree: Path) -> None:
+    sampler = HwmonSampler(SysPaths(sys_tree, "/proc"))
+    assert sampler.sample().problems == []
+    (sys_tree / PACKAGE).unlink()
+    result = sampler.sample()
+    assert PACKAGE_SERIES not in {r.series() for r in result.readings}
+    (problem,) = result.problems
+    assert problem.startswith(f"{PACKAGE_SERIES}: stopped reporting (")
+    assert problem.endswith("temp1_input is gone or unreadable)")
+    assert len(result.readings) == 11, "the chip's other sensors still report"
+    (sys_tree / PACKAGE).write_text("61000\n")
+    result = sampler.sample()
+    assert result.problems == [] and len(result.readings) == 12
+
+
+def test_garbage_is_one_problem_not_two(sys_tree: Path) -> None:
+    sampler = HwmonSampler(SysPaths(sys_tree, "/proc"))
+    sampler.sample()
+    (sys_tree / PACKAGE).write_text("N/A\n")
+    (problem,) = sampler.sample().problems
+    assert problem.endswith("temp1_input: not a number: 'N/A'")
+
+
+def test_a_chip_that_goes_away_as_a_whole_is_forgotten_quietly(sys_tree: Path) -> None:
+    import shutil
+
+    sampler = HwmonSampler(SysPaths(sys_tree, "/proc"))
+    sampler.sample()
+    shutil.rmtree(sys_tree / "devices/pci0000:00/0000:00:1d.0/0000:3d:00.0/nvme/nvme0/hwmon3")
+    result = sampler.sample()
+    assert result.problems == []
+    assert not [r for r in result.readings if r.label("chip") == "nvme_nvme0"]

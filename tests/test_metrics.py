@@ -111,3 +111,90 @@ def test_promtool_check_metrics_finds_nothing() -> None:
     result = subprocess.run(["promtool", "check", "metrics"], input=full_exposition(),
                             capture_output=True, text=True, timeout=30)
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+def test_a_scrape_with_nothing_changed_reuses_the_rendered_bytes() -> None:
+    store = SnapshotStore()
+    metrics = DaemonMetrics(store)
+    store.publish(snapshot(reading("memory_used_ratio", 0.5)))
+    first = metrics.render()
+    assert metrics.render() is first, "nothing changed: the same bytes, not rendered again"
+    store.publish(snapshot(reading("memory_used_ratio", 0.25)))
+    second = metrics.render()
+    assert "governor_memory_used_ratio 0.25" in second.decode()
+    assert metrics.render() is second
+
+
+def test_the_cache_follows_the_daemons_own_counters_and_gauges() -> None:
+    store = SnapshotStore()
+    metrics = DaemonMetrics(store)
+    store.publish(snapshot())
+    metrics.render()
+    metrics.rounds.inc()
+    assert "governor_rounds_total 1.0" in metrics.render().decode()
+    metrics.sampler_errors.labels("hwmon").inc()
+    assert 'governor_sampler_errors_total{sampler="hwmon"} 1.0' in metrics.render().decode()
+    metrics.round_lateness.set(0.125)
+    assert "governor_round_lateness_seconds 0.125" in metrics.render().decode()
+    metrics.count_action("pause", "cpu-hot")
+    assert ('governor_actions_total{action="pause",rule="cpu-hot"} 1.0'
+            in metrics.render().decode())
+
+
+def test_every_metric_of_the_daemon_invalidates_the_cache() -> None:
+    """A plain Counter or Gauge added to DaemonMetrics would be served stale from the
+    cache: the daemon's own metrics must be the tracked kinds."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from governor.metrics import TrackedCounter, TrackedGauge
+
+    own = [m for m in vars(DaemonMetrics(SnapshotStore())).values()
+           if isinstance(m, MetricWrapperBase)]
+    assert len(own) >= 8
+    for metric in own:
+        assert isinstance(metric, TrackedCounter | TrackedGauge), metric
+
+
+def test_the_cache_follows_the_controllers_view() -> None:
+    from types import SimpleNamespace
+
+    from governor.control import ControlView
+
+    store = SnapshotStore()
+    metrics = DaemonMetrics(store)
+    job = {"id": "abc", "name": "trainer", "state": "running", "speed": 1.0}
+    controller = SimpleNamespace(view=ControlView(jobs=(job,)), power_caps={})
+    metrics.watch(controller)  # type: ignore[arg-type]
+    assert 'governor_job_paused{id="abc",job="trainer"} 0.0' in metrics.render().decode()
+    controller.view = ControlView(jobs=({**job, "state": "paused", "speed": 0.0},))
+    assert 'governor_job_paused{id="abc",job="trainer"} 1.0' in metrics.render().decode()
+    controller.power_caps = {"0": 250.0}
+    assert 'governor_gpu_power_cap_watts{gpu="0"} 250.0' in metrics.render().decode()
+    controller.view = ControlView()
+    assert 'job="trainer"' not in metrics.render().decode(), "no stale series after a change"
+
+
+def test_problems_are_counted_per_sampler() -> None:
+    from governor.loop import SamplingLoop
+    from governor.sampling.base import SampleResult
+    from governor.sampling.runner import SamplerRunner
+
+    class Faulty:
+        name = "hwmon"
+
+        def sample(self) -> SampleResult:
+            return SampleResult([reading("memory_used_ratio", 0.5)],
+                                problems=["a: not a number", "b: stopped reporting"])
+
+        def close(self) -> None:
+            pass
+
+    store = SnapshotStore()
+    metrics = DaemonMetrics(store)
+    loop = SamplingLoop(SamplerRunner([Faulty()], timeout=1.0), store, metrics, 1.0)
+    loop.run_once()
+    loop.run_once()
+    text = metrics.render().decode()
+    assert 'governor_sampler_problems_total{sampler="hwmon"} 4.0' in text
+    assert 'governor_sampler_up{sampler="hwmon"} 1.0' in text
+    loop.runner.close()

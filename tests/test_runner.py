@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -129,4 +130,144 @@ def test_state_changes_are_logged_once(caplog: pytest.LogCaptureFixture) -> None
         for _ in range(3):
             runner.run_round()
     assert [r.getMessage() for r in caplog.records] == ["broken: not available: no GPU here"]
+    runner.close()
+
+
+class Flaky:
+    """Fails while `failing` is set; counts its calls."""
+
+    name = "flaky"
+
+    def __init__(self) -> None:
+        self.failing = True
+        self.calls = 0
+
+    def sample(self) -> SampleResult:
+        self.calls += 1
+        if self.failing:
+            raise OSError(f"EIO on call {self.calls}")
+        return SampleResult([reading("memory_used_ratio", 0.5)])
+
+    def close(self) -> None:
+        pass
+
+
+class FakeClock:
+    """A monotonic clock that the test moves by hand, one interval per round."""
+
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_failing_sampler_backs_off_doubling_up_to_30_s() -> None:
+    clock = FakeClock()
+    flaky = Flaky()
+    runner = SamplerRunner([flaky, Fixed("good", 0.5)], timeout=0.8, interval=1.0,
+                           clock=clock, wall=lambda: clock.now - 900.0)
+    called_at: list[int] = []
+    for second in range(120):
+        calls = flaky.calls
+        snapshot = runner.run_round()
+        if flaky.calls > calls:
+            called_at.append(second)
+        assert health(snapshot, "flaky").state is SamplerState.ERROR
+        assert health(snapshot, "good").state is SamplerState.OK, "the others keep reporting"
+        clock.now += 1.0
+    # after the k-th failure in a row it sits out min(1 s * 2**(k-1), 30 s) of rounds
+    gaps = [b - a for a, b in itertools.pairwise(called_at)]
+    assert gaps[:6] == [2, 3, 5, 9, 17, 31]
+    assert set(gaps[5:]) == {31}, "the backoff stops growing at 30 s"
+    runner.close()
+
+
+def test_while_backing_off_the_error_says_how_often_when_and_why() -> None:
+    clock = FakeClock()
+    flaky = Flaky()
+    runner = SamplerRunner([flaky], timeout=0.8, interval=1.0, clock=clock,
+                           wall=lambda: clock.now - 900.0)
+    first = health(runner.run_round(), "flaky")
+    assert first.error == "OSError: EIO on call 1"
+    assert (first.failures, first.retry_at) == (1, 102.0)
+    clock.now += 1.0
+    skipped = health(runner.run_round(), "flaky")
+    assert skipped.state is SamplerState.ERROR
+    assert skipped.error == ("failed 1 time in a row; next try in 1.0 s; "
+                             "last error: OSError: EIO on call 1")
+    assert (skipped.failures, skipped.retry_at) == (1, 102.0)
+    assert skipped.as_dict()["consecutive_failures"] == 1
+    assert flaky.calls == 1
+    clock.now += 1.0
+    second = health(runner.run_round(), "flaky")
+    assert second.error == "OSError: EIO on call 2" and second.failures == 2
+    clock.now += 1.0
+    skipped = health(runner.run_round(), "flaky")
+    assert skipped.error == ("failed 2 times in a row; next try in 2.0 s; "
+                             "last error: OSError: EIO on call 2")
+    runner.close()
+
+
+def test_a_success_resets_the_backoff() -> None:
+    clock = FakeClock()
+    flaky = Flaky()
+    runner = SamplerRunner([flaky], timeout=0.8, interval=1.0, clock=clock)
+    for _ in range(12):  # three failures: it now sits out 4 s
+        runner.run_round()
+        clock.now += 1.0
+    assert flaky.calls == 4
+    flaky.failing = False
+    while flaky.calls == 4:
+        runner.run_round()
+        clock.now += 1.0
+    calls = flaky.calls
+    for _ in range(5):
+        h = health(runner.run_round(), "flaky")
+        assert h.state is SamplerState.OK and h.failures == 0 and h.retry_at is None
+        clock.now += 1.0
+    assert flaky.calls == calls + 5, "called every round again"
+    flaky.failing = True
+    runner.run_round()
+    clock.now += 1.0
+    assert "failed 1 time in a row" in str(health(runner.run_round(), "flaky").error), (
+        "a failure after a success starts the backoff from the first step")
+    runner.close()
+
+
+def test_a_round_a_little_early_or_late_does_not_shift_the_backoff() -> None:
+    clock = FakeClock()
+    flaky = Flaky()
+    runner = SamplerRunner([flaky], timeout=0.8, interval=1.0, clock=clock)
+    runner.run_round()
+    for jitter in (-0.2, 0.3):  # the skipped round, then the retry, off their ticks
+        clock.now += 1.0 + jitter
+        runner.run_round()
+        clock.now -= jitter
+    assert flaky.calls == 2
+    runner.close()
+
+
+def test_unavailable_is_not_a_failure_and_does_not_back_off() -> None:
+    clock = FakeClock()
+    absent = Raises(SamplerUnavailable("no GPU here"))
+    runner = SamplerRunner([absent], timeout=0.8, interval=1.0, clock=clock)
+    for _ in range(3):
+        h = health(runner.run_round(), "broken")
+        assert h.state is SamplerState.UNAVAILABLE and h.failures == 0
+        clock.now += 1.0
+    runner.close()
+
+
+def test_a_hung_sampler_is_not_backed_off_but_waited_for() -> None:
+    stuck = Hangs()
+    runner = SamplerRunner([stuck], timeout=0.1, interval=0.2)
+    assert health(runner.run_round(), "stuck").error == "timed out after 0.1 s"
+    h = health(runner.run_round(), "stuck")
+    assert "still stuck" in str(h.error) and h.failures == 0
+    stuck.release.set()
+    deadline = time.monotonic() + 10
+    while health(runner.run_round(), "stuck").state is not SamplerState.OK:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     runner.close()

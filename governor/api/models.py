@@ -109,6 +109,10 @@ class SamplerStatus(_Shape):
     error: str | None
     problems: list[str]
     last_success: float | None
+    consecutive_failures: int = Field(
+        default=0, description="rounds in a row the sampler failed; 0 while it works")
+    retry_at: float | None = Field(
+        default=None, description="while it backs off: the Unix time of its next try")
 
 
 class Reading(_Shape):

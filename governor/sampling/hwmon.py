@@ -138,6 +138,10 @@ class HwmonSampler:
 
     def __init__(self, paths: SysPaths):
         self._paths = paths
+        #: input file -> the series it gave. A sensor that stops reporting while its chip
+        #: is still there (the file vanished, reads fail) is a fault worth a problem, not
+        #: the quiet "no data" of a sensor that was never readable
+        self._known: dict[Path, str] = {}
 
     def _chips(self) -> list[Chip]:
         chips = []
@@ -150,6 +154,8 @@ class HwmonSampler:
 
     def sample(self) -> SampleResult:
         result = SampleResult()
+        #: inputs read this round, well or as garbage (already a problem)
+        seen: dict[Path, str | None] = {}
         found = 0
         chips = [c for c in self._chips() if c.driver not in ACCELERATOR_CHIPS]
         names = chip_names(chips)
@@ -170,19 +176,35 @@ class HwmonSampler:
                     celsius = read_millicelsius(path)
                 except Garbage as exc:
                     result.problems.append(str(exc))
+                    seen[path] = None
                     continue
                 if celsius is not None:
-                    result.readings.append(
-                        reading(metric, celsius, chip=names[chip.path], sensor=labels[number])
-                    )
-        found += self._thermal_zones(result)
+                    r = reading(metric, celsius, chip=names[chip.path], sensor=labels[number])
+                    result.readings.append(r)
+                    seen[path] = r.series()
+        found += self._thermal_zones(result, seen)
+        self._report_vanished(result, seen)
         if not found:
             raise SamplerUnavailable(
                 f"no hwmon chips or thermal zones with temperatures under {self._paths.sysfs}"
             )
         return result
 
-    def _thermal_zones(self, result: SampleResult) -> int:
+    def _report_vanished(self, result: SampleResult, seen: dict[Path, str | None]) -> None:
+        """A problem for each sensor that reported before and not now, while its chip is
+        still there; a chip that went away as a whole (a device unplugged) is forgotten."""
+        for path, series in list(self._known.items()):
+            if path in seen:
+                continue
+            if os.path.isdir(path.parent):
+                result.problems.append(
+                    f"{series}: stopped reporting ({path} is gone or unreadable)")
+            else:
+                log.info("%s: its chip is gone (%s)", series, path.parent)
+                del self._known[path]
+        self._known.update((path, series) for path, series in seen.items() if series)
+
+    def _thermal_zones(self, result: SampleResult, seen: dict[Path, str | None]) -> int:
         found = 0
         for zone in sorted_entries(self._paths.sys("class", "thermal"), "thermal_zone"):
             zone_type = read_text(zone / "type")
@@ -193,13 +215,16 @@ class HwmonSampler:
                 celsius = read_millicelsius(zone / "temp")
             except Garbage as exc:
                 result.problems.append(str(exc))
+                seen[zone / "temp"] = None
                 continue
             if celsius is None:  # disabled zones refuse reads
                 continue
             metric = "cpu_temperature_celsius" if is_cpu_sensor(zone_type) else (
                 "hwmon_temperature_celsius"
             )
-            result.readings.append(reading(metric, celsius, chip=zone.name, sensor=zone_type))
+            r = reading(metric, celsius, chip=zone.name, sensor=zone_type)
+            result.readings.append(r)
+            seen[zone / "temp"] = r.series()
         return found
 
     def close(self) -> None:

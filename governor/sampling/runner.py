@@ -1,9 +1,11 @@
 """Runs every sampler once per round and assembles the round's `Snapshot`.
 
 Each sampler has a worker thread of its own and a deadline. A sampler that raises is
-marked down for the round; one that overruns its deadline (a sysfs read stuck in a
-driver) is marked down and not called again until the stuck call returns, so hung
-calls never pile up and never hold the round or the other samplers.
+marked down and backs off: after k failures in a row it sits out
+min(interval * 2**(k-1), 30 s) of rounds, so a broken driver is not hammered every round,
+and a success resets it. One that overruns its deadline (a sysfs read stuck in a driver)
+is marked down and not called again until the stuck call returns, so hung calls never
+pile up and never hold the round or the other samplers.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from governor.sampling.base import Sampler, SampleResult, SamplerUnavailable
 from governor.snapshot import Reading, SamplerHealth, SamplerState, Snapshot
 
 log = logging.getLogger(__name__)
+
+#: the longest a failing sampler sits out before it is tried again
+BACKOFF_MAX = 30.0
 
 
 class _Worker:
@@ -67,6 +72,12 @@ class _Slot:
     last_success: float | None = None
     #: (state, error) last logged, so a state is logged once when it begins
     logged: tuple[SamplerState, str | None] | None = None
+    #: calls in a row that raised; 0 after a success
+    failures: int = 0
+    #: monotonic start of the round in which a failing sampler is tried again
+    retry_at: float = 0.0
+    #: the error of the last failed call, for the rounds it sits out
+    last_error: str | None = None
 
 
 class SamplerRunner:
@@ -77,11 +88,14 @@ class SamplerRunner:
         *,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        interval: float | None = None,
     ):
         self._slots = [
-_Slot(s, _Worker(f"sampler-{s.name}")) for s in samplers
+            _Slot(s, _Worker(f"sampler-{s.name}")) for s in samplers
         ]
         self.timeout = timeout
+        #: the loop's interval: the first step of a failing sampler's backoff
+        self.interval = interval if interval is not None else timeout
         self._clock = clock
         self._wall = wall
         self._sequence = 0
@@ -104,6 +118,9 @@ _Slot(s, _Worker(f"sampler-{s.name}")) for s in samplers
                 pending.append((slot, None))
                 continue
             slot.stuck = None
+            if self._backing_off(slot, started):
+                pending.append((slot, None))
+                continue
             pending.append((slot, slot.worker.submit(self._timed(slot.sampler))))
 
         deadline = started + self.timeout
@@ -111,7 +128,7 @@ _Slot(s, _Worker(f"sampler-{s.name}")) for s in samplers
         health: list[SamplerHealth] = []
         gpu_pids: dict[str, frozenset[int]] = {}
         for slot, future in pending:
-            state, result, error, duration = self._collect(slot, future, deadline)
+            state, result, error, duration = self._collect(slot, future, deadline, started)
             problems: list[str] = []
             if result is not None:
                 problems = list(result.problems)
@@ -131,6 +148,8 @@ _Slot(s, _Worker(f"sampler-{s.name}")) for s in samplers
                 error=error,
                 problems=tuple(problems),
                 last_success=slot.last_success,
+                failures=slot.failures,
+                retry_at=self._retry_wall(slot, started, started_wall),
             )
             self._log_transition(slot, h)
             health.append(h)
@@ -158,14 +177,33 @@ _Slot(s, _Worker(f"sampler-{s.name}")) for s in samplers
 
         return call
 
+    def _backing_off(self, slot: _Slot, now: float) -> bool:
+        """Whether a failing sampler sits this round out.
+
+        `retry_at` is the nominal start of the round that tries again; half an interval
+        of slack keeps a round that starts a little early or late on the right side.
+        """
+        return slot.failures > 0 and now < slot.retry_at - self.interval / 2
+
+    def _retry_wall(self, slot: _Slot, started: float, started_wall: float) -> float | None:
+        if slot.failures == 0:
+            return None
+        return started_wall + max(0.0, slot.retry_at - started)
+
     def _collect(
-        self, slot: _Slot, future: Future[object] | None, deadline: float
+        self, slot: _Slot, future: Future[object] | None, deadline: float, started: float
     ) -> tuple[SamplerState, SampleResult | None, str | None, float]:
-        if future is None:
+        if future is None and slot.stuck is not None:
             stuck_for = self._clock() - slot.stuck_since
             return SamplerState.ERROR, None, (
                 f"still stuck in a read that began {stuck_for:.1f} s ago"
             ), stuck_for
+        if future is None:
+            return SamplerState.ERROR, None, (
+                f"failed {slot.failures} time{'s' if slot.failures > 1 else ''} in a row; "
+                f"next try in {max(0.0, slot.retry_at - started):.1f} s; "
+                f"last error: {slot.last_error}"
+            ), 0.0
         try:
             done = future.result(timeout=max(0.0, deadline - self._clock()))
         except FutureTimeout:
@@ -174,12 +212,24 @@ _Slot(s, _Worker(f"sampler-{s.name}")) for s in samplers
             return SamplerState.ERROR, None, f"timed out after {self.timeout:g} s", self.timeout
         assert isinstance(done, tuple)
         outcome, duration = done
+        if isinstance(outcome, Exception) and not isinstance(outcome, SamplerUnavailable):
+            error = f"{type(outcome).__name__}: {outcome}"
+            self._failed(slot, error, started)
+            return SamplerState.ERROR, None, error, duration
+        slot.failures, slot.last_error = 0, None
         if isinstance(outcome, SamplerUnavailable):
             return SamplerState.UNAVAILABLE, None, str(outcome), duration
-        if isinstance(outcome, Exception):
-            return SamplerState.ERROR, None, f"{type(outcome).__name__}: {outcome}", duration
         assert isinstance(outcome, SampleResult)
         return SamplerState.OK, outcome, None, duration
+
+    def _failed(self, slot: _Slot, error: str, started: float) -> None:
+        """Back off: after k failures in a row, sit out min(interval * 2**(k-1), 30 s)."""
+        slot.failures += 1
+        slot.last_error = error
+        sit_out = min(self.interval * 2 ** min(slot.failures - 1, 30), BACKOFF_MAX)
+        slot.retry_at = started + self.interval + sit_out
+        log.debug("%s: failed %d time(s) in a row; next try in %.1f s", slot.sampler.name,
+                  slot.failures, slot.retry_at - started)
 
     def _log_transition(self, slot: _Slot, health: SamplerHealth) -> None:
         key = (health.state, health.error if health.state is not SamplerState.ERROR else None)
