@@ -77,7 +77,8 @@ class Guardian:
 
 
 def watch(state_dir: Path, read_fd: int) -> int:
-    """The guardian's life: wait for the daemon to go, then release what it left held."""
+    """The guardian's life: wait for the daemon to go, then release what it left held.
+    Everything the release needs is imported before the wait, not after."""
     from governor.journal import Journal
     from governor.release import release_holds
     from governor.state_lock import LockHeld, StateLock

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from governor.actuators import cgroup, gpu_power, signal
 from governor.journal import Journal
 
 log = logging.getLogger(__name__)
@@ -31,16 +32,15 @@ class Released:
         return f"{self.key}: {self.line}" + ("" if self.ok else " (kept in the journal)")
 
 
-def _undoers() -> dict[str, Undo]:
-    from governor.actuators import cgroup, gpu_power, signal
-
-    return {"signal": signal.undo_checked, "cgroup": cgroup.undo_checked,
-            "power_cap": gpu_power.undo_checked}
+#: hold kind -> how to undo it; imported up front, so that a guardian waiting for its
+#: daemon to die has everything loaded and acts within milliseconds
+UNDOERS: dict[str, Undo] = {"signal": signal.undo_checked, "cgroup": cgroup.undo_checked,
+                            "power_cap": gpu_power.undo_checked}
 
 
 def release_holds(journal: Journal) -> list[Released]:
     """Undo each hold; drop the ones fully undone. One result per hold."""
-    undoers = _undoers()
+    undoers = UNDOERS
     results = []
     for key, entry in journal.holds().items():
         undo = undoers.get(str(entry.get("kind")))

@@ -295,3 +295,10 @@ def test_guardian_runs_the_same_release_as_release_all(tmp_path: Path) -> None:
             (tmp_path / "journal.json").read_text())["holds"] == {}
     finally:
         stop(target)
+
+
+def teardown_module() -> None:
+    if RELEASE_TIMES:
+        print(f"\nkill -9: {len(RELEASE_TIMES)} kills, every job released in "
+              f"{min(RELEASE_TIMES) * 1000:.0f}..{max(RELEASE_TIMES) * 1000:.0f} ms "
+              f"(median {sorted(RELEASE_TIMES)[len(RELEASE_TIMES) // 2] * 1000:.0f} ms)")
