@@ -257,5 +257,7 @@ def test_rules_view() -> None:
     view = rule_states_view(run.rules, run.states, wall_offset=1000.0)
     assert view[0] == {"name": "hot", "series": 'gpu_temperature_celsius{gpu="0"}',
                        "labels": {"gpu": "0"}, "state": "tripped", "clearing": False,
-                       "missing": False, "value": 88.0, "since": 1010.0, "action": "pause"}
+                       "missing": False, "value": 88.0, "since": 1010.0, "action": "pause",
+                       "metric": "gpu_temperature_celsius", "direction": "above",
+                       "threshold": 85.0, "clear_threshold": 80.0}
     assert view[1]["name"] == "idle" and view[1]["series"] is None and view[1]["state"] == "ok"

@@ -92,6 +92,10 @@ class RuleSeries(_Shape):
     value: float | None
     since: float | None
     action: Literal["slow", "pause", "power_cap"]
+    metric: str = Field(description="the metric the rule watches, without governor_")
+    direction: Literal["above", "below"] = Field(description="it trips above or below")
+    threshold: float = Field(description="where it trips")
+    clear_threshold: float = Field(description="where it clears (the hysteresis line)")
     enforceable: bool | None = Field(default=None, description="power_cap rules only")
     not_enforceable_because: str | None = Field(
         default=None, description="power_cap rules that cannot act here")

@@ -105,10 +105,12 @@ def rule_states_view(
     view: list[dict[str, object]] = []
     for rule in rules:
         series: Mapping[Labels, SeriesState] = states.get(rule.name, {})
+        lines = {"metric": rule.metric, "direction": "above" if rule.trips_above else "below",
+                 "threshold": rule.threshold, "clear_threshold": rule.clear_threshold}
         if not series:
             view.append({"name": rule.name, "series": None, "labels": {}, "state": "ok",
                          "clearing": False, "missing": False, "value": None, "since": None,
-                         "action": rule.action})
+                         "action": rule.action, **lines})
         for labels, state in sorted(series.items()):
             view.append({
                 "name": rule.name,
@@ -120,5 +122,6 @@ def rule_states_view(
                 "value": state.value,
                 "since": state.since + wall_offset,
                 "action": rule.action,
+                **lines,
             })
     return view
