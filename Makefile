@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= config/governor.toml
 
-.PHONY: run test lint clean
+.PHONY: run test lint clean install
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { echo "could not create $(VENV): install python3-venv" >&2; exit 1; }
@@ -31,3 +31,25 @@ test: lint
 
 clean:
 	rm -rf $(VENV) .governor .pytest_cache .mypy_cache .ruff_cache
+
+# The service: a venv in $(PREFIX), the CLI on the PATH, the unit, and a production config
+# (only if none is there). DESTDIR stages it elsewhere (the tests install into a temp dir).
+PREFIX  ?= /opt/governor
+DESTDIR ?=
+UNITDIR ?= /etc/systemd/system
+
+install:
+	$(PYTHON) -m venv $(DESTDIR)$(PREFIX)
+	$(DESTDIR)$(PREFIX)/bin/python -m pip install -q --upgrade pip
+	$(DESTDIR)$(PREFIX)/bin/python -m pip install -q .
+	install -D -m 0644 README.md $(DESTDIR)$(PREFIX)/README.md
+	install -d $(DESTDIR)/usr/local/bin
+	ln -sf $(PREFIX)/bin/governor $(DESTDIR)/usr/local/bin/governor
+	install -d $(DESTDIR)$(UNITDIR)
+	sed 's|/opt/governor|$(PREFIX)|g' systemd/governor.service > $(DESTDIR)$(UNITDIR)/governor.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/governor.service
+	install -d -m 0755 $(DESTDIR)/etc/governor
+	test -e $(DESTDIR)/etc/governor/governor.toml || \
+		install -m 0644 config/production.toml $(DESTDIR)/etc/governor/governor.toml
+	if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "installed; start it with: systemctl enable --now governor"

@@ -44,6 +44,7 @@ from governor.metrics import DaemonMetrics
 from governor.release import release_holds
 from governor.sampling.registry import build_samplers
 from governor.sampling.runner import SamplerRunner
+from governor.sd_notify import Notifier, summary
 from governor.snapshot import Snapshot, SnapshotStore
 from governor.state_lock import LockHeld, StateLock
 
@@ -138,6 +139,11 @@ class ApiServer(uvicorn.Server):
         self._daemon = daemon
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await self._listen(sockets)
+        if self.started:
+            self._daemon.listening()
+
+    async def _listen(self, sockets: list[socket.socket] | None) -> None:
         """uvicorn would wrap every socket in TLS. The unix socket stays plain HTTP: the
         kernel vouches for its peers, and the CLI reaches it without certificates."""
         local = [s for s in sockets or [] if s.family == socket.AF_UNIX]
@@ -184,6 +190,11 @@ class Daemon:
     the jobs the journal lists (adopted), then sampling."""
 
     def __init__(self, config: Config, config_path: Path | None = None):
+        # first, so that NOTIFY_SOCKET leaves the environment before any child is started
+        self.notifier = Notifier()
+        #: said in systemd's STATUS until a reload succeeds
+        self._reload_failure: str | None = None
+        self._ready = False
         self.config = config
         self.config_path = config_path
         samplers = build_samplers(config.sources)
@@ -218,6 +229,7 @@ class Daemon:
             cgroups.sweep(job["id"] for job in self.controller.view.jobs)
         self.loop.add_hook(self._keep_guardian)
         self.loop.add_hook(self.controller.on_snapshot)
+        self.loop.add_hook(self._tell_systemd)
         self._reload_lock = threading.Lock()
         self._serving = False
 
@@ -270,6 +282,22 @@ class Daemon:
         return self.metrics.render()
 
     def reload(self, who: str = "operator (SIGHUP)") -> list[dict[str, Any]]:
+        """Reload the config file, telling systemd (RELOADING=1, then READY=1). A bad
+        file raises ConfigError, changes nothing, and stays in systemd's STATUS line
+        until a reload succeeds."""
+        self.notifier.reloading()
+        try:
+            rules = self._reload(who)
+        except ConfigError as exc:
+            self._reload_failure = exc.lines()[0]
+            raise
+        else:
+            self._reload_failure = None
+            return rules
+        finally:
+            self.notifier.ready(self.status_line())
+
+    def _reload(self, who: str) -> list[dict[str, Any]]:
         """Reload the config file. A bad file raises ConfigError and changes nothing.
         `who` asked, for the audit log."""
         with self._reload_lock:
@@ -310,6 +338,30 @@ class Daemon:
         except ConfigError as exc:
             for line in exc.lines():
                 log.error("reload refused, keeping the running config: %s", line)
+
+    # --- systemd ---
+
+    def status_line(self) -> str:
+        snapshot = self.store.latest
+        gpus = 0 if snapshot is None else sum(1 for _ in snapshot.of("gpu_info"))
+        view = self.controller.view
+        line = summary(gpus, list(view.jobs), list(view.rules))
+        if self._reload_failure is not None:
+            line += f"; reload failed, running the previous config: {self._reload_failure}"
+        return line
+
+    def listening(self) -> None:
+        """The API listens and the first round is done: systemd may call us started."""
+        self.notifier.ready(self.status_line())
+        self._ready = True
+
+    def _tell_systemd(self, _: Snapshot) -> None:
+        """After each round, on the loop's own thread: a watchdog ping (so a hung loop is
+        noticed) and the summary line; nothing before READY=1."""
+        if not self._ready:
+            return
+        self.notifier.ping()
+        self.notifier.status(self.status_line())
 
     # --- life cycle ---
 
@@ -365,6 +417,7 @@ class Daemon:
 
     def close(self) -> None:
         """Release every job and power limit, then let the guardian go and the lock."""
+        self.notifier.stopping()
         self.loop.stop()
         self.controller.shutdown()
         self.runner.close()
@@ -375,4 +428,5 @@ class Daemon:
         # the lock first: the guardian takes it to check (and retry) what is left held
         self.lock.release()
         self.guardian.stop()
+        self.notifier.close()
         log.info("governor stopped")
