@@ -30,7 +30,13 @@ test: lint
 	$(BIN)/pytest
 
 clean:
-	rm -rf $(VENV) .governor .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .governor .governor-demo .pytest_cache .mypy_cache .ruff_cache
+
+# Two toy jobs heat two simulated GPUs; watch them slow, pause, cool and resume in
+# `governor top` (examples/demo.sh; config/demo/). Ctrl-C stops everything.
+.PHONY: demo
+demo: $(VENV)/.installed
+	@examples/demo.sh
 
 # The service: a venv in $(PREFIX), the CLI on the PATH, the unit, and a production config
 # (only if none is there). DESTDIR stages it elsewhere (the tests install into a temp dir).

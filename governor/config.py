@@ -202,6 +202,22 @@ class SourcesConfig(_Section):
     sysfs_root: str = "/sys"
     procfs_root: str = "/proc"
     nvml: Literal["auto", "off", "required"] = "auto"
+    #: a scenario file for the simulated GPUs (the demo); "" = no simulated GPUs
+    simulate: str = ""
+
+    @field_validator("simulate")
+    @classmethod
+    def _scenario(cls, value: str) -> str:
+        """Checked at load, so a bad scenario is named by `check-config` and refused by a
+        starting daemon, as any other bad key."""
+        if value:
+            from governor.sampling.simulated import ScenarioError, load_scenario
+
+            try:
+                load_scenario(value)
+            except ScenarioError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
 
 class JobsConfig(_Section):
@@ -228,6 +244,19 @@ class AuditConfig(_Section):
     keep: int = Field(default=3, ge=1, le=100)
 
 
+class PolicyConfig(_Section):
+    #: how long a cooperative job may put off a pause or slow while it is inside a
+    #: critical section (a checkpoint write); 0: never
+    max_defer: Duration = 30.0
+
+    @field_validator("max_defer")
+    @classmethod
+    def _max_defer(cls, value: float) -> float:
+        if value > 3600:
+            raise ValueError("must be between 0 and 1h")
+        return value
+
+
 class RuleConfig(_Section):
     name: str = Field(min_length=1)
     metric: str
@@ -243,6 +272,8 @@ class RuleConfig(_Section):
     power_cap_watts: float | None = Field(default=None, gt=0)
     max_priority: int | None = None
     on_missing: Literal["hold", "trip", "clear"] = "hold"
+    #: false: a cooperative job acts on this rule at once, even inside a critical section
+    defer: bool = True
 
     @field_validator("metric")
     @classmethod
@@ -318,6 +349,7 @@ class Config(_Section):
     sources: SourcesConfig = Field(default_factory=SourcesConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
     rules: list[RuleConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")

@@ -29,6 +29,7 @@ from governor.policy.directives import OPERATOR, PowerCap, decide, rule_states_v
 from governor.policy.evidence import readings as readings_of
 from governor.policy.rules import Phase, RuleStates, Transition, carry_over, evaluate_rules
 from governor.policy.rules import series_name as series_of
+from governor.progress import Progress, ProgressReport
 from governor.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ class Controller:
         self._lock = threading.RLock()
         self._rules: list[RuleConfig] = list(config.rules)
         self._forget_after = config.jobs.forget_gone_after
+        #: policy.max_defer, which every directive carries to cooperative clients
+        self.max_defer = config.policy.max_defer
         self._states: RuleStates = {}
         self._journal = journal
         self._actuators = dict(actuators)
@@ -227,11 +230,36 @@ class Controller:
             self._enforce()
             return job.as_dict()
 
+    def report_progress(self, job_id: str, report: ProgressReport) -> None:
+        """A cooperative client's totals, carried by its directive poll. Only a change is
+        published; a growing deferral count is audited and logged once per change, so
+        "why did that job not stop at once?" has an answer in the audit log."""
+        with self._lock:
+            job = self.registry.get(job_id)
+            before = job.progress or Progress()
+            after = before.merged(report, self._wall())
+            if after == before:
+                return
+            job.progress = after
+            if after.deferrals > before.deferrals:
+                new = after.deferrals - before.deferrals
+                reasons = [f"the job put off a pause or slow in a critical section {new} "
+                           f"time{'s' if new > 1 else ''} ({after.deferrals} in all; "
+                           f"policy.max_defer = {self.max_defer:g} s)"]
+                if job.directive.action is not Action.RUN:
+                    reasons += [f"asked to {job.directive.action.value}: {r}"
+                                for r in job.directive.reasons]
+                _action_line("deferral", job, by="cooperative client")
+                self._emit("deferral", "cooperative client", job, reasons=reasons,
+                           deferrals=after.deferrals, new=new)
+            self._publish()
+
     def reload(self, config: Config) -> list[dict[str, Any]]:
         with self._lock:
             self._states = carry_over(self._rules, config.rules, self._states)
             self._rules = list(config.rules)
             self._forget_after = config.jobs.forget_gone_after
+            self.max_defer = config.policy.max_defer
             self._warn_unenforceable()
             self._enforce()
             return list(self.view.rules)
@@ -459,6 +487,8 @@ class Controller:
             entry = job.as_dict()
             if "error" in job.extra:
                 entry["error"] = job.extra["error"]
+            if job.progress is not None:
+                entry["progress"] = job.progress.as_dict()
             jobs.append(entry)
             directives[job.id] = (job.directive.as_dict(), job.directive_version)
         caps = self._power.capped if self._power is not None else {}

@@ -197,7 +197,7 @@ class Daemon:
         self._ready = False
         self.config = config
         self.config_path = config_path
-        samplers = build_samplers(config.sources)
+        samplers = build_samplers(config.sources, jobs=self._job_processes)
         state_dir = Path(config.daemon.state_dir)
         self.lock = StateLock(state_dir)
         try:
@@ -232,6 +232,15 @@ class Daemon:
         self.loop.add_hook(self._tell_systemd)
         self._reload_lock = threading.Lock()
         self._serving = False
+
+    def _job_processes(self) -> list[tuple[int, list[str]]]:
+        """For the simulated GPUs: each live job's process and the devices it is bound to,
+        from the controller's published view (nothing before the controller exists)."""
+        controller: Controller | None = getattr(self, "controller", None)
+        if controller is None:
+            return []
+        return [(int(job["pid"]), list(job["devices"])) for job in controller.view.jobs
+                if job["pid"] is not None and job["state"] != "gone"]
 
     def _protect_guardian(self) -> None:
         if self.guardian.pid is not None:

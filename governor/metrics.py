@@ -22,11 +22,17 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from governor import __version__
 from governor.catalog import PREFIX, SAMPLED
+from governor.progress import STEP_BUCKETS, bucket_label
 from governor.snapshot import SamplerState, SnapshotStore
 
 if TYPE_CHECKING:
@@ -231,6 +237,7 @@ class DaemonMetrics:
     def watch(self, controller: Controller) -> None:
         self._controller = controller
         self.registry.register(ControlCollector(controller))
+        self.registry.register(ProgressCollector(controller))
 
     def count_action(self, action: str, rule: str) -> None:
         self.actions.labels(action, rule).inc()
@@ -264,3 +271,44 @@ class DaemonMetrics:
             body = generate_latest(self.registry)
             self._cached = (key, body)
             return body
+
+
+class ProgressCollector(Collector):
+    """What cooperative jobs report with their directive polls (steps, step durations,
+    deferrals), from the jobs in the controller's published view.
+
+    Its families appear only once a job has reported, so an exposition without
+    cooperative jobs is as it was (and the golden file with it)."""
+
+    def __init__(self, controller: Controller):
+        self._controller = controller
+
+    def collect(self) -> Iterator[Metric]:
+        reported = [job for job in self._controller.view.jobs
+                    if job.get("progress") is not None and job["state"] != "gone"]
+        if not reported:
+            return
+        steps = CounterMetricFamily(
+            PREFIX + "job_steps", "Steps a cooperative job reported since it registered.",
+            labels=["job", "id"])
+        durations = HistogramMetricFamily(
+            PREFIX + "job_step_seconds", "Time between a cooperative job's checkpoints, "
+            "per step, as the job measured it (holds and slow-down sleeps left out).",
+            labels=["job", "id"])
+        deferrals = CounterMetricFamily(
+            PREFIX + "job_deferrals", "Pauses and slows a cooperative job put off because "
+            "it was inside a critical section (at most policy.max_defer each).",
+            labels=["job", "id"])
+        for job in reported:
+            progress, labels = job["progress"], [job["name"], job["id"]]
+            steps.add_metric(labels, progress["steps"])
+            deferrals.add_metric(labels, progress["deferrals"])
+            counts = progress["step_buckets"]
+            if counts is not None and progress["step_seconds"] is not None:
+                durations.add_metric(
+                    labels, [(bucket_label(b), c) for b, c in zip(STEP_BUCKETS, counts,
+                                                                    strict=True)],
+                    sum_value=progress["step_seconds"])
+        yield steps
+        yield durations
+        yield deferrals

@@ -5,7 +5,8 @@ annotations, which name dependencies local to the router factory.)
 
 Mutating routes are plain `def`s: FastAPI runs them in its thread pool, so the
 controller's lock (held while a cgroup freezes) never blocks the event loop. The
-directive long-poll is async and waits on an event the controller sets.
+directive long-poll is async and waits on an event the controller sets; the progress
+a cooperative job reports with it is recorded in the thread pool.
 """
 
 import asyncio
@@ -16,9 +17,11 @@ from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from governor.api import models
+from governor.api.errors import ApiError
 from governor.control import Controller
 from governor.jobs.model import Mode
 from governor.jobs.registry import Caller, JobRequest
+from governor.progress import MAX_COUNT, MAX_SECONDS, ProgressReport, parse_buckets
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "The body is not valid JSON, or the Host header names no host "
@@ -98,6 +101,23 @@ class DirectiveWatch:
                 return
 
 
+def progress_report(steps: int | None, step_seconds: float | None, step_buckets: str | None,
+                    deferrals: int | None) -> ProgressReport:
+    """The progress a directive poll carries; ApiError 422 with one sentence if its values
+    do not fit together."""
+    buckets = None
+    if step_buckets is not None:
+        try:
+            buckets = parse_buckets(step_buckets)
+        except ValueError as exc:
+            raise ApiError(422, f"Invalid request: {exc}.") from None
+    report = ProgressReport(steps, step_seconds, buckets, deferrals)
+    problem = report.problem()
+    if problem is not None:
+        raise ApiError(422, f"Invalid request: {problem}")
+    return report
+
+
 def job_router(controller: Controller, authenticate: Callable[..., Caller]) -> APIRouter:
     router = APIRouter(prefix="/v1")
     Writer = Annotated[Caller, Depends(authenticate)]
@@ -150,8 +170,28 @@ def job_router(controller: Controller, authenticate: Callable[..., Caller]) -> A
         wait: Annotated[float, Query(ge=0, le=300, description="seconds to wait for a change")]
         = 0,
         since: Annotated[int | None, Query(ge=0, description="the version last seen")] = None,
+        steps: Annotated[int | None, Query(
+            ge=0, le=MAX_COUNT, description="progress: steps done since the job registered "
+                                            "(a total: a lost or repeated poll is harmless)")]
+        = None,
+        step_seconds: Annotated[float | None, Query(
+            ge=0, le=MAX_SECONDS, allow_inf_nan=False,
+            description="progress: the sum of the durations of those steps, in seconds")]
+        = None,
+        step_buckets: Annotated[str | None, Query(
+            max_length=200, pattern=r"^[0-9]+(,[0-9]+)*$",
+            description="progress: cumulative step counts per bound of the step-duration "
+                        "histogram (0.01, 0.05, 0.1, 0.5, 1, 5, 30 s, +Inf), comma-separated; "
+                        "needs step_seconds")] = None,
+        deferrals: Annotated[int | None, Query(
+            ge=0, le=MAX_COUNT, description="progress: pauses and slows put off inside "
+                                            "critical sections")] = None,
     ) -> models.AsBuilt:
         body, version = controller.directive(job_id)
+        report = progress_report(steps, step_seconds, step_buckets, deferrals)
+        if not report.empty:
+            # in the thread pool: the controller's lock may be held by a slow freeze
+            await asyncio.to_thread(controller.report_progress, job_id, report)
         if wait > 0:
             baseline = version if since is None else since
 
@@ -161,7 +201,7 @@ def job_router(controller: Controller, authenticate: Callable[..., Caller]) -> A
 
             await watch.until(changed, wait)
             body, version = controller.directive(job_id)
-        return models.AsBuilt({**body, "version": version})
+        return models.AsBuilt({**body, "version": version, "max_defer": controller.max_defer})
 
     @router.get("/rules", summary="Every rule's series and their state",
                 response_model=list[models.RuleSeries], responses=errors())

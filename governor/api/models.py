@@ -53,6 +53,20 @@ class Unhealthy(_Shape):
     error: str
 
 
+class JobProgress(_Shape):
+    """What a cooperative job reported with its directive polls: totals since it
+    registered."""
+
+    steps: int
+    step_seconds: float | None = Field(description="the sum of the step durations")
+    step_buckets: list[int] | None = Field(
+        description="cumulative step counts per bound of the step-duration histogram "
+                    "(0.01, 0.05, 0.1, 0.5, 1, 5, 30 s, +Inf)")
+    deferrals: int = Field(description="holds put off inside critical sections")
+    reported_at: float | None = Field(description="Unix time of the last report that "
+                                                  "moved something")
+
+
 class Job(_Shape):
     id: str
     name: str
@@ -73,6 +87,8 @@ class Job(_Shape):
     gone_at: float | None
     error: str | None = Field(
         default=None, description="present while the job's actuator fails to hold it")
+    progress: JobProgress | None = Field(
+        default=None, description="present once a cooperative job has reported progress")
 
 
 class Directive(_Shape):
@@ -80,6 +96,11 @@ class Directive(_Shape):
     speed: float
     reasons: list[str]
     version: int = Field(description="bumped at every change; pass it as `since`")
+    defer: bool = Field(description="whether a cooperative job may put off a pause or slow "
+                                    "while inside a critical section; false when a rule "
+                                    "holding it says `defer = false`")
+    max_defer: float = Field(description="policy.max_defer: the longest, in seconds, a "
+                                         "pause or slow may be put off")
 
 
 class RuleSeries(_Shape):

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
+from governor.progress import Progress
+
 
 class Mode(StrEnum):
     SIGNAL = "signal"
@@ -35,6 +37,9 @@ class Directive:
     reasons: tuple[str, ...] = ()
     #: the names of the rules that asked for it ("operator" for an operator hold)
     rules: tuple[str, ...] = ()
+    #: whether a cooperative job may put it off while inside a critical section; false
+    #: when a rule holding the job says `defer = false`
+    defer: bool = True
 
     @property
     def state(self) -> str:
@@ -44,7 +49,8 @@ class Directive:
         ]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"state": self.action.value, "speed": self.speed, "reasons": list(self.reasons)}
+        return {"state": self.action.value, "speed": self.speed, "reasons": list(self.reasons),
+                "defer": self.defer}
 
     def same_hold(self, other: Directive) -> bool:
         """Equal in what an actuator must do (reasons aside)."""
@@ -54,17 +60,19 @@ class Directive:
 RUN = Directive(Action.RUN, 1.0)
 
 
-def pause(*reasons: str, rules: tuple[str, ...] = ()) -> Directive:
-    return Directive(Action.PAUSE, 0.0, reasons, rules)
+def pause(*reasons: str, rules: tuple[str, ...] = (), defer: bool = True) -> Directive:
+    return Directive(Action.PAUSE, 0.0, reasons, rules, defer)
 
 
-def slow(speed: float, *reasons: str, rules: tuple[str, ...] = ()) -> Directive:
-    return Directive(Action.SLOW, speed, reasons, rules)
+def slow(speed: float, *reasons: str, rules: tuple[str, ...] = (),
+         defer: bool = True) -> Directive:
+    return Directive(Action.SLOW, speed, reasons, rules, defer)
 
 
 def strictest(directives: list[Directive]) -> Directive:
     """Pause over slow over run; the lower speed over the higher. Reasons of every
-    directive that holds the job are kept, so a job shows everything that holds it."""
+    directive that holds the job are kept, so a job shows everything that holds it; one
+    that may not be deferred makes the whole directive act at once."""
     held = [d for d in directives if d.action is not Action.RUN]
     if not held:
         return RUN
@@ -74,7 +82,7 @@ def strictest(directives: list[Directive]) -> Directive:
         winner = Directive(Action.SLOW, min(d.speed for d in held))
     reasons = tuple(dict.fromkeys(r for d in held for r in d.reasons))
     rules = tuple(dict.fromkeys(r for d in held for r in d.rules))
-    return replace(winner, reasons=reasons, rules=rules)
+    return replace(winner, reasons=reasons, rules=rules, defer=all(d.defer for d in held))
 
 
 @dataclass
@@ -112,6 +120,9 @@ class Job:
     extra: dict[str, Any] = field(default_factory=dict)
     #: what the actuator needs to survive a restart (JSON): kept in the journal's record
     saved: dict[str, Any] = field(default_factory=dict)
+    #: what a cooperative client last reported (not persisted: its totals come again
+    #: with its next poll)
+    progress: Progress | None = None
 
     @property
     def bound_devices(self) -> frozenset[str]:

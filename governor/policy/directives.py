@@ -78,10 +78,11 @@ def decide(
                 continue
             for job in touched:
                 if rule.action == "pause":
-                    asks[job.id].append(pause(why, rules=(rule.name,)))
+                    asks[job.id].append(pause(why, rules=(rule.name,), defer=rule.defer))
                 else:
                     assert rule.speed is not None
-                    asks[job.id].append(slow(rule.speed, why, rules=(rule.name,)))
+                    asks[job.id].append(slow(rule.speed, why, rules=(rule.name,),
+                                             defer=rule.defer))
     return {job_id: strictest(d) if d else RUN for job_id, d in asks.items()}, caps
 
 

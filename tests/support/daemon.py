@@ -64,6 +64,8 @@ class DaemonProcess:
         self.port = free_port()
         config = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
         config.setdefault("api", {}).setdefault("listen", f"127.0.0.1:{self.port}")
+        # a test may bring a daemon back on the port of one it stopped
+        self.port = int(str(config["api"]["listen"]).rsplit(":", 1)[1])
         config.setdefault("daemon", {}).setdefault("state_dir", str(workdir / "state"))
         config["api"].setdefault("token_file", str(workdir / "token"))
         self.token_path = Path(config["api"]["token_file"]) if config["api"]["token_file"] else None

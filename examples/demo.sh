@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# `make demo`: the daemon with simulated GPUs (config/demo/governor.toml), two toy jobs
+# heating them (one cooperative on gpu0, one held by signals on gpu1), and `governor top`
+# to watch the loop: the GPUs heat up, a rule trips, the jobs slow, then pause, the GPUs
+# cool, the jobs resume. Ctrl-C stops everything. Logs and traces: .governor-demo/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BIN=${BIN:-.venv/bin}
+export GOVERNOR_CONFIG=config/demo/governor.toml
+STATE=.governor-demo
+mkdir -p "$STATE"
+rm -f "$STATE"/*.jsonl "$STATE"/*.log
+
+daemon=""
+launchers=()
+
+stop_all() {
+    trap - INT TERM EXIT
+    echo
+    echo "demo: stopping the jobs and the daemon..."
+    # a launcher unregisters its job (resuming it) before passing the signal on
+    for pid in "${launchers[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${launchers[@]}"; do wait "$pid" 2>/dev/null || true; done
+    if [ -n "$daemon" ]; then
+        kill -TERM "$daemon" 2>/dev/null || true
+        wait "$daemon" 2>/dev/null || true
+    fi
+    echo "demo: done; logs and traces are in $STATE/"
+}
+trap stop_all INT TERM EXIT
+
+# setsid: Ctrl-C reaches only this script and `governor top`; stop_all stops the rest in
+# order, jobs first.
+setsid "$BIN/governor" run --config "$GOVERNOR_CONFIG" >"$STATE/daemon.log" 2>&1 &
+daemon=$!
+for _ in $(seq 100); do
+    "$BIN/governor" status >/dev/null 2>&1 && break
+    if ! kill -0 "$daemon" 2>/dev/null; then
+        echo "demo: the daemon did not start:" >&2
+        cat "$STATE/daemon.log" >&2
+        exit 1
+    fi
+    sleep 0.1
+done
+
+setsid "$BIN/governor" launch --name coop-search --mode cooperative --device gpu0 -- \
+    "$BIN/python" examples/coop_search.py --trace "$STATE/coop-search.jsonl" \
+    >"$STATE/coop-search.log" 2>&1 &
+launchers+=($!)
+setsid "$BIN/governor" launch --name plain-search --mode signal --device gpu1 -- \
+    "$BIN/python" examples/plain_search.py --trace "$STATE/plain-search.jsonl" \
+    >"$STATE/plain-search.log" 2>&1 &
+launchers+=($!)
+
+if "$BIN/governor" top --help >/dev/null 2>&1; then
+    "$BIN/governor" top || true
+else
+    # until `governor top` is merged: the status, redrawn every second
+    while :; do
+        status=$("$BIN/governor" status 2>&1 || true)
+        printf '\033[H\033[2J%s\n\n(governor status every second; Ctrl-C ends the demo)\n' "$status"
+        sleep 1
+    done
+fi

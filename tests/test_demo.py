@@ -1,0 +1,153 @@
+"""`make demo`, headless: the demo's daemon config and scenario, its two example jobs
+launched as `make demo` launches them, and the whole loop checked.
+
+The demo's rules and thermal model run three times faster here (the heat and cool rates
+tripled, the rules' `for` and `clear_for` cut to a third, rounds of 0.2 s): the
+temperatures follow the same curve in a third of the time. The test watches the daemon
+(its readings through /v1/status, its actions through the audit log) until each job has
+been slowed, paused and resumed, and reads the cooperative job's trace: no hold landed
+inside one of its checkpoint writes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from governor.config import parse_duration
+from tests.support.daemon import REPO, DaemonProcess, toml_value
+from tests.test_cooperative import Worker
+
+StartDaemon = Callable[..., DaemonProcess]
+SPEED_UP = 3.0
+JOBS = {"coop-search": ("cooperative", "gpu0", "examples/coop_search.py"),
+        "plain-search": ("signal", "gpu1", "examples/plain_search.py")}
+
+
+def demo_config(tmp_path: Path) -> dict[str, Any]:
+    """config/demo/governor.toml with its scenario, sped up, and the daemon's own files
+    in tmp_path."""
+    config = tomllib.loads((REPO / "config/demo/governor.toml").read_text())
+    scenario = tomllib.loads((REPO / "config/demo/scenario.toml").read_text())
+    lines = []
+    for gpu in scenario["gpu"]:
+        gpu["heat"] *= SPEED_UP
+        gpu["cool"] *= SPEED_UP
+        lines += ["[[gpu]]"] + [f"{k} = {toml_value(v)}" for k, v in gpu.items()] + [""]
+    (tmp_path / "scenario.toml").write_text("\n".join(lines))
+    config["sources"]["simulate"] = str(tmp_path / "scenario.toml")
+    config["daemon"] = {"interval": 0.2}
+    config["api"] = {}
+    for rule in config["rules"]:
+        for key in ("for", "clear_for"):
+            rule[key] = parse_duration(rule.get(key, 0)) / SPEED_UP
+    return config
+
+
+@pytest.fixture
+def launched(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
+    launchers: list[subprocess.Popen[bytes]] = []
+    yield launchers
+    for launcher in launchers:
+        if launcher.poll() is None:
+            launcher.send_signal(signal.SIGTERM)
+            try:
+                launcher.wait(15)
+            except subprocess.TimeoutExpired:
+                launcher.kill()
+
+
+def launch(d: DaemonProcess, name: str, trace: Path) -> subprocess.Popen[bytes]:
+    mode, device, script = JOBS[name]
+    with open(trace.with_suffix(".log"), "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "governor", "launch", "--config", str(d.config_path),
+             "--name", name, "--mode", mode, "--device", device, "--",
+             sys.executable, script, "--trace", str(trace), "--checkpoint-every", "10",
+             "--verify-rounds", "4", "--checkpoint", str(trace.with_suffix(".json"))],
+            cwd=REPO, env={**d.env, "GOVERNOR_CONFIG": str(d.config_path)},
+            stdout=log, stderr=log)
+
+
+def actions(events: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [e for e in events if (e.get("job") or {}).get("name") == name
+            and e["what"] in ("slow", "pause", "resume")]
+
+
+def a_full_cycle(events: list[dict[str, Any]]) -> bool:
+    """slow, then pause, then resume, in that order."""
+    seen = [e["what"] for e in events]
+    try:
+        pause = seen.index("pause", seen.index("slow"))
+        seen.index("resume", pause)
+    except ValueError:
+        return False
+    return True
+
+
+def test_the_demo_heats_trips_slows_pauses_cools_and_resumes(
+        daemon: StartDaemon, tmp_path: Path, launched: list[subprocess.Popen[bytes]]) -> None:
+    d = daemon(demo_config(tmp_path))
+    traces = {name: tmp_path / f"{name}.jsonl" for name in JOBS}
+    for name, trace in traces.items():
+        launched.append(launch(d, name, trace))
+
+    temperatures: dict[str, list[float]] = {"0": [], "1": []}
+    deadline = time.monotonic() + 100
+    while True:
+        for reading in d.get("/v1/status").json()["readings"]:
+            if reading["metric"] == "gpu_temperature_celsius":
+                temperatures[reading["labels"]["gpu"]].append(reading["value"])
+        events = d.get("/v1/events").json()["events"]
+        if all(a_full_cycle(actions(events, name)) for name in JOBS):
+            break
+        assert time.monotonic() < deadline, (
+            f"no full cycle in 100 s: {[(e['what'], e['job']) for e in events]}\n"
+            f"{d.log()[-3000:]}")
+        time.sleep(0.2)
+
+    for gpu, seen in temperatures.items():
+        assert seen[0] < 70 and max(seen) > 80, f"gpu{gpu} heated up: {seen}"
+        peak = seen.index(max(seen))
+        assert min(seen[peak:]) < 60, f"gpu{gpu} cooled down once its job was held: {seen}"
+    for name in JOBS:
+        done = actions(events, name)
+        slow = next(e for e in done if e["what"] == "slow")
+        assert slow["who"] == "rule gpu-warm" and slow["speed"] == 0.5
+        assert slow["why"]["readings"][0]["value"] > 70
+        pause = next(e for e in done if e["what"] == "pause")
+        assert "rule gpu-hot" in pause["who"]
+        assert any(r["rule"] == "gpu-hot" and r["value"] > 80 for r in pause["why"]["readings"])
+        resume = next(e for e in done[done.index(pause):] if e["what"] == "resume")
+        assert all(r["value"] < 60 for r in resume["why"]["readings"]
+                   if r["rule"] == "gpu-hot"), resume
+    assert not [e for e in events if e["who"] == "rule gpu-critical"], (
+        "the demo never reaches the hard limit, whose pause may not be deferred")
+
+    for launcher in launched:
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(15)
+    coop = Worker(traces["coop-search"], launched[0])
+    trace = coop.events()
+    assert coop.named("held") and coop.named("resumed"), "the cooperative job held itself"
+    inside = False
+    for event in trace:
+        if event["event"] == "critical-enter":
+            inside = True
+        elif event["event"] == "critical-exit":
+            inside = False
+        assert not (inside and event["event"] == "held"), (
+            f"a hold landed inside a checkpoint write at step {event['step']}")
+    assert coop.named("critical-exit"), "it wrote checkpoints"
+    plain = Worker(traces["plain-search"], launched[1])
+    assert plain.named("critical-exit"), "the plain job wrote checkpoints"
+    assert os.path.exists(traces["coop-search"].with_suffix(".json"))
