@@ -109,26 +109,32 @@ class SamplerRunner:
         with self._lock:
             return self._run_round()
 
+    def _submit(self, slot: _Slot, started: float) -> Future[object] | None:
+        """Start the sampler's call on its worker; None when it is stuck or backing off."""
+        if slot.stuck is not None and not slot.stuck.done():
+            return None
+        slot.stuck = None
+        if self._backing_off(slot, started):
+            return None
+        return slot.worker.submit(self._timed(slot.sampler))
+
     def _run_round(self) -> Snapshot:
+        """The samplers run one after another, each on its own worker thread: a hung one
+        is left behind at the deadline, and none competes with another for the GIL
+        (running them at once cost 0.8-2 ms more CPU per round on two cores)."""
         self._sequence += 1
         started, started_wall = self._clock(), self._wall()
-        pending: list[tuple[_Slot, Future[object] | None]] = []
-        for slot in self._slots:
-            if slot.stuck is not None and not slot.stuck.done():
-                pending.append((slot, None))
-                continue
-            slot.stuck = None
-            if self._backing_off(slot, started):
-                pending.append((slot, None))
-                continue
-            pending.append((slot, slot.worker.submit(self._timed(slot.sampler))))
-
         deadline = started + self.timeout
+        #: however late the round, each sampler gets this long before it counts as stuck
+        least = self.timeout / max(1, len(self._slots)) / 2
         readings: dict[tuple[str, tuple[tuple[str, str], ...]], Reading] = {}
         health: list[SamplerHealth] = []
         gpu_pids: dict[str, frozenset[int]] = {}
-        for slot, future in pending:
-            state, result, error, duration = self._collect(slot, future, deadline, started)
+        for slot in self._slots:
+            future = self._submit(slot, started)
+            own_deadline = max(deadline, self._clock() + least)
+            state, result, error, duration = self._collect(slot, future, own_deadline,
+                                                           started)
             problems: list[str] = []
             if result is not None:
                 problems = list(result.problems)
