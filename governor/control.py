@@ -22,6 +22,7 @@ from governor.actuators.base import Actuator, ActuatorError
 from governor.actuators.gpu_power import PowerCapper
 from governor.config import Config, RuleConfig
 from governor.jobs import process
+from governor.jobs.exits import ExitWatch
 from governor.jobs.model import RUN, Action, Directive, Job, Mode
 from governor.jobs.registry import Caller, JobRegistry, JobRequest, RegistrationError
 from governor.journal import Journal
@@ -89,6 +90,7 @@ class Controller:
         self._clock = clock
         self._wall = wall
         self.registry = JobRegistry()
+        self._exits = ExitWatch()
         self._listeners: list[DirectiveListener] = []
         #: who last held or released each job by hand, for the action log
         self._operator: dict[str, str] = {}
@@ -130,9 +132,11 @@ class Controller:
             except ActuatorError as exc:
                 raise RegistrationError(exc.status, str(exc)) from None
             self._check_cgroup_free(job)
+            self._watch_exit(job)
             try:
                 self._journal.put_job(job.id, self._record(job))
             except OSError as exc:
+                self._exits.forget(job.id)
                 self._actuators[job.mode].detach(job)
                 raise RegistrationError(
                     507, f"The job was not registered: the journal cannot be written "
@@ -162,6 +166,7 @@ class Controller:
                     self._journal.drop_job(job.id)
                     continue
                 self.registry.add(job)
+                self._watch_exit(job)
                 self._journal.put_job(job.id, self._record(job))
                 _action_line("adopt", job, by="restart")
             self._enforce()
@@ -197,6 +202,7 @@ class Controller:
         with self._lock, self._refusals("unregister", caller, self._ref(job_id)):
             job = self._owned(job_id, caller)
             was = job.directive
+            self._exits.forget(job.id)
             self._actuators[job.mode].detach(job)
             if job.directive.action is not Action.RUN:
                 self._count("resume", job.directive.rules)
@@ -250,6 +256,7 @@ class Controller:
                 self._power.release_all()
             for actuator in self._actuators.values():
                 actuator.close()
+            self._exits.close()
             if self._power is not None:
                 self._power.close()
 
@@ -385,18 +392,22 @@ class Controller:
         """Tell the listeners once the view holds the change (see _publish)."""
         self._changed[job.id] = job.directive_version
 
+    def _watch_exit(self, job: Job) -> None:
+        if job.pid is not None and job.pid_started_at is not None:
+            self._exits.watch(job.id, process.ProcessIdentity(job.pid, job.pid_started_at))
+
     def _notice_gone(self) -> None:
         """Jobs whose process exited are released and marked gone; forgotten later."""
         now = self._wall()
+        exited = self._exits.exited()
         for job in self.registry.all():
             if job.gone_at is not None:
                 if now - job.gone_at >= self._forget_after:
                     self.registry.remove(job.id)
                 continue
-            if job.pid is None or job.pid_started_at is None:
+            if job.id not in exited:
                 continue
-            if process.is_alive(process.ProcessIdentity(job.pid, job.pid_started_at)):
-                continue
+            self._exits.forget(job.id)
             self._actuators[job.mode].detach(job)
             if job.directive.action is not Action.RUN:
                 self._count("resume", job.directive.rules)

@@ -37,6 +37,7 @@ from governor.audit import AuditLog
 from governor.config import ApiConfig, Config, ConfigError, is_loopback, load_config
 from governor.control import Controller
 from governor.guardian import Guardian
+from governor.jobs.exits import raise_fd_limit
 from governor.jobs.model import Mode
 from governor.journal import Journal
 from governor.loop import SamplingLoop
@@ -197,6 +198,7 @@ class Daemon:
         self._ready = False
         self.config = config
         self.config_path = config_path
+        raise_fd_limit()  # a pidfd per job
         samplers = build_samplers(config.sources)
         state_dir = Path(config.daemon.state_dir)
         self.lock = StateLock(state_dir)
