@@ -27,9 +27,11 @@ from prometheus_client.registry import Collector
 
 from governor import __version__
 from governor.catalog import PREFIX, SAMPLED
+from governor.policy.directives import OPERATOR
 from governor.snapshot import SamplerState, SnapshotStore
 
 if TYPE_CHECKING:
+    from governor.config import RuleConfig
     from governor.control import Controller
 
 # `_created` series double every counter for no use here.
@@ -280,6 +282,19 @@ class DaemonMetrics:
 
     def count_action(self, action: str, rule: str) -> None:
         self.actions.labels(action, rule).inc()
+
+    def expect_actions(self, rules: Iterable[RuleConfig]) -> None:
+        """Start the action counters each rule (and an operator) can move at 0. rate()
+        and increase() see no change in a series whose first sample is already 1, so
+        without this the first pause by a rule would show in no graph or annotation."""
+        for rule in rules:
+            actions = (("power_cap", "restore") if rule.action == "power_cap"
+                       else ("pause", "slow", "resume"))
+            for action in actions:
+                self.actions.labels(action, rule.name)
+        for action in ("pause", "resume"):
+            self.actions.labels(action, OPERATOR)
+        _CHANGES.bump()
 
     def _key(self) -> tuple[Any, ...]:
         """What the exposition is made of, read before rendering: a change after this

@@ -306,3 +306,17 @@ def test_job_state_info_names_what_holds_each_job() -> None:
         'governor_job_state_info{id="c3",job="search",reason="cpu-hot, operator",'
         'state="paused"}': 1.0,
     }, "gone jobs have no series"
+
+
+def test_action_counters_start_at_zero_for_every_rule_and_the_operator() -> None:
+    """rate() and increase() miss the first action of a counter born at 1."""
+    metrics = DaemonMetrics(SnapshotStore())
+    metrics.expect_actions([rule("cpu-hot", "cpu_temperature_celsius", above=80),
+                            RuleConfig.model_validate({
+                                "name": "cap", "metric": "gpu_temperature_celsius",
+                                "above": 85, "action": "power_cap", "power_cap_watts": 250})])
+    assert samples(metrics.render().decode(), "governor_actions_total") == {
+        f'governor_actions_total{{action="{action}",rule="{name}"}}': 0.0
+        for action, name in [("pause", "cpu-hot"), ("slow", "cpu-hot"), ("resume", "cpu-hot"),
+                             ("power_cap", "cap"), ("restore", "cap"),
+                             ("pause", "operator"), ("resume", "operator")]}
