@@ -56,6 +56,9 @@ class ControlView:
     directives: Mapping[str, tuple[dict[str, Any], int]] = field(default_factory=dict)
     #: GPU index -> the power cap in force, in watts
     power_caps: Mapping[str, float] = field(default_factory=dict)
+    #: job id -> the names of the rules holding the job ("operator" for an operator
+    #: hold); the reasons carry readings, too changeable for a metric label
+    held_by: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 class Controller:
@@ -466,14 +469,16 @@ class Controller:
                     entry["not_enforceable_because"] = self._power_unavailable
         jobs = []
         directives: dict[str, tuple[dict[str, Any], int]] = {}
+        held_by: dict[str, tuple[str, ...]] = {}
         for job in self.registry.all():
             entry = job.as_dict()
             if "error" in job.extra:
                 entry["error"] = job.extra["error"]
             jobs.append(entry)
             directives[job.id] = (job.directive.as_dict(), job.directive_version)
+            held_by[job.id] = job.directive.rules
         caps = self._power.capped if self._power is not None else {}
-        self.view = ControlView(tuple(jobs), tuple(rules), directives, caps)
+        self.view = ControlView(tuple(jobs), tuple(rules), directives, caps, held_by)
         changed, self._changed = self._changed, {}
         for job_id, version in changed.items():
             for listener in self._listeners:

@@ -208,6 +208,7 @@ class Daemon:
             raise StartupError(f"daemon.state_dir: {exc}") from None
         self.store = SnapshotStore()
         self.metrics = DaemonMetrics(self.store)
+        self.metrics.expect_actions(config.rules)
         self.audit = AuditLog(state_dir / AUDIT_FILENAME,
                               config.audit.max_bytes, config.audit.keep,
                               on_error=self.metrics.audit_errors.inc)
@@ -318,6 +319,7 @@ class Daemon:
                 if getattr(config.jobs, key) != getattr(self.config.jobs, key):
                     log.warning("reload: jobs.%s changed; restart the daemon to apply it", key)
             rules = self.controller.reload(config)
+            self.metrics.expect_actions(config.rules)
             self.loop.interval = config.daemon.interval
             self.runner.timeout = config.daemon.effective_sampler_timeout
             self.audit.configure(config.audit.max_bytes, config.audit.keep)
