@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= config/governor.toml
 
-.PHONY: run test lint clean install
+.PHONY: run test lint clean install bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { echo "could not create $(VENV): install python3-venv" >&2; exit 1; }
@@ -28,6 +28,11 @@ lint: $(VENV)/.installed-test
 
 test: lint
 	$(BIN)/pytest
+
+# Governor beside its peers (node_exporter, cpulimit, wrk: installed from Debian when
+# missing); prints a table, writes bench/results.json and the table in README.md.
+bench: $(VENV)/.installed
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) .governor .governor-demo .pytest_cache .mypy_cache .ruff_cache

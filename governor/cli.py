@@ -7,6 +7,7 @@ to stderr as one line each.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -230,6 +231,30 @@ def cmd_events(args: argparse.Namespace) -> int:
     return 0
 
 
+#: how long `top` waits for one status: a hung daemon shows as unreachable, not as a
+#: frozen view
+TOP_TIMEOUT = 5.0
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    import signal
+
+    from governor.top import StatusPoller, live_top, once_console, render
+
+    config, _ = _load(args.config)
+    console = once_console()
+    with ApiClient(config, timeout=TOP_TIMEOUT) as client:
+        if args.once:
+            console.print(render(client.status(), where=client.where))
+            return 0
+        # a plain kill would leave the terminal in cbreak mode on the alternate screen
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        poller = StatusPoller(client.status, args.interval or config.daemon.interval)
+        with contextlib.suppress(KeyboardInterrupt):
+            live_top(poller, console, where=client.where)
+    return 0
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
     from governor.launch import launch
 
@@ -367,6 +392,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "(2024-05-01T12:00), or a duration ago (10m, 2h, 7d); default: all kept")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_events)
+
+    p = verbs.add_parser(
+        "top", help="a live view of readings, rules and jobs",
+        description="A live terminal view of the running daemon: readings against the rules' "
+        "thresholds, rules and their states, jobs with state, speed and reasons; redrawn "
+        "every round. It only reads the REST API, so any user who can reach the daemon may "
+        "run it. q or Ctrl-C quits.")
+    config_option(p)
+    p.add_argument("--interval", type=positive_seconds, metavar="SECONDS",
+                   help="how often to ask (default: the config's daemon.interval, so every "
+                   "round is shown)")
+    p.add_argument("--once", action="store_true",
+                   help="print one frame to stdout and exit (no terminal needed)")
+    p.set_defaults(func=cmd_top)
 
     p = verbs.add_parser(
         "launch", help="run a command as a governed job",

@@ -22,6 +22,7 @@ from governor.actuators.base import Actuator, ActuatorError
 from governor.actuators.gpu_power import PowerCapper
 from governor.config import Config, RuleConfig
 from governor.jobs import process
+from governor.jobs.exits import ExitWatch
 from governor.jobs.model import RUN, Action, Directive, Job, Mode
 from governor.jobs.registry import Caller, JobRegistry, JobRequest, RegistrationError
 from governor.journal import Journal
@@ -56,6 +57,9 @@ class ControlView:
     directives: Mapping[str, tuple[dict[str, Any], int]] = field(default_factory=dict)
     #: GPU index -> the power cap in force, in watts
     power_caps: Mapping[str, float] = field(default_factory=dict)
+    #: job id -> the names of the rules holding the job ("operator" for an operator
+    #: hold); the reasons carry readings, too changeable for a metric label
+    held_by: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 class Controller:
@@ -92,6 +96,7 @@ class Controller:
         self._clock = clock
         self._wall = wall
         self.registry = JobRegistry()
+        self._exits = ExitWatch()
         self._listeners: list[DirectiveListener] = []
         #: who last held or released each job by hand, for the action log
         self._operator: dict[str, str] = {}
@@ -133,9 +138,11 @@ class Controller:
             except ActuatorError as exc:
                 raise RegistrationError(exc.status, str(exc)) from None
             self._check_cgroup_free(job)
+            self._watch_exit(job)
             try:
                 self._journal.put_job(job.id, self._record(job))
             except OSError as exc:
+                self._exits.forget(job.id)
                 self._actuators[job.mode].detach(job)
                 raise RegistrationError(
                     507, f"The job was not registered: the journal cannot be written "
@@ -165,6 +172,7 @@ class Controller:
                     self._journal.drop_job(job.id)
                     continue
                 self.registry.add(job)
+                self._watch_exit(job)
                 self._journal.put_job(job.id, self._record(job))
                 _action_line("adopt", job, by="restart")
             self._enforce()
@@ -200,6 +208,7 @@ class Controller:
         with self._lock, self._refusals("unregister", caller, self._ref(job_id)):
             job = self._owned(job_id, caller)
             was = job.directive
+            self._exits.forget(job.id)
             self._actuators[job.mode].detach(job)
             if job.directive.action is not Action.RUN:
                 self._count("resume", job.directive.rules)
@@ -278,6 +287,7 @@ class Controller:
                 self._power.release_all()
             for actuator in self._actuators.values():
                 actuator.close()
+            self._exits.close()
             if self._power is not None:
                 self._power.close()
 
@@ -413,18 +423,22 @@ class Controller:
         """Tell the listeners once the view holds the change (see _publish)."""
         self._changed[job.id] = job.directive_version
 
+    def _watch_exit(self, job: Job) -> None:
+        if job.pid is not None and job.pid_started_at is not None:
+            self._exits.watch(job.id, process.ProcessIdentity(job.pid, job.pid_started_at))
+
     def _notice_gone(self) -> None:
         """Jobs whose process exited are released and marked gone; forgotten later."""
         now = self._wall()
+        exited = self._exits.exited()
         for job in self.registry.all():
             if job.gone_at is not None:
                 if now - job.gone_at >= self._forget_after:
                     self.registry.remove(job.id)
                 continue
-            if job.pid is None or job.pid_started_at is None:
+            if job.id not in exited:
                 continue
-            if process.is_alive(process.ProcessIdentity(job.pid, job.pid_started_at)):
-                continue
+            self._exits.forget(job.id)
             self._actuators[job.mode].detach(job)
             if job.directive.action is not Action.RUN:
                 self._count("resume", job.directive.rules)
@@ -483,6 +497,7 @@ class Controller:
                     entry["not_enforceable_because"] = self._power_unavailable
         jobs = []
         directives: dict[str, tuple[dict[str, Any], int]] = {}
+        held_by: dict[str, tuple[str, ...]] = {}
         for job in self.registry.all():
             entry = job.as_dict()
             if "error" in job.extra:
@@ -491,8 +506,9 @@ class Controller:
                 entry["progress"] = job.progress.as_dict()
             jobs.append(entry)
             directives[job.id] = (job.directive.as_dict(), job.directive_version)
+            held_by[job.id] = job.directive.rules
         caps = self._power.capped if self._power is not None else {}
-        self.view = ControlView(tuple(jobs), tuple(rules), directives, caps)
+        self.view = ControlView(tuple(jobs), tuple(rules), directives, caps, held_by)
         changed, self._changed = self._changed, {}
         for job_id, version in changed.items():
             for listener in self._listeners:

@@ -37,6 +37,7 @@ from governor.audit import AuditLog
 from governor.config import ApiConfig, Config, ConfigError, is_loopback, load_config
 from governor.control import Controller
 from governor.guardian import Guardian
+from governor.jobs.exits import raise_fd_limit
 from governor.jobs.model import Mode
 from governor.journal import Journal
 from governor.loop import SamplingLoop
@@ -197,6 +198,7 @@ class Daemon:
         self._ready = False
         self.config = config
         self.config_path = config_path
+        raise_fd_limit()  # a pidfd per job
         samplers = build_samplers(config.sources, jobs=self._job_processes)
         state_dir = Path(config.daemon.state_dir)
         self.lock = StateLock(state_dir)
@@ -206,6 +208,7 @@ class Daemon:
             raise StartupError(f"daemon.state_dir: {exc}") from None
         self.store = SnapshotStore()
         self.metrics = DaemonMetrics(self.store)
+        self.metrics.expect_actions(config.rules)
         self.audit = AuditLog(state_dir / AUDIT_FILENAME,
                               config.audit.max_bytes, config.audit.keep,
                               on_error=self.metrics.audit_errors.inc)
@@ -325,6 +328,7 @@ class Daemon:
                 if getattr(config.jobs, key) != getattr(self.config.jobs, key):
                     log.warning("reload: jobs.%s changed; restart the daemon to apply it", key)
             rules = self.controller.reload(config)
+            self.metrics.expect_actions(config.rules)
             self.loop.interval = config.daemon.interval
             self.runner.timeout = config.daemon.effective_sampler_timeout
             self.audit.configure(config.audit.max_bytes, config.audit.keep)

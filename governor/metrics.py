@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from prometheus_client import (
@@ -32,10 +32,12 @@ from prometheus_client.registry import Collector
 
 from governor import __version__
 from governor.catalog import PREFIX, SAMPLED
+from governor.policy.directives import OPERATOR
 from governor.progress import STEP_BUCKETS, bucket_label
 from governor.snapshot import SamplerState, SnapshotStore
 
 if TYPE_CHECKING:
+    from governor.config import RuleConfig
     from governor.control import Controller
 
 # `_created` series double every counter for no use here.
@@ -129,8 +131,22 @@ class SnapshotCollector(Collector):
         yield duration
 
 
+def threshold_unit(metric: str) -> str:
+    """The unit family a rule's threshold belongs to: the suffix of the metric it watches,
+    so a panel draws `_celsius` lines on a `_celsius` axis. `gpu_info` is a presence flag
+    (1 while the GPU is there), which `_active` already stands for: an `_info` series must
+    be 1, and a threshold is not."""
+    unit = metric.rsplit("_", 1)[-1]
+    return "active" if unit == "info" else unit
+
+
+#: every threshold family, in catalog order, so the exposition's families are stable
+THRESHOLD_UNITS = tuple(dict.fromkeys(threshold_unit(name) for name in SAMPLED))
+
+
 class ControlCollector(Collector):
-    """Rule states, job speeds and power caps, from the controller's published view."""
+    """Rule states and thresholds, job states, speeds and power caps, from the
+    controller's published view."""
 
     STATES: ClassVar[dict[str, int]] = {"ok": 0, "pending": 1, "tripped": 2}
 
@@ -147,24 +163,56 @@ class ControlCollector(Collector):
                 rules.add_metric([str(entry["name"]), str(entry["series"])],
                                  self.STATES[str(entry["state"])])
         yield rules
+        yield from self._thresholds(view.rules)
         speed = GaugeMetricFamily(
             PREFIX + "job_speed_ratio", "Share of normal speed each job keeps: 1 running, "
             "0 paused, else the slow speed.", labels=["job", "id"])
         paused = GaugeMetricFamily(PREFIX + "job_paused", "1 while the job is paused.",
                                    labels=["job", "id"])
+        states = GaugeMetricFamily(
+            PREFIX + "job_state_info", "Each job's state (running, slowed, paused) and what "
+            "holds it: the rules, joined by \", \", or operator; \"\" while running. Value 1.",
+            labels=["job", "id", "state", "reason"])
         for job in view.jobs:
             if job["state"] == "gone":
                 continue
             speed.add_metric([job["name"], job["id"]], job["speed"])
             paused.add_metric([job["name"], job["id"]], 1 if job["state"] == "paused" else 0)
+            holding = "" if job["state"] == "running" else ", ".join(
+                view.held_by.get(job["id"], ()))
+            states.add_metric([job["name"], job["id"], job["state"], holding], 1)
         yield speed
         yield paused
+        yield states
         caps = GaugeMetricFamily(PREFIX + "gpu_power_cap_watts",
                                  "Power limit governor has set on the GPU while a power_cap "
                                  "rule holds it.", labels=["gpu"])
         for gpu, watts in sorted(self._controller.power_caps.items()):
             caps.add_metric([gpu], watts)
         yield caps
+
+    @staticmethod
+    def _thresholds(entries: Iterable[Mapping[str, Any]]) -> Iterator[Metric]:
+        """One series per rule and line (trip, clear), whatever series the rule watches,
+        so a dashboard can draw the lines before any reading crosses them."""
+        families = {
+            unit: GaugeMetricFamily(
+                f"{PREFIX}rule_threshold_{unit}",
+                f"Trip and clear lines of the rules on *_{unit} metrics, in the metric's "
+                "unit: line=\"trip\" trips the rule, line=\"clear\" clears it.",
+                labels=["rule", "metric", "line"])
+            for unit in THRESHOLD_UNITS
+        }
+        seen: set[str] = set()
+        for entry in entries:
+            name, metric = str(entry["name"]), str(entry["metric"])
+            if name in seen:
+                continue
+            seen.add(name)
+            family = families[threshold_unit(metric)]
+            family.add_metric([name, metric, "trip"], float(entry["threshold"]))
+            family.add_metric([name, metric, "clear"], float(entry["clear_threshold"]))
+        yield from families.values()
 
 
 class DaemonMetrics:
@@ -241,6 +289,19 @@ class DaemonMetrics:
 
     def count_action(self, action: str, rule: str) -> None:
         self.actions.labels(action, rule).inc()
+
+    def expect_actions(self, rules: Iterable[RuleConfig]) -> None:
+        """Start the action counters each rule (and an operator) can move at 0. rate()
+        and increase() see no change in a series whose first sample is already 1, so
+        without this the first pause by a rule would show in no graph or annotation."""
+        for rule in rules:
+            actions = (("power_cap", "restore") if rule.action == "power_cap"
+                       else ("pause", "slow", "resume"))
+            for action in actions:
+                self.actions.labels(action, rule.name)
+        for action in ("pause", "resume"):
+            self.actions.labels(action, OPERATOR)
+        _CHANGES.bump()
 
     def _key(self) -> tuple[Any, ...]:
         """What the exposition is made of, read before rendering: a change after this

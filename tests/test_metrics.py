@@ -5,12 +5,16 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from types import MappingProxyType
+from types import MappingProxyType, SimpleNamespace
+from typing import Any
 
 import pytest
 
 from governor.catalog import PREFIX, SAMPLED
+from governor.config import RuleConfig
+from governor.control import ControlView
 from governor.metrics import DaemonMetrics
+from governor.policy.directives import rule_states_view
 from governor.snapshot import SamplerHealth, SamplerState, Snapshot, SnapshotStore, reading
 from tests.support.fake_nvml import FakeNvml, h100
 
@@ -54,7 +58,34 @@ def full_exposition() -> str:
     metrics = DaemonMetrics(store)
     metrics.rounds.inc()
     metrics.sampler_errors.labels("hwmon").inc()
+    metrics.watch(controller_with(
+        [rule(f"on-{name}", name, above=0.5) for name in SAMPLED],
+        jobs=[job("a", "running"), job("b", "slowed", speed=0.5, held_by=("cpu-hot",)),
+              job("c", "paused", speed=0.0, held_by=("operator",))],
+        power_caps={"0": 250.0}))
     return metrics.render().decode()
+
+
+def rule(name: str, metric: str, **lines: float) -> RuleConfig:
+    return RuleConfig.model_validate({"name": name, "metric": metric, **lines})
+
+
+def job(job_id: str, state: str, speed: float = 1.0, held_by: tuple[str, ...] = (),
+        name: str = "trainer") -> dict[str, Any]:
+    return {"id": job_id, "name": name, "state": state, "speed": speed, "held_by": held_by}
+
+
+def controller_with(rules: list[RuleConfig], jobs: list[dict[str, Any]] | None = None,
+                    power_caps: dict[str, float] | None = None) -> Any:
+    """What ControlCollector reads of a Controller: its published view and power caps,
+    the rules' entries as /v1/rules has them."""
+    jobs = jobs or []
+    view = ControlView(
+        jobs=tuple({k: v for k, v in j.items() if k != "held_by"} for j in jobs),
+        rules=tuple(rule_states_view(rules, {}, 0.0)),
+        held_by={j["id"]: j["held_by"] for j in jobs},
+    )
+    return SimpleNamespace(view=view, power_caps=power_caps or {})
 
 
 def names(exposition: str) -> list[str]:
@@ -156,10 +187,6 @@ def test_every_metric_of_the_daemon_invalidates_the_cache() -> None:
 
 
 def test_the_cache_follows_the_controllers_view() -> None:
-    from types import SimpleNamespace
-
-    from governor.control import ControlView
-
     store = SnapshotStore()
     metrics = DaemonMetrics(store)
     job = {"id": "abc", "name": "trainer", "state": "running", "speed": 1.0}
@@ -198,3 +225,98 @@ def test_problems_are_counted_per_sampler() -> None:
     assert 'governor_sampler_problems_total{sampler="hwmon"} 4.0' in text
     assert 'governor_sampler_up{sampler="hwmon"} 1.0' in text
     loop.runner.close()
+
+
+def samples(exposition: str, name: str) -> dict[str, float]:
+    """`name{labels}` -> value, for one family."""
+    found = {}
+    for line in exposition.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            series, value = line.rsplit(" ", 1)
+            found[series] = float(value)
+    return found
+
+
+def test_rule_thresholds_one_family_per_unit_with_trip_and_clear_lines() -> None:
+    rules = [
+        rule("cpu-hot", "cpu_temperature_celsius", above=80, clear_below=70),
+        rule("gpu-hot", "governor_gpu_temperature_celsius", above=85),
+        rule("idle", "gpu_utilization_ratio", below=0.05, clear_above=0.2),
+        rule("gpu-lost", "gpu_info", below=0.5),
+        rule("brake", "gpu_clock_event_active", above=0.5),
+        rule("load", "load_average_tasks", above=32),
+    ]
+    metrics = DaemonMetrics(SnapshotStore())
+    metrics.watch(controller_with(rules))
+    text = metrics.render().decode()
+    assert samples(text, "governor_rule_threshold_celsius") == {
+        'governor_rule_threshold_celsius{line="trip",metric="cpu_temperature_celsius",'
+        'rule="cpu-hot"}': 80.0,
+        'governor_rule_threshold_celsius{line="clear",metric="cpu_temperature_celsius",'
+        'rule="cpu-hot"}': 70.0,
+        'governor_rule_threshold_celsius{line="trip",metric="gpu_temperature_celsius",'
+        'rule="gpu-hot"}': 85.0,
+        'governor_rule_threshold_celsius{line="clear",metric="gpu_temperature_celsius",'
+        'rule="gpu-hot"}': 85.0,
+    }, "no clear_below: the rule clears where it trips"
+    assert samples(text, "governor_rule_threshold_ratio") == {
+        'governor_rule_threshold_ratio{line="trip",metric="gpu_utilization_ratio",'
+        'rule="idle"}': 0.05,
+        'governor_rule_threshold_ratio{line="clear",metric="gpu_utilization_ratio",'
+        'rule="idle"}': 0.2,
+    }
+    assert samples(text, "governor_rule_threshold_active") == {
+        'governor_rule_threshold_active{line="trip",metric="gpu_info",rule="gpu-lost"}': 0.5,
+        'governor_rule_threshold_active{line="clear",metric="gpu_info",rule="gpu-lost"}': 0.5,
+        'governor_rule_threshold_active{line="trip",metric="gpu_clock_event_active",'
+        'rule="brake"}': 0.5,
+        'governor_rule_threshold_active{line="clear",metric="gpu_clock_event_active",'
+        'rule="brake"}': 0.5,
+    }, "a presence flag is not an _info series: its threshold joins the 0/1 flags"
+    assert len(samples(text, "governor_rule_threshold_tasks")) == 2
+    assert "governor_rule_threshold_info" not in text
+    for unit in ("watts", "bytes", "hertz"):
+        assert f"# TYPE governor_rule_threshold_{unit} gauge" in text
+        assert not samples(text, f"governor_rule_threshold_{unit}"), "only configured rules"
+
+
+def test_a_rule_watching_many_series_has_one_pair_of_lines() -> None:
+    from governor.policy.rules import Phase, SeriesState
+
+    cpu_hot = rule("cpu-hot", "cpu_temperature_celsius", above=80, clear_below=70)
+    states = {"cpu-hot": {(("chip", "c"), ("sensor", str(i))): SeriesState(Phase.OK, 0.0, 75.0)
+                          for i in range(4)}}
+    metrics = DaemonMetrics(SnapshotStore())
+    metrics.watch(SimpleNamespace(view=ControlView(rules=tuple(rule_states_view(
+        [cpu_hot], states, 0.0))), power_caps={}))  # type: ignore[arg-type]
+    assert len(samples(metrics.render().decode(), "governor_rule_threshold_celsius")) == 2
+
+
+def test_job_state_info_names_what_holds_each_job() -> None:
+    metrics = DaemonMetrics(SnapshotStore())
+    metrics.watch(controller_with([], jobs=[
+        job("a1", "running"),
+        job("b2", "slowed", 0.5, ("gpu-hot",), name="tuner"),
+        job("c3", "paused", 0.0, ("cpu-hot", "operator"), name="search"),
+        job("d4", "gone", name="finished"),
+    ]))
+    assert samples(metrics.render().decode(), "governor_job_state_info") == {
+        'governor_job_state_info{id="a1",job="trainer",reason="",state="running"}': 1.0,
+        'governor_job_state_info{id="b2",job="tuner",reason="gpu-hot",state="slowed"}': 1.0,
+        'governor_job_state_info{id="c3",job="search",reason="cpu-hot, operator",'
+        'state="paused"}': 1.0,
+    }, "gone jobs have no series"
+
+
+def test_action_counters_start_at_zero_for_every_rule_and_the_operator() -> None:
+    """rate() and increase() miss the first action of a counter born at 1."""
+    metrics = DaemonMetrics(SnapshotStore())
+    metrics.expect_actions([rule("cpu-hot", "cpu_temperature_celsius", above=80),
+                            RuleConfig.model_validate({
+                                "name": "cap", "metric": "gpu_temperature_celsius",
+                                "above": 85, "action": "power_cap", "power_cap_watts": 250})])
+    assert samples(metrics.render().decode(), "governor_actions_total") == {
+        f'governor_actions_total{{action="{action}",rule="{name}"}}': 0.0
+        for action, name in [("pause", "cpu-hot"), ("slow", "cpu-hot"), ("resume", "cpu-hot"),
+                             ("power_cap", "cap"), ("restore", "cap"),
+                             ("pause", "operator"), ("resume", "operator")]}

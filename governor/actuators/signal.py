@@ -507,8 +507,7 @@ def _clamp(fraction: float) -> float:
 
 def _handle(ident: ProcessIdentity) -> Any:
     try:
-        process = psutil.Process(ident.pid)
-        return process if process.create_time() == ident.started_at else None
+        return psutil.Process(ident.pid) if is_alive(ident) else None
     except psutil.Error:
         return None
 

@@ -8,6 +8,7 @@ the start time matches, a signal through it cannot reach a newcomer that took th
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 from collections.abc import Iterator
@@ -17,6 +18,26 @@ import psutil
 
 #: task flag of kernel threads (include/linux/sched.h)
 PF_KTHREAD = 0x00200000
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@functools.cache
+def _boot_time() -> float:
+    """The boot time, read once. psutil reads it on every call, and it moves when the
+    wall clock is stepped: identities computed with it would stop matching themselves."""
+    return float(psutil.boot_time())
+
+
+def _stat(pid: int) -> tuple[bytes, float] | None:
+    """(state letter, start time) from /proc/PID/stat, the start time as psutil's
+    create_time() computes it; None when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2:].split()  # the command may hold spaces
+    return fields[0], float(fields[19]) / CLOCK_TICKS + _boot_time()
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,20 +52,16 @@ class ProcessIdentity:
 
 def identify(pid: int) -> ProcessIdentity | None:
     """The identity of the process that has this pid now, or None if there is none."""
-    try:
-        return ProcessIdentity(pid, psutil.Process(pid).create_time())
-    except (psutil.NoSuchProcess, psutil.ZombieProcess, ValueError):
+    if pid <= 0:
         return None
+    found = _stat(pid)
+    return None if found is None else ProcessIdentity(pid, found[1])
 
 
 def is_alive(identity: ProcessIdentity) -> bool:
     """The same process still runs (not a zombie, not a newcomer that took its pid)."""
-    try:
-        process = psutil.Process(identity.pid)
-        return bool(process.create_time() == identity.started_at
-                    and process.status() != psutil.STATUS_ZOMBIE)
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        return False
+    found = _stat(identity.pid)
+    return found is not None and found[1] == identity.started_at and found[0] != b"Z"
 
 
 def _child_pids(pid: int) -> list[int] | None:
@@ -87,17 +104,13 @@ def _descendants(pid: int) -> list[int]:
 def tree(root: ProcessIdentity) -> list[ProcessIdentity]:
     """The root and all its living descendants, parents before children; [] if the root
     is gone or its pid now names another process."""
-    try:
-        if psutil.Process(root.pid).create_time() != root.started_at:
-            return []
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+    if not is_alive(root):
         return []
     found = [root]
     for pid in _descendants(root.pid):
-        try:
-            found.append(ProcessIdentity(pid, psutil.Process(pid).create_time()))
-        except (psutil.NoSuchProcess, psutil.ZombieProcess):
-            continue
+        identity = identify(pid)
+        if identity is not None:
+            found.append(identity)
     return found
 
 

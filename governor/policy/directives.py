@@ -51,9 +51,20 @@ def reason(rule: RuleConfig, labels: Labels, state: SeriesState) -> str:
 
 
 def touches(rule: RuleConfig, device: str | None, job: Job) -> bool:
+    """Whether a series of this rule on this device acts on this job."""
     if rule.max_priority is not None and job.priority > rule.max_priority:
         return False
     return device is None or device in job.bound_devices
+
+
+def touched(rule: RuleConfig, device: str | None, jobs: Sequence[Job],
+            by_device: Mapping[str, list[Job]]) -> list[Job]:
+    """The jobs a holding series acts on: those bound to its device (every job for a host
+    metric), but for the ones above the rule's max_priority."""
+    candidates = jobs if device is None else by_device.get(device, [])
+    if rule.max_priority is None:
+        return list(candidates)
+    return [job for job in candidates if job.priority <= rule.max_priority]
 
 
 def decide(
@@ -62,6 +73,11 @@ def decide(
     """The directive of every job, and the power cap of every GPU that needs one."""
     asks: dict[str, list[Directive]] = {job.id: [] for job in jobs}
     caps: dict[str, PowerCap] = {}
+    # one pass over the jobs, so that each series looks only at its device's jobs
+    by_device: dict[str, list[Job]] = {}
+    for job in jobs:
+        for bound in job.bound_devices:
+            by_device.setdefault(bound, []).append(job)
     for job in jobs:
         if job.held_by_operator:
             asks[job.id].append(pause("operator pause", rules=(OPERATOR,)))
@@ -71,12 +87,12 @@ def decide(
                 continue
             device = device_of(rule, labels)
             why = reason(rule, labels, state)
-            touched = [job for job in jobs if touches(rule, device, job)]
+            acted_on = touched(rule, device, jobs, by_device)
             if rule.action == "power_cap":
-                if device is not None and touched:
+                if device is not None and acted_on:
                     caps[device] = _tighter(caps.get(device), rule, device, why)
                 continue
-            for job in touched:
+            for job in acted_on:
                 if rule.action == "pause":
                     asks[job.id].append(pause(why, rules=(rule.name,), defer=rule.defer))
                 else:

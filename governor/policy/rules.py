@@ -128,10 +128,13 @@ def evaluate_rules(
 ) -> tuple[dict[str, dict[Labels, SeriesState]], list[Transition]]:
     new_states: dict[str, dict[Labels, SeriesState]] = {}
     transitions: list[Transition] = []
+    by_metric: dict[str, list[Reading]] = {}
+    for r in snapshot.readings:
+        by_metric.setdefault(r.metric, []).append(r)
     for rule in rules:
         previous = states.get(rule.name, {})
         current: dict[Labels, SeriesState] = {}
-        for r in snapshot.readings:
+        for r in by_metric.get(rule.metric, ()):
             if matches(rule, r):
                 current[r.labels] = step(rule, previous.get(r.labels), r.value, now)
         for labels, state in previous.items():

@@ -13,7 +13,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,17 +133,50 @@ def read_millicelsius(path: Path) -> float | None:
     return celsius
 
 
+@dataclass(frozen=True, slots=True)
+class Sensor:
+    """One temperature file and the series it gives."""
+
+    path: Path
+    metric: str
+    chip: str
+    sensor: str
+
+
 class HwmonSampler:
-    """Every temperature under class/hwmon and class/thermal."""
+    """Every temperature under class/hwmon and class/thermal.
+
+    Finding the sensors (resolving device paths, reading names and labels) costs several
+    times reading them, and changes only when drivers come or go: the layout is kept from
+    one round to the next, and scanned again when the chips or zones listed change, when
+    a sensor's file vanishes, or every RESCAN_EVERY seconds (a driver adding a sensor)."""
 
     name = "hwmon"
+    RESCAN_EVERY = 30.0
 
-    def __init__(self, paths: SysPaths):
+    def __init__(self, paths: SysPaths, clock: Callable[[], float] = time.monotonic):
         self._paths = paths
+        self._clock = clock
         #: input file -> the series it gave. A sensor that stops reporting while its chip
         #: is still there (the file vanished, reads fail) is a fault worth a problem, not
         #: the quiet "no data" of a sensor that was never readable
         self._known: dict[Path, str] = {}
+        self._layout: list[Sensor] = []
+        self._layout_key: tuple[tuple[str, str], ...] | None = None
+        self._scanned_at = float("-inf")
+
+    def _listing(self) -> tuple[tuple[str, str], ...]:
+        """The chips and zones, with where their links point: cheap to read every round."""
+        listed = []
+        for directory, prefix in ((self._paths.sys("class", "hwmon"), "hwmon"),
+                                  (self._paths.sys("class", "thermal"), "thermal_zone")):
+            for entry in sorted_entries(directory, prefix):
+                try:
+                    target = os.readlink(entry)
+                except OSError:
+                    target = ""
+                listed.append((entry.name, target))
+        return tuple(listed)
 
     def _chips(self) -> list[Chip]:
         chips = []
@@ -152,11 +187,8 @@ class HwmonSampler:
             chips.append(Chip(entry, driver, device_name(entry)))
         return chips
 
-    def sample(self) -> SampleResult:
-        result = SampleResult()
-        #: inputs read this round, well or as garbage (already a problem)
-        seen: dict[Path, str | None] = {}
-        found = 0
+    def _scan(self) -> list[Sensor]:
+        sensors = []
         chips = [c for c in self._chips() if c.driver not in ACCELERATOR_CHIPS]
         names = chip_names(chips)
         for chip in chips:
@@ -164,30 +196,50 @@ class HwmonSampler:
             inputs = _temperature_inputs(chip.path) or _temperature_inputs(chip.path / "device")
             if not inputs:
                 continue
-            attr_dir = inputs[0][1].parent
-            labels = sensor_labels(attr_dir, [n for n, _ in inputs])
+            labels = sensor_labels(inputs[0][1].parent, [n for n, _ in inputs])
             metric = (
                 "cpu_temperature_celsius" if is_cpu_sensor(chip.driver)
                 else "hwmon_temperature_celsius"
             )
-            for number, path in inputs:
-                found += 1
-                try:
-                    celsius = read_millicelsius(path)
-                except Garbage as exc:
-                    result.problems.append(str(exc))
-                    seen[path] = None
-                    continue
-                if celsius is not None:
-                    r = reading(metric, celsius, chip=names[chip.path], sensor=labels[number])
-                    result.readings.append(r)
-                    seen[path] = r.series()
-        found += self._thermal_zones(result, seen)
-        self._report_vanished(result, seen)
-        if not found:
+            sensors += [Sensor(path, metric, names[chip.path], labels[number])
+                        for number, path in inputs]
+        for zone in sorted_entries(self._paths.sys("class", "thermal"), "thermal_zone"):
+            zone_type = read_text(zone / "type")
+            if zone_type is None:
+                continue
+            metric = ("cpu_temperature_celsius" if is_cpu_sensor(zone_type)
+                      else "hwmon_temperature_celsius")
+            sensors.append(Sensor(zone / "temp", metric, zone.name, zone_type))
+        return sensors
+
+    def sample(self) -> SampleResult:
+        listing, now = self._listing(), self._clock()
+        if listing != self._layout_key or now - self._scanned_at >= self.RESCAN_EVERY:
+            self._layout, self._layout_key, self._scanned_at = self._scan(), listing, now
+        if not self._layout:
             raise SamplerUnavailable(
                 f"no hwmon chips or thermal zones with temperatures under {self._paths.sysfs}"
             )
+        result = SampleResult()
+        #: inputs read this round, well or as garbage (already a problem)
+        seen: dict[Path, str | None] = {}
+        for sensor in self._layout:
+            try:
+                celsius = read_millicelsius(sensor.path)
+            except Garbage as exc:
+                result.problems.append(str(exc))
+                seen[sensor.path] = None
+                continue
+            if celsius is None:  # gone, or a disabled zone that refuses reads
+                if not os.path.exists(sensor.path):
+                    self._layout_key = None  # look again next round
+                continue
+            r = reading(sensor.metric, celsius, chip=sensor.chip, sensor=sensor.sensor)
+            result.readings.append(r)
+            seen[sensor.path] = r.series()
+        self._report_vanished(result, seen)
+        if self._known.keys() - {sensor.path for sensor in self._layout}:
+            self._layout_key = None  # a sensor is out: look for it again each round
         return result
 
     def _report_vanished(self, result: SampleResult, seen: dict[Path, str | None]) -> None:
@@ -203,29 +255,6 @@ class HwmonSampler:
                 log.info("%s: its chip is gone (%s)", series, path.parent)
                 del self._known[path]
         self._known.update((path, series) for path, series in seen.items() if series)
-
-    def _thermal_zones(self, result: SampleResult, seen: dict[Path, str | None]) -> int:
-        found = 0
-        for zone in sorted_entries(self._paths.sys("class", "thermal"), "thermal_zone"):
-            zone_type = read_text(zone / "type")
-            if zone_type is None:
-                continue
-            found += 1
-            try:
-                celsius = read_millicelsius(zone / "temp")
-            except Garbage as exc:
-                result.problems.append(str(exc))
-                seen[zone / "temp"] = None
-                continue
-            if celsius is None:  # disabled zones refuse reads
-                continue
-            metric = "cpu_temperature_celsius" if is_cpu_sensor(zone_type) else (
-                "hwmon_temperature_celsius"
-            )
-            r = reading(metric, celsius, chip=zone.name, sensor=zone_type)
-            result.readings.append(r)
-            seen[zone / "temp"] = r.series()
-        return found
 
     def close(self) -> None:
         pass

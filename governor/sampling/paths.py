@@ -30,10 +30,12 @@ class SysPaths:
 def read_text(path: Path) -> str | None:
     """The file's content without surrounding white space, or None if it cannot be read."""
     try:
-        return path.read_text(encoding="utf-8", errors="replace").strip()
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as exc:
         log.debug("cannot read %s: %s", path, exc)
         return None
+    return data.decode("utf-8", errors="replace").strip()
 
 
 def read_int(path: Path) -> int | None:

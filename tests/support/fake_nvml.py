@@ -113,8 +113,10 @@ class FakeNvml:
 
     # ---- state ----
 
-    def state(self) -> dict[str, Any]:
-        if self._path is not None:
+    def state(self, reread: bool = False) -> dict[str, Any]:
+        """The state; the file is looked at again only when asked (once per round, from
+        nvmlInit and nvmlDeviceGetCount), so the fake costs little next to real NVML."""
+        if self._path is not None and (reread or self._mtime is None):
             with self._lock:
                 mtime = self._path.stat().st_mtime_ns
                 if mtime != self._mtime:
@@ -151,7 +153,7 @@ class FakeNvml:
     def nvmlInit(self) -> None:
         self.calls.append("nvmlInit")
         self.init_calls += 1
-        failure = self.state().get("init_error")
+        failure = self.state(reread=True).get("init_error")
         if failure:
             raise error(failure)
         self.initialized = True
@@ -165,6 +167,7 @@ class FakeNvml:
         return "580.159.04"
 
     def nvmlDeviceGetCount(self) -> int:
+        self.state(reread=True)
         self._call("nvmlDeviceGetCount")
         failure = self.state().get("count_error")
         if failure:

@@ -1,0 +1,1 @@
+"""`make bench`: governor measured beside the tools a user would otherwise pick."""

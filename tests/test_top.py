@@ -1,0 +1,390 @@
+"""`governor top`: the frame drawn from a status, the per-round polling, and the verb
+against a real daemon whose job a hot sensor pauses."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console, RenderableType
+from rich.segment import Segment
+
+from governor.client import ApiClient, ClientError
+from governor.config import load_config
+from governor.top import KeyReader, StatusPoller, live_top, render, run_live
+from tests.support.daemon import REPO, DaemonProcess, free_port, to_toml
+from tests.support.processes import busy_child, eventually, state, stop
+
+PACKAGE = "devices/platform/coretemp.0/hwmon/hwmon0/temp1_input"
+SERIES = 'cpu_temperature_celsius{chip="platform_coretemp_0",sensor="Package id 0"}'
+REASON = f"cpu-hot: {SERIES} = 95 (above 80)"
+WHERE = "http://127.0.0.1:9474"
+NOW = 1_700_000_000.0
+
+
+def text(renderable: RenderableType, width: int = 200) -> str:
+    console = Console(record=True, width=width, file=io.StringIO())
+    console.print(renderable)
+    return console.export_text()
+
+
+def colours(renderable: RenderableType, word: str, width: int = 200) -> set[str]:
+    """The colours the segments holding `word` are drawn in."""
+    console = Console(width=width, file=io.StringIO(), force_terminal=True,
+                      color_system="standard")
+    found: set[str] = set()
+    for segment in Segment.simplify(console.render(renderable)):
+        if word in segment.text and segment.style is not None and segment.style.color:
+            found.add(segment.style.color.name)
+    return found
+
+
+def line_with(output: str, *parts: str) -> str:
+    """The one line that holds every part."""
+    lines = [line for line in output.splitlines() if all(p in line for p in parts)]
+    assert len(lines) == 1, f"{parts} on {len(lines)} lines of:\n{output}"
+    return lines[0]
+
+
+def rule_series(name: str, labels: dict[str, str], state: str, value: float | None, *,
+                metric: str = "cpu_temperature_celsius", threshold: float = 80.0,
+                clear: float = 70.0, action: str = "pause", **extra: Any) -> dict[str, Any]:
+    inner = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    return {"name": name, "series": f"{metric}{{{inner}}}", "labels": labels, "state": state,
+            "clearing": False, "missing": False, "value": value, "since": NOW - 75,
+            "action": action, "metric": metric, "direction": "above", "threshold": threshold,
+            "clear_threshold": clear, **extra}
+
+
+def job(job_id: str, name: str, state: str, speed: float, *reasons: str,
+        **extra: Any) -> dict[str, Any]:
+    return {"id": job_id, "name": name, "pid": 4242, "cgroup": None, "mode": "signal",
+            "devices": [], "priority": 0, "state": state, "speed": speed,
+            "reasons": list(reasons), "held_by_operator": False, **extra}
+
+
+def reading(metric: str, value: float, **labels: str) -> dict[str, Any]:
+    return {"metric": metric, "labels": labels, "value": value}
+
+
+def sampler(name: str, state: str = "ok", error: str | None = None,
+            problems: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {"name": name, "state": state, "up": state == "ok", "duration_seconds": 0.001,
+            "error": error, "problems": list(problems), "last_success": NOW,
+            "consecutive_failures": 0, "retry_at": None}
+
+
+def hand_made() -> dict[str, Any]:
+    package = {"chip": "platform_coretemp_0", "sensor": "Package id 0"}
+    return {
+        "sequence": 1234, "taken_at": NOW,
+        "samplers": [
+            sampler("cpu"), sampler("hwmon", problems=("temp3_input: unreadable",)),
+            sampler("nvml", "unavailable", "NVML Shared Library Not Found"),
+            sampler("amdgpu", "error", "timed out after 0.8 s"),
+        ],
+        "readings": [
+            reading("cpu_utilization_ratio", 0.25, cpu="0"),
+            reading("cpu_utilization_ratio", 0.75, cpu="1"),
+            reading("memory_used_ratio", 0.5),
+            reading("pressure_stall_ratio", 0.125, resource="cpu", kind="some"),
+            reading("cpu_temperature_celsius", 95.0, **package),
+            reading("gpu_info", 1, gpu="0", uuid="GPU-0", name="NVIDIA H100"),
+            reading("gpu_temperature_celsius", 88.0, gpu="0"),
+            reading("gpu_utilization_ratio", 0.9, gpu="0"),
+            reading("gpu_power_watts", 290.0, gpu="0"),
+            reading("gpu_power_limit_watts", 300.0, gpu="0"),
+            reading("gpu_clock_event_active", 1, gpu="0", reason="sw_power_cap"),
+        ],
+        "rules": [
+            rule_series("cpu-hot", package, "tripped", 95.0),
+            rule_series("gpu-warm", {"gpu": "0"}, "pending", 88.0,
+                        metric="gpu_temperature_celsius", threshold=85.0, clear=80.0,
+                        action="slow"),
+            rule_series("gpu-warm", {"gpu": "1"}, "ok", None, metric="gpu_temperature_celsius",
+                        threshold=85.0, clear=80.0, action="slow", missing=True),
+            {"name": "npu-hot", "series": None, "labels": {}, "state": "ok",
+             "clearing": False, "missing": False, "value": None, "since": None,
+             "action": "pause", "metric": "accelerator_temperature_celsius",
+             "direction": "above", "threshold": 90.0, "clear_threshold": 85.0},
+        ],
+        "jobs": [
+            job("aaaa0001", "trainer", "paused", 0.0, REASON),
+            job("aaaa0002", "tuner", "slowed", 0.5, "gpu-warm: slow"),
+            job("aaaa0003", "search", "running", 1.0),
+            job("aaaa0004", "held", "paused", 0.0, "operator", held_by_operator=True),
+            job("aaaa0005", "ended", "gone", 1.0),
+        ],
+        "power_caps": {"0": 250.0},
+        "audit": {"path": "/var/lib/governor/audit.jsonl", "ok": True, "errors": 0},
+    }
+
+
+# ---- the frame -------------------------------------------------------------------
+
+
+def test_the_frame_shows_header_readings_rules_and_jobs() -> None:
+    frame = render(hand_made(), where=WHERE)
+    out = text(frame)
+    assert line_with(out, "governor top", WHERE, "round 1234")
+    samplers = line_with(out, "samplers:")
+    assert "cpu ok" in samplers and "nvml unavailable (NVML Shared Library Not Found)" in samplers
+    assert "amdgpu error (timed out after 0.8 s)" in samplers
+    assert line_with(out, "hwmon: temp3_input: unreadable")
+
+    line_with(out, "cpu-hot", "chip=platform_coretemp_0, sensor=Package id 0", "95.0 °C",
+              "> 80.0 °C", "< 70.0 °C", "tripped for 1m15s")
+    line_with(out, "gpu-warm", "gpu=0", "88.0 °C", "> 85.0 °C", "pending for 1m15s")
+    line_with(out, "gpu-warm", "gpu=1", "missing", "> 85.0 °C", "ok missing")
+    line_with(out, "cpu-hot", "cpu_temperature_celsius", "pause", "tripped", "1 tripped")
+    line_with(out, "gpu-warm", "slow", "pending", "1 pending, 1 ok, 1 missing")
+    line_with(out, "npu-hot", "accelerator_temperature_celsius", "no series yet")
+
+    line_with(out, "aaaa0001", "trainer", "paused", "0%", REASON)
+    line_with(out, "aaaa0002", "tuner", "slowed", "50%", "gpu-warm: slow")
+    line_with(out, "aaaa0003", "search", "running", "100%")
+    line_with(out, "aaaa0004", "paused (operator)", "operator")
+    line_with(out, "aaaa0005", "gone")
+
+    line_with(out, "NVIDIA H100", "88 °C (trips >85.0 °C)", "90%", "290 / 300 W",
+              "capped at 250 W", "sw_power_cap")
+    line_with(out, "cpu", "50.0% average over 2 cores, busiest cpu1 75.0%")
+    line_with(out, "memory", "50.0% used")
+    line_with(out, "pressure", "cpu some 12.5%")
+    line_with(out, "CPU temp", "platform_coretemp_0: Package id 0 95.0 °C (trips >80.0 °C)")
+
+
+def test_states_are_coloured() -> None:
+    frame = render(hand_made(), where=WHERE)
+    assert colours(frame, "running") == {"green"}
+    assert colours(frame, "slowed") == {"yellow"}
+    assert colours(frame, "paused") == {"red"}
+    assert colours(frame, "tripped") == {"red"}
+    assert colours(frame, "pending") == {"yellow"}
+    assert colours(frame, "95.0 °C") == {"red"}, "a reading a tripped rule watches is red"
+    assert colours(frame, "amdgpu error") == {"red"}
+
+
+def test_no_rules_no_jobs_no_round_yet() -> None:
+    out = text(render({"samplers": [], "readings": [], "rules": [], "jobs": []}, where=WHERE))
+    assert "no sampling round yet" in out
+    assert "Rules: none configured" in out and "Jobs: none registered" in out
+
+
+def test_unreachable_daemon_is_shown_with_the_last_status() -> None:
+    error = f"cannot reach the governor at {WHERE} (is `governor run` running?)"
+    alone = text(render(None, where=WHERE, error=error))
+    assert f"{error}; retrying" in alone and "Jobs" not in alone
+    stale = text(render(hand_made(), where=WHERE, error=error))
+    assert "retrying (showing the last status it sent)" in stale
+    assert "round 1234" in stale and "aaaa0001" in stale
+
+
+def test_power_cap_rule_that_cannot_be_enforced() -> None:
+    status = hand_made()
+    status["rules"] = [rule_series("gpu-cap", {"gpu": "0"}, "tripped", 88.0,
+                                   metric="gpu_temperature_celsius", action="power_cap",
+                                   enforceable=False,
+                                   not_enforceable_because="setting a power limit needs root")]
+    out = text(render(status, where=WHERE))
+    line_with(out, "gpu-cap", "power_cap", "not enforceable: setting a power limit needs root")
+
+
+# ---- polling once a round --------------------------------------------------------
+
+
+class FakeDaemon:
+    """Answers with a scripted series of statuses (or errors), one per fetch."""
+
+    def __init__(self, script: list[int | str], interval: float = 1.0):
+        self.script = list(script)
+        self.interval = interval
+        self.clock = NOW
+        self.fetches = 0
+
+    def fetch(self) -> Mapping[str, Any]:
+        self.fetches += 1
+        step = self.script.pop(0) if len(self.script) > 1 else self.script[0]
+        if isinstance(step, str):
+            raise ClientError(step)
+        status = hand_made()
+        status["sequence"], status["taken_at"] = step, NOW + (step - 1) * self.interval
+        status["samplers"][0]["duration_seconds"] = 0.2
+        return status
+
+    def wall(self) -> float:
+        return self.clock
+
+
+def test_poller_asks_just_after_the_next_round_is_due() -> None:
+    fake = FakeDaemon([1])
+    poller = StatusPoller(fake.fetch, 1.0, wall=fake.wall)
+    assert poller.delay() == 1.0, "nothing fetched yet: once an interval"
+    fake.clock = NOW + 0.3
+    assert poller.poll() is True
+    assert poller.delay() == pytest.approx(0.95), (
+        "round 2 starts at NOW + 1 and is out when its samplers are done, as round 1's were")
+    fake.clock = NOW + 1.22
+    assert poller.poll() is False, "round 1 again: nothing to draw"
+    assert poller.delay() == pytest.approx(0.1), "round 2 is a little late: ask again soon"
+    fake.clock = NOW + 30
+    assert poller.delay() == 1.0, "the daemon is stalled (or its clock differs): every interval"
+    fake.clock = NOW - 3600
+    assert poller.delay() == 1.0
+
+
+def test_the_live_loop_draws_a_frame_for_each_new_round_and_each_outage() -> None:
+    fake = FakeDaemon([1, 1, 2, "cannot reach the governor", "cannot reach the governor", 2, 3])
+    poller = StatusPoller(fake.fetch, 1.0, wall=fake.wall)
+    frames: list[str] = []
+    waits: list[float] = []
+
+    def wait(seconds: float) -> bool:
+        waits.append(seconds)
+        fake.clock += seconds
+        return False
+
+    drawn = run_live(poller, lambda frame: frames.append(text(frame)), wait, where=WHERE,
+                     max_frames=5)
+    assert drawn == 5 and fake.fetches == 7
+    assert ["round 1 " in frames[0], "round 2 " in frames[1]] == [True, True]
+    assert "cannot reach the governor; retrying" in frames[2] and "round 2 " in frames[2]
+    assert "retrying" not in frames[3] and "round 2 " in frames[3]
+    assert "round 3 " in frames[4]
+    assert len(waits) == 6 and all(0 < w <= 1.0 for w in waits)
+
+
+def test_a_quit_key_ends_the_loop() -> None:
+    fake = FakeDaemon([1, 2, 3])
+    poller = StatusPoller(fake.fetch, 1.0, wall=fake.wall)
+    frames: list[RenderableType] = []
+    assert run_live(poller, frames.append, lambda _: True, where=WHERE) == 1
+
+
+def test_live_view_without_a_terminal_prints_each_frame() -> None:
+    fake = FakeDaemon([1, 2, 3])
+    poller = StatusPoller(fake.fetch, 0.01, wall=fake.wall)
+    out = io.StringIO()
+    console = Console(file=out, width=200)
+    assert not console.is_terminal
+    assert live_top(poller, console, where=WHERE, max_frames=3,
+                    keys=KeyReader(io.StringIO())) == 3
+    printed = out.getvalue()
+    assert [f"round {n} " in printed for n in (1, 2, 3)] == [True, True, True]
+
+
+@pytest.fixture
+def pty_stream() -> Iterator[tuple[int, Any]]:
+    main, follower = os.openpty()
+    stream = os.fdopen(follower, "r")
+    yield main, stream
+    stream.close()
+    os.close(main)
+
+
+def test_q_on_a_terminal_quits_and_the_terminal_is_restored(
+        pty_stream: tuple[int, Any]) -> None:
+    import termios
+
+    main, stream = pty_stream
+    before = termios.tcgetattr(stream.fileno())
+    with KeyReader(stream) as keys:
+        assert not termios.tcgetattr(stream.fileno())[3] & termios.ICANON, "cbreak mode"
+        assert keys.wait(0.05) is False
+        os.write(main, b"x")
+        assert keys.wait(0.05) is False, "other keys do nothing"
+        os.write(main, b"q")
+        assert keys.wait(5.0) is True
+    assert termios.tcgetattr(stream.fileno()) == before
+
+
+# ---- the verb, against a real daemon ---------------------------------------------
+
+
+CPU_HOT = {"name": "cpu-hot", "metric": "cpu_temperature_celsius",
+           "match": {"chip": "platform_coretemp_0", "sensor": "Package id 0"},
+           "above": 80.0, "for": 0, "clear_below": 70.0, "clear_for": 0, "action": "pause"}
+
+
+@pytest.fixture
+def busy() -> Iterator[Callable[[], int]]:
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start() -> int:
+        started.append(busy_child())
+        return started[-1].pid
+
+    yield start
+    for child in started:
+        stop(child)
+
+
+def governor(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "governor", *args], capture_output=True, text=True, timeout=60,
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **env})
+
+
+def test_top_once_shows_the_paused_job_and_the_tripped_rule(
+        daemon: Callable[..., DaemonProcess], sys_tree: Path, proc_tree: Path,
+        busy: Callable[[], int]) -> None:
+    d = daemon({"daemon": {"interval": 0.1},
+                "sources": {"sysfs_root": str(sys_tree), "procfs_root": str(proc_tree),
+                            "nvml": "off"},
+                "rules": [CPU_HOT]})
+    pid = busy()
+    registered = d.register(name="trainer", pid=pid)
+    (sys_tree / PACKAGE).write_text("95000\n")
+    eventually(lambda: state(pid) == "T", what="the job is stopped")
+    eventually(lambda: d.job(registered["id"])["state"] == "paused")
+
+    result = governor("top", "--once", "--config", str(d.config_path), COLUMNS="250")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert line_with(out, "governor top", d.url, "round ")
+    line_with(out, registered["id"], "trainer", str(pid), "signal", "paused", "0%", REASON)
+    line_with(out, "cpu-hot", "sensor=Package id 0", "95.0 °C", "> 80.0 °C", "< 70.0 °C",
+              "tripped")
+    line_with(out, "cpu-hot", "cpu_temperature_celsius", "pause", "tripped", "1 tripped")
+    assert "\x1b[" not in out, "no colour codes into a pipe"
+
+    # the live loop, in process: each frame a newer round than the last
+    with ApiClient(load_config(d.config_path)) as client:
+        poller = StatusPoller(client.status, 0.1)
+        seen: list[int] = []
+
+        def show(_: RenderableType) -> None:
+            assert poller.status is not None
+            seen.append(int(poller.status["sequence"]))
+
+        def sleep(seconds: float) -> bool:
+            time.sleep(seconds)
+            return False
+
+        assert run_live(poller, show, sleep, where=client.where, max_frames=4) == 4
+    assert seen == sorted(set(seen)), f"a round drawn twice, or out of order: {seen}"
+
+
+def test_top_once_without_a_daemon_exits_1_with_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "governor.toml"
+    port = free_port()
+    config.write_text(to_toml({"api": {"listen": f"127.0.0.1:{port}",
+                                       "token_file": str(tmp_path / "token")}}))
+    result = governor("top", "--once", "--config", str(config))
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith(
+        f"governor: cannot reach the governor at http://127.0.0.1:{port}")
+
+
+def test_top_help_and_bad_usage() -> None:
+    assert governor("top", "--help").stdout.startswith("usage: governor top")
+    bad = governor("top", "--interval", "0")
+    assert bad.returncode == 2 and "must be more than 0" in bad.stderr
