@@ -53,13 +53,4 @@ setsid "$BIN/governor" launch --name plain-search --mode signal --device gpu1 --
     >"$STATE/plain-search.log" 2>&1 &
 launchers+=($!)
 
-if "$BIN/governor" top --help >/dev/null 2>&1; then
-    "$BIN/governor" top || true
-else
-    # until `governor top` is merged: the status, redrawn every second
-    while :; do
-        status=$("$BIN/governor" status 2>&1 || true)
-        printf '\033[H\033[2J%s\n\n(governor status every second; Ctrl-C ends the demo)\n' "$status"
-        sleep 1
-    done
-fi
+"$BIN/governor" top || true

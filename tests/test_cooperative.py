@@ -51,6 +51,15 @@ def config(sys_tree: Path, proc_tree: Path, *rules: dict[str, Any],
     return base
 
 
+def sample(exposition: str, name: str, job_id: str) -> float:
+    """The value of one job's series of `name` in a /metrics text."""
+    prefix = f'{name}{{id="{job_id}",'
+    values = [float(line.rsplit(" ", 1)[1]) for line in exposition.splitlines()
+              if line.startswith(prefix)]
+    assert len(values) == 1, (name, job_id, values)
+    return values[0]
+
+
 def heat(sys_tree: Path, celsius: float) -> None:
     (sys_tree / PACKAGE).write_text(f"{int(celsius * 1000)}\n")
 
@@ -189,6 +198,12 @@ def test_a_pause_inside_a_critical_section_waits_for_its_end(
     steps = progress["steps"]
     eventually(lambda: d.job(job_id)["progress"]["steps"] > steps,
                what="the step count moves on in /v1/jobs")
+    counted_steps = sample(metrics, "governor_job_steps_total", job_id)
+    eventually(lambda: sample(d.metrics(), "governor_job_steps_total", job_id) > counted_steps,
+               what="governor_job_steps_total moves on")
+    eventually(lambda: sample(d.metrics(), "governor_job_step_seconds_count", job_id)
+               > sample(metrics, "governor_job_step_seconds_count", job_id),
+               what="governor_job_step_seconds counts the new steps")
 
 
 def test_max_defer_runs_out_inside_the_section(daemon: StartDaemon, sys_tree: Path,
