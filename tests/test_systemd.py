@@ -83,6 +83,12 @@ def test_the_unit_explains_the_settings_the_job_needs() -> None:
         assert needed in text, needed
 
 
+def ready_after_reloading(messages: list[dict[str, str]]) -> bool:
+    """RELOADING=1 was sent, and READY=1 after it (STATUS and WATCHDOG may follow)."""
+    reloading = next((i for i, m in enumerate(messages) if "RELOADING" in m), None)
+    return reloading is not None and any("READY" in m for m in messages[reloading + 1:])
+
+
 class NotifyListener:
     """Plays systemd's part: a datagram socket that collects what the daemon sends."""
 
@@ -184,8 +190,7 @@ def test_sighup_reloads_and_a_broken_file_is_said_in_status(
     assert d.proc is not None
     d.config_path.write_text(to_toml(service_config(sys_tree, proc_tree, above=50.0)))
     d.proc.send_signal(signal.SIGHUP)
-    messages = listener.wait_for(lambda m: (any("RELOADING" in x for x in m)
-                                 and "READY" in m[-1]) or len(m) > 100)
+    messages = listener.wait_for(lambda m: ready_after_reloading(m) or len(m) > 100)
     reloading = next(i for i, m in enumerate(messages) if "RELOADING" in m)
     assert "MONOTONIC_USEC" in messages[reloading]
     assert any("READY" in m for m in messages[reloading + 1:])
