@@ -16,7 +16,9 @@ daemon=""
 launchers=()
 
 stop_all() {
-    trap - INT TERM EXIT
+    trap - INT TERM HUP EXIT
+    # go on whatever fails: after a hangup even an echo to the terminal fails
+    set +e
     echo
     echo "demo: stopping the jobs and the daemon..."
     # a launcher unregisters its job (resuming it) before passing the signal on
@@ -28,7 +30,13 @@ stop_all() {
     fi
     echo "demo: done; logs and traces are in $STATE/"
 }
-trap stop_all INT TERM EXIT
+trap stop_all INT TERM HUP EXIT
+
+if "$BIN/governor" status >/dev/null 2>&1; then
+    echo "demo: a governor already answers on 127.0.0.1:9480 (another make demo?); stop it first" >&2
+    trap - INT TERM HUP EXIT
+    exit 1
+fi
 
 # setsid: Ctrl-C reaches only this script and `governor top`; stop_all stops the rest in
 # order, jobs first.
