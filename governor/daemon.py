@@ -293,6 +293,9 @@ class Daemon:
     def render_metrics(self) -> bytes:
         return self.metrics.render()
 
+    def cached_metrics(self) -> bytes | None:
+        return self.metrics.cached()
+
     def reload(self, who: str = "operator (SIGHUP)") -> list[dict[str, Any]]:
         """Reload the config file, telling systemd (RELOADING=1, then READY=1). A bad
         file raises ConfigError, changes nothing, and stays in systemd's STATUS line

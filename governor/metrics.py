@@ -317,11 +317,18 @@ class DaemonMetrics:
         # identity for the snapshot and the view: both are replaced, never changed
         return a[0] is b[0] and a[1] is b[1] and a[2] == b[2] and a[3] == b[3]
 
-    def render(self) -> bytes:
-        key = self._key()
+    def cached(self) -> bytes | None:
+        """The exposition if nothing changed since it was rendered, else None: cheap
+        enough for the event loop, which serves it without a trip to the thread pool."""
         cached = self._cached
-        if cached is not None and self._same(cached[0], key):
+        if cached is not None and self._same(cached[0], self._key()):
             return cached[1]
+        return None
+
+    def render(self) -> bytes:
+        body = self.cached()
+        if body is not None:
+            return body
         # One render at a time: scrapers that arrive together after a round wait for it
         # and share it instead of each rendering the same bytes.
         with self._render_lock:

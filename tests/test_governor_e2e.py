@@ -643,6 +643,9 @@ def test_an_unexpected_error_is_a_json_500() -> None:
         def render_metrics(self) -> bytes:
             return b""
 
+        def cached_metrics(self) -> bytes | None:
+            return None
+
         def reload(self) -> list[dict[str, Any]]:
             return []
 

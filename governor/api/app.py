@@ -15,6 +15,7 @@ from governor.api.auth import Authenticator
 from governor.api.errors import ApiError, error_response, install_error_handlers
 from governor.api.hosts import HostCheck, default_allowed_hosts
 from governor.api.jobs import TOKEN, errors, job_router
+from governor.api.scrape import MetricsFastPath
 from governor.audit import AuditLog
 from governor.config import ConfigError
 from governor.control import Controller
@@ -34,6 +35,10 @@ class DaemonView(Protocol):
 
     def render_metrics(self) -> bytes: ...
 
+    def cached_metrics(self) -> bytes | None:
+        """The exposition if it is rendered for the current round, else None."""
+        ...
+
     def reload(self, who: str = ...) -> list[dict[str, Any]]:
         """Reload the config file; ConfigError keeps the running config. `who` asked."""
         ...
@@ -49,6 +54,9 @@ def create_app(daemon: DaemonView, authenticate: Authenticator,
         "when the hardware runs hot.",
     )
     install_error_handlers(app)
+    # inside HostCheck (the middleware added last runs first): scrapes are checked too
+    app.add_middleware(MetricsFastPath, cached=daemon.cached_metrics,
+                       render=daemon.render_metrics)
     app.add_middleware(
         HostCheck,
         allowed=default_allowed_hosts("localhost") if allowed_hosts is None else allowed_hosts,
@@ -69,8 +77,9 @@ def create_app(daemon: DaemonView, authenticate: Authenticator,
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "unhealthy", "error": why}, status_code=503)
 
-    # A sync route: FastAPI runs it in its thread pool, so rendering never stalls the
-    # event loop. It reads the last snapshot only; no hardware I/O happens here.
+    # Served by MetricsFastPath before routing; declared here for the OpenAPI document
+    # (and answered here only if the fast path were taken out). A sync route: rendering
+    # runs in the thread pool. It reads the last snapshot only; no hardware I/O happens.
     @app.get("/metrics", summary="Prometheus text exposition of the last sampling round",
              response_class=Response, responses={
                  **errors(),

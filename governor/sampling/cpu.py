@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from governor.sampling.base import SampleResult
-from governor.sampling.paths import SysPaths, read_text
+from governor.sampling.paths import OpenFiles, SysPaths
 from governor.snapshot import Reading, reading
 
 PSI_RESOURCES = ("cpu", "memory", "io")
@@ -97,31 +97,37 @@ class CpuSampler:
 
     def __init__(self, paths: SysPaths):
         self._paths = paths
+        #: /proc/stat, meminfo, loadavg and pressure/*, kept open between rounds
+        self._files = OpenFiles()
+        self._stat = paths.proc("stat")
+        self._meminfo = paths.proc("meminfo")
+        self._loadavg = paths.proc("loadavg")
+        self._psi = [(resource, paths.proc("pressure", resource)) for resource in PSI_RESOURCES]
         # Read once now so the first round already has a window to compute utilization over.
         self._last_stat = self._read_stat()
 
     def _read_stat(self) -> dict[str, CpuTimes] | None:
-        text = read_text(self._paths.proc("stat"))
+        text = self._files.read_text(self._stat)
         return parse_proc_stat(text) if text is not None else None
 
     def sample(self) -> SampleResult:
         result = SampleResult()
         stat = self._read_stat()
         if stat is None:
-            raise OSError(f"cannot read {self._paths.proc('stat')}")
+            raise OSError(f"cannot read {self._stat}")
         if self._last_stat is not None:
             for core, ratio in sorted(utilization(self._last_stat, stat).items(), key=_core_key):
                 result.readings.append(reading("cpu_utilization_ratio", ratio, cpu=core))
         self._last_stat = stat
 
-        meminfo = read_text(self._paths.proc("meminfo"))
+        meminfo = self._files.read_text(self._meminfo)
         used = parse_meminfo(meminfo) if meminfo is not None else None
         if used is not None:
             result.readings.append(reading("memory_used_ratio", used))
         else:
-            result.problems.append(f"cannot read memory use from {self._paths.proc('meminfo')}")
+            result.problems.append(f"cannot read memory use from {self._meminfo}")
 
-        loadavg = read_text(self._paths.proc("loadavg"))
+        loadavg = self._files.read_text(self._loadavg)
         if loadavg is not None:
             for window, value in zip(LOAD_WINDOWS, parse_loadavg(loadavg), strict=True):
                 result.readings.append(reading("load_average_tasks", value, window=window))
@@ -132,8 +138,8 @@ class CpuSampler:
     def _pressure(self) -> list[Reading]:
         """PSI series; kernels without PSI (or booted with psi=0) have none, which is no fault."""
         readings = []
-        for resource in PSI_RESOURCES:
-            text = read_text(self._paths.proc("pressure", resource))
+        for resource, path in self._psi:
+            text = self._files.read_text(path)
             if text is None:
                 continue
             for kind, ratio in sorted(parse_pressure(text).items()):
@@ -143,7 +149,7 @@ class CpuSampler:
         return readings
 
     def close(self) -> None:
-        pass
+        self._files.close()
 
 
 def _core_key(item: tuple[str, float]) -> int:

@@ -20,7 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from governor.sampling.base import SampleResult, SamplerUnavailable
-from governor.sampling.paths import Garbage, SysPaths, read_int_strict, read_text, sorted_entries
+from governor.sampling.paths import (
+    Garbage,
+    OpenFiles,
+    SysPaths,
+    read_int_strict,
+    read_text,
+    sorted_entries,
+)
 from governor.snapshot import reading
 
 log = logging.getLogger(__name__)
@@ -121,9 +128,10 @@ def sensor_labels(chip_dir: Path, numbers: list[int]) -> dict[int, str]:
     return {n: f"{label} (temp{n})" if counts[label] > 1 else label for n, label in labels.items()}
 
 
-def read_millicelsius(path: Path) -> float | None:
-    """°C from a millidegree file; None when absent; Garbage when implausible or not a number."""
-    raw = read_int_strict(path)
+def read_millicelsius(path: Path, files: OpenFiles | None = None) -> float | None:
+    """°C from a millidegree file; None when absent; Garbage when implausible or not a number.
+    `files`: read through these open files rather than opening it."""
+    raw = read_int_strict(path, files.read_text if files is not None else read_text)
     if raw is None:
         return None
     celsius = raw / 1000.0
@@ -164,6 +172,8 @@ class HwmonSampler:
         self._layout: list[Sensor] = []
         self._layout_key: tuple[tuple[str, str], ...] | None = None
         self._scanned_at = float("-inf")
+        #: the sensors' files, kept open between rounds
+        self._files = OpenFiles()
 
     def _listing(self) -> tuple[tuple[str, str], ...]:
         """The chips and zones, with where their links point: cheap to read every round."""
@@ -216,6 +226,7 @@ class HwmonSampler:
         listing, now = self._listing(), self._clock()
         if listing != self._layout_key or now - self._scanned_at >= self.RESCAN_EVERY:
             self._layout, self._layout_key, self._scanned_at = self._scan(), listing, now
+            self._files.keep_only(sensor.path for sensor in self._layout)
         if not self._layout:
             raise SamplerUnavailable(
                 f"no hwmon chips or thermal zones with temperatures under {self._paths.sysfs}"
@@ -225,7 +236,7 @@ class HwmonSampler:
         seen: dict[Path, str | None] = {}
         for sensor in self._layout:
             try:
-                celsius = read_millicelsius(sensor.path)
+                celsius = read_millicelsius(sensor.path, self._files)
             except Garbage as exc:
                 result.problems.append(str(exc))
                 seen[sensor.path] = None
@@ -257,4 +268,4 @@ class HwmonSampler:
         self._known.update((path, series) for path, series in seen.items() if series)
 
     def close(self) -> None:
-        pass
+        self._files.close()
