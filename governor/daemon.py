@@ -61,9 +61,14 @@ class StartupError(Exception):
 
 
 def bind(host: str, port: int) -> socket.socket:
+    """The API's TCP socket. Named IPPROTO_TCP, with TCP_NODELAY (inherited by accepted
+    connections): asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and
+    without it a response written in two parts (headers, body) waits for the client's
+    delayed ACK, 40 ms per request on a keep-alive connection such as Prometheus's."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:

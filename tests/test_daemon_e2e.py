@@ -246,3 +246,23 @@ def test_errors_are_json_with_one_sentence(daemon: StartDaemon) -> None:
 
     wrong = httpx.post(d.url + "/healthz")
     assert wrong.status_code == 405 and set(wrong.json()) == {"error"}
+
+
+def test_api_connections_send_without_waiting_for_acks() -> None:
+    """TCP_NODELAY on every accepted connection: without it, a keep-alive scrape (as
+    Prometheus makes) waited 40 ms for the client's delayed ACK between the response's
+    headers and body (asyncio sets it only on sockets created with proto IPPROTO_TCP)."""
+    import socket
+
+    from governor.daemon import bind
+
+    listener = bind("127.0.0.1", 0)
+    listener.listen()
+    client = socket.create_connection(listener.getsockname())
+    accepted, _ = listener.accept()
+    try:
+        assert accepted.proto == socket.IPPROTO_TCP
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        for s in (accepted, client, listener):
+            s.close()
