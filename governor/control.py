@@ -14,9 +14,9 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 from governor.actuators.base import Actuator, ActuatorError
 from governor.actuators.gpu_power import PowerCapper
@@ -47,12 +47,43 @@ def _no_audit(_event: dict[str, Any]) -> None:
     return None
 
 
+class LazyRules(Sequence[dict[str, Any]]):
+    """/v1/rules's entries, made on first read. Every round publishes a new view, and a
+    round is more frequent than a scrape or a `governor top` refresh: most views are never
+    read. The states it is made from are replaced each round, never changed, so making it
+    later, on another thread, gives what making it at once would."""
+
+    def __init__(self, make: Callable[[], list[dict[str, Any]]]):
+        self._make: Callable[[], list[dict[str, Any]]] | None = make
+        self._entries: tuple[dict[str, Any], ...] = ()
+        self._lock = threading.Lock()
+
+    def _made(self) -> tuple[dict[str, Any], ...]:
+        if self._make is not None:
+            with self._lock:
+                if self._make is not None:
+                    self._entries, self._make = tuple(self._make()), None
+        return self._entries
+
+    @overload
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[dict[str, Any]]: ...
+
+    def __getitem__(self, index: int | slice) -> dict[str, Any] | Sequence[dict[str, Any]]:
+        return self._made()[index]
+
+    def __len__(self) -> int:
+        return len(self._made())
+
+
 @dataclass(frozen=True)
 class ControlView:
     """What the API and the metrics read: a copy, made after every change."""
 
     jobs: tuple[dict[str, Any], ...] = ()
-    rules: tuple[dict[str, Any], ...] = ()
+    rules: Sequence[dict[str, Any]] = ()
     #: job id -> (directive as JSON, version)
     directives: Mapping[str, tuple[dict[str, Any], int]] = field(default_factory=dict)
     #: GPU index -> the power cap in force, in watts
@@ -487,14 +518,25 @@ class Controller:
         return {**job.as_dict(), "devices": list(job.devices),
                 "restricted_uid": job.restricted_uid, "saved": job.saved}
 
+    def _rules_view(self) -> Callable[[], list[dict[str, Any]]]:
+        """What /v1/rules will say of this moment, made when first read."""
+        rules, states = list(self._rules), self._states
+        offset, unavailable = self._wall() - self._clock(), self._power_unavailable
+
+        def make() -> list[dict[str, Any]]:
+            view = rule_states_view(rules, states, offset)
+            by_name = {r.name: r for r in rules}
+            for entry in view:
+                if by_name[str(entry["name"])].action == "power_cap":
+                    entry["enforceable"] = unavailable is None
+                    if unavailable is not None:
+                        entry["not_enforceable_because"] = unavailable
+            return view
+
+        return make
+
     def _publish(self) -> None:
-        rules = rule_states_view(self._rules, self._states, self._wall() - self._clock())
-        by_name = {r.name: r for r in self._rules}
-        for entry in rules:
-            if by_name[str(entry["name"])].action == "power_cap":
-                entry["enforceable"] = self._power_unavailable is None
-                if self._power_unavailable is not None:
-                    entry["not_enforceable_because"] = self._power_unavailable
+        rules = LazyRules(self._rules_view())
         jobs = []
         directives: dict[str, tuple[dict[str, Any], int]] = {}
         held_by: dict[str, tuple[str, ...]] = {}
@@ -508,7 +550,7 @@ class Controller:
             directives[job.id] = (job.directive.as_dict(), job.directive_version)
             held_by[job.id] = job.directive.rules
         caps = self._power.capped if self._power is not None else {}
-        self.view = ControlView(tuple(jobs), tuple(rules), directives, caps, held_by)
+        self.view = ControlView(tuple(jobs), rules, directives, caps, held_by)
         changed, self._changed = self._changed, {}
         for job_id, version in changed.items():
             for listener in self._listeners:

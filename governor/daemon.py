@@ -379,7 +379,7 @@ class Daemon:
     def _tell_systemd(self, _: Snapshot) -> None:
         """After each round, on the loop's own thread: a watchdog ping (so a hung loop is
         noticed) and the summary line; nothing before READY=1."""
-        if not self._ready:
+        if not self._ready or not self.notifier.enabled:
             return
         self.notifier.ping()
         self.notifier.status(self.status_line())
