@@ -58,6 +58,17 @@ def parse_duration(value: object) -> float:
     return seconds
 
 
+def format_duration(seconds: float) -> str:
+    """The inverse of parse_duration, for messages: 0.25 -> "250ms", 2 -> "2s", 90 -> "90s",
+    120 -> "2m"."""
+    if 0 < seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    for unit, size in (("h", 3600.0), ("m", 60.0)):
+        if seconds >= size and (seconds / size).is_integer():
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from governor.sampling.cpu import (
     CpuSampler,
+    advance,
     parse_meminfo,
     parse_pressure,
     parse_proc_stat,
@@ -34,13 +35,26 @@ def test_steal_and_irq_are_busy_time() -> None:
     assert utilization(before, after) == {"0": pytest.approx(0.4)}
 
 
-def test_a_core_without_elapsed_time_has_no_reading() -> None:
+def test_a_core_without_elapsed_time_keeps_its_last_ratio() -> None:
+    """Two reads inside one tick: the core still has a reading, or its series would blink."""
+    stat = parse_proc_stat("cpu0 1 2 3 4\ncpu1 5 0 0 5\n")
+    assert utilization(stat, stat, {"0": 0.25, "1": 0.75}) == {"0": 0.25, "1": 0.75}
+
+
+def test_before_any_ratio_a_core_without_elapsed_time_has_its_average_since_boot() -> None:
     stat = parse_proc_stat("cpu0 1 2 3 4\n")
-    assert utilization(stat, stat) == {}
+    assert utilization(stat, stat) == {"0": pytest.approx(0.6)}
+    assert utilization({}, stat) == {"0": pytest.approx(0.6)}, "a core just brought online"
 
 
-def test_a_core_that_appeared_has_no_reading_yet() -> None:
-    assert utilization({}, parse_proc_stat("cpu0 1 2 3 4\n")) == {}
+def test_a_core_whose_time_stood_still_keeps_its_window_start() -> None:
+    """The next window is measured from the older read, so it is long enough to count."""
+    first = parse_proc_stat("cpu0 0 0 0 100\ncpu1 0 0 0 100\n")
+    same_tick = parse_proc_stat("cpu0 50 0 0 150\ncpu1 0 0 0 100\n")
+    start = advance(first, same_tick)
+    assert start == {"0": same_tick["0"], "1": first["1"]}
+    later = parse_proc_stat("cpu0 50 0 0 250\ncpu1 30 0 0 170\n")
+    assert utilization(start, later) == {"0": 0.0, "1": pytest.approx(0.3)}
 
 
 def test_meminfo_uses_memavailable() -> None:
@@ -57,6 +71,9 @@ def test_pressure_avg10_as_ratio() -> None:
     assert parse_pressure(text) == {"some": 0.125, "full": pytest.approx(0.001)}
 
 
+CPU1_SINCE_BOOT = 150 / 925  # busy / total jiffies of its fixture line
+
+
 def test_sampler_on_fixture_procfs(proc_tree: Path) -> None:
     sampler = CpuSampler(SysPaths("/nonexistent", proc_tree))
     stat = proc_tree / "stat"
@@ -64,7 +81,8 @@ def test_sampler_on_fixture_procfs(proc_tree: Path) -> None:
     result = sampler.sample()
     util = values(result, "cpu_utilization_ratio")
     assert util[(("cpu", "0"),)] == pytest.approx(100 / 150)
-    assert (("cpu", "1"),) not in util  # no time elapsed on it between the two reads
+    # no time elapsed on cpu1 between the two reads: its average since boot
+    assert util[(("cpu", "1"),)] == pytest.approx(CPU1_SINCE_BOOT)
     assert values(result, "memory_used_ratio") == {(): 0.25}
     assert values(result, "load_average_tasks") == {
         (("window", "1m"),): 0.52, (("window", "5m"),): 0.40, (("window", "15m"),): 0.31}
@@ -96,3 +114,18 @@ def test_real_procfs() -> None:
     assert util and all(0.0 <= v <= 1.0 for v in util.values())
     (used,) = values(result, "memory_used_ratio").values()
     assert 0.0 < used < 1.0
+
+
+def test_real_procfs_sampled_at_once_has_every_core() -> None:
+    """A round right after start reads /proc/stat twice inside one tick: every online core
+    still has its reading, as it has in every later round."""
+    cores = {line.split()[0].removeprefix("cpu")
+             for line in Path("/proc/stat").read_text().splitlines()
+             if line.startswith("cpu") and line[3].isdigit()}
+    for _ in range(50):
+        sampler = CpuSampler(SysPaths("/sys", "/proc"))
+        first, second = ({dict(labels)["cpu"]
+                          for labels in values(sampler.sample(), "cpu_utilization_ratio")}
+                         for _ in range(2))
+        sampler.close()
+        assert first == second == cores

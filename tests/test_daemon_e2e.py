@@ -9,6 +9,7 @@ intended change, and review the diff.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -104,6 +105,22 @@ def test_health_metrics_and_status_on_this_machine(daemon: StartDaemon) -> None:
     cpu = next(s for s in status["samplers"] if s["name"] == "cpu")
     assert cpu["state"] == "ok" and cpu["up"] is True and cpu["error"] is None
     assert any(r["metric"] == "memory_used_ratio" for r in status["readings"])
+
+
+def test_every_core_has_its_series_in_the_first_scrape_after_start(
+        daemon: StartDaemon) -> None:
+    """Scraped as soon as /healthz first answers, at the default interval, on this
+    machine's /proc: the first round's window can be shorter than a clock tick, and a core
+    whose time did not move must still have its series (a blink reads as "missing")."""
+    cores = {line.split()[0].removeprefix("cpu")
+             for line in Path("/proc/stat").read_text().splitlines()
+             if re.match(r"cpu\d+ ", line)}
+    for start in range(8):
+        d = daemon({})
+        seen = set(re.findall(r'^governor_cpu_utilization_ratio\{cpu="(\d+)"\}',
+                              d.metrics(), re.MULTILINE))
+        assert seen == cores, f"start {start}: series for cores {sorted(seen)} of {sorted(cores)}"
+        d.stop()
 
 
 def test_status_reports_sampler_health_and_why(daemon: StartDaemon, empty_sys: Path,

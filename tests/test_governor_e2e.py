@@ -105,6 +105,34 @@ def test_a_hot_sensor_pauses_the_job_and_cooling_resumes_it(
     assert '"action": "pause", "job": "trainer"' in log and '"by": "rule cpu-hot"' in log
 
 
+def test_inside_the_hysteresis_band_every_view_gives_a_true_reason(
+        daemon: StartDaemon, sys_tree: Path, proc_tree: Path,
+        children: list[subprocess.Popen[bytes]]) -> None:
+    """Cooled to 75, between the clear line (70) and the trip line (80), the job stays
+    paused; the reason must not say 75 is above 80, in /v1/jobs, `status`, `top` or the
+    metrics."""
+    d = daemon(config(sys_tree, proc_tree, {**CPU_HOT, "clear_for": "2s"}))
+    pid = spawn(children)
+    job = d.register(name="trainer", pid=pid)
+    heat(sys_tree, 95.5)
+    eventually(stopped(pid), what="the job stops when the sensor is hot")
+    heat(sys_tree, 75)
+    series = 'cpu_temperature_celsius{chip="platform_coretemp_0",sensor="Package id 0"}'
+    expected = (f"cpu-hot: {series} tripped above 80 at 95.5; held until below 70 for 2s; "
+                "now 75")
+    eventually(lambda: d.job(job["id"])["reasons"] == [expected],
+               what=f"the reason reads {expected!r}")
+    assert state(pid) == "T", "inside the band the job stays paused"
+    assert expected in d.cli("status").stdout
+    top = d.cli("top", "--once", env={"COLUMNS": "400"}).stdout
+    assert "held until below 70 for 2s; now 75" in top, top
+    assert "(above 80)" not in top
+    labels = f'id="{job["id"]}",job="trainer",reason="cpu-hot",state="paused"'
+    assert f"governor_job_state_info{{{labels}}} 1.0" in d.metrics()
+    heat(sys_tree, 60)
+    eventually(running(pid), what="the job runs again 2 s after the sensor cooled")
+
+
 def test_grandchildren_forked_after_registration_are_paused_too(
         daemon: StartDaemon, sys_tree: Path, proc_tree: Path,
         children: list[subprocess.Popen[bytes]]) -> None:

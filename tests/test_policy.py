@@ -236,6 +236,51 @@ def test_reasons_name_the_rule_series_and_value() -> None:
     assert directives["a"].reasons == ('hot: gpu_temperature_celsius{gpu="0"} = 88 (above 85)',)
 
 
+def test_inside_the_hysteresis_band_the_reason_says_what_tripped_and_what_releases() -> None:
+    """Between the lines a reading is neither above the trip line nor past the clear one:
+    the reason must not call 81.2 -> 82.5 -> 83.0 "above 85"."""
+    run = Run(rule(clear_for="2s", **{"for": 0}))
+
+    def why(now: float, temp: float) -> str:
+        run.feed(gpu_temps(now, gpu0=temp))
+        directives, _ = decide(run.rules, run.states, [job("a", "gpu0")])
+        (text,) = directives["a"].reasons
+        return text
+
+    series = 'hot: gpu_temperature_celsius{gpu="0"}'
+    assert why(0, 86.2) == f"{series} = 86.2 (above 85)"
+    assert why(1, 88) == f"{series} = 88 (above 85)"
+    inside = f"{series} tripped above 85 at 86.2; held until below 80 for 2s; now 82.5"
+    assert why(2, 82.5) == inside
+    clearing = why(3, 79.5)
+    assert run.phase() is Phase.CLEARING
+    assert clearing == f"{series} tripped above 85 at 86.2; held until below 80 for 2s; now 79.5"
+    assert why(4, 81) == f"{series} tripped above 85 at 86.2; held until below 80 for 2s; now 81", (
+        "back inside the band: tripped again, by the same first reading")
+
+
+def test_the_band_reason_of_a_below_rule_and_of_one_with_no_clear_for() -> None:
+    run = Run(rule(name="cold", metric="gpu_temperature_celsius", below=10.0, clear_above=15.0,
+                   above=None, clear_below=None, **{"for": 0}))
+    run.feed(gpu_temps(0, gpu0=8))
+    run.feed(gpu_temps(1, gpu0=12.5))
+    directives, _ = decide(run.rules, run.states, [job("a", "gpu0")])
+    assert directives["a"].reasons == (
+        'cold: gpu_temperature_celsius{gpu="0"} tripped below 10 at 8; held until above 15; '
+        "now 12.5",)
+
+
+def test_the_band_reason_of_a_series_that_tripped_by_going_missing() -> None:
+    run = Run(rule(on_missing="trip", **{"for": 0}))
+    run.feed(gpu_temps(0, gpu0=70))
+    run.feed(gpu_temps(1))
+    run.feed(gpu_temps(2, gpu0=82))
+    directives, _ = decide(run.rules, run.states, [job("a", "gpu0")])
+    assert directives["a"].reasons == (
+        'hot: gpu_temperature_celsius{gpu="0"} tripped when it stopped reporting; '
+        "held until below 80; now 82",)
+
+
 def test_reload_keeps_states_of_unchanged_rules() -> None:
     old = [rule(**{"for": 0}), rule(name="other", **{"for": 0})]
     run = Run(*old)

@@ -12,9 +12,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from governor.catalog import SAMPLED
-from governor.config import RuleConfig
+from governor.config import RuleConfig, format_duration
 from governor.jobs.model import RUN, Directive, Job, pause, slow, strictest
-from governor.policy.rules import RuleStates, SeriesState, series_name
+from governor.policy.rules import RuleStates, SeriesState, over, series_name
 from governor.snapshot import Labels
 
 OPERATOR = "operator"
@@ -43,11 +43,21 @@ def device_of(rule: RuleConfig, labels: Labels) -> str | None:
 
 
 def reason(rule: RuleConfig, labels: Labels, state: SeriesState) -> str:
+    """Why a holding series acts, true at every point of its hysteresis: over the line it
+    names the reading; inside the band (or past the clear line while `clear_for` runs) it
+    says what tripped it, what releases it, and where the reading is now."""
     series = series_name(rule, labels)
     if state.value is None:
         return f"{rule.name}: {series} stopped reporting (on_missing = {rule.on_missing})"
-    side = "above" if rule.trips_above else "below"
-    return f"{rule.name}: {series} = {state.value:g} ({side} {rule.threshold:g})"
+    side, clear_side = ("above", "below") if rule.trips_above else ("below", "above")
+    if over(rule, state.value):
+        return f"{rule.name}: {series} = {state.value:g} ({side} {rule.threshold:g})"
+    tripped = ("when it stopped reporting" if state.tripped_value is None
+               else f"{side} {rule.threshold:g} at {state.tripped_value:g}")
+    until = f"{clear_side} {rule.clear_threshold:g}"
+    if rule.clear_for > 0:
+        until += f" for {format_duration(rule.clear_for)}"
+    return f"{rule.name}: {series} tripped {tripped}; held until {until}; now {state.value:g}"
 
 
 def touches(rule: RuleConfig, device: str | None, job: Job) -> bool:

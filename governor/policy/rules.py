@@ -34,6 +34,10 @@ class SeriesState:
     value: float | None
     #: monotonic time the series tripped (kept through clearing)
     tripped_at: float | None = None
+    #: the reading that tripped it (kept through clearing), so that a reason given inside
+    #: the hysteresis band can say what crossed the line; None when it tripped by going
+    #: missing
+    tripped_value: float | None = None
     #: the series did not report in the last round
     missing: bool = False
 
@@ -90,23 +94,23 @@ def step(rule: RuleConfig, state: SeriesState | None, value: float, now: float) 
         if not over(rule, value):
             return SeriesState(Phase.OK, state.since if state else now, value)
         if rule.for_ <= 0:
-            return SeriesState(Phase.TRIPPED, now, value, tripped_at=now)
+            return SeriesState(Phase.TRIPPED, now, value, tripped_at=now, tripped_value=value)
         return SeriesState(Phase.PENDING, now, value)
     if state.phase is Phase.PENDING:
         if not over(rule, value):
             return SeriesState(Phase.OK, now, value)
         if now - state.since >= rule.for_:
-            return SeriesState(Phase.TRIPPED, now, value, tripped_at=now)
+            return SeriesState(Phase.TRIPPED, now, value, tripped_at=now, tripped_value=value)
         return replace(state, value=value, missing=False)
     if state.phase is Phase.TRIPPED:
         if not past_clear_line(rule, value):
             return replace(state, value=value, missing=False)
         if rule.clear_for <= 0:
             return SeriesState(Phase.OK, now, value)
-        return SeriesState(Phase.CLEARING, now, value, tripped_at=state.tripped_at)
+        return replace(state, phase=Phase.CLEARING, since=now, value=value, missing=False)
     # CLEARING
     if not past_clear_line(rule, value):
-        return SeriesState(Phase.TRIPPED, now, value, tripped_at=state.tripped_at)
+        return replace(state, phase=Phase.TRIPPED, since=now, value=value, missing=False)
     if now - state.since >= rule.clear_for:
         return SeriesState(Phase.OK, now, value)
     return replace(state, value=value, missing=False)
@@ -119,7 +123,7 @@ def step_missing(rule: RuleConfig, state: SeriesState, now: float) -> SeriesStat
     if rule.on_missing == "trip" and not state.holding:
         return SeriesState(Phase.TRIPPED, now, None, tripped_at=now, missing=True)
     if rule.on_missing == "trip" and state.phase is Phase.CLEARING:
-        return SeriesState(Phase.TRIPPED, now, None, tripped_at=state.tripped_at, missing=True)
+        return replace(state, phase=Phase.TRIPPED, since=now, value=None, missing=True)
     return replace(state, value=None, missing=True)
 
 

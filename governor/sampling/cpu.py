@@ -7,6 +7,7 @@ several at once) and the parse is the same code under test and in production.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from governor.sampling.base import SampleResult
@@ -42,18 +43,37 @@ def parse_proc_stat(text: str) -> dict[str, CpuTimes]:
     return cores
 
 
-def utilization(before: dict[str, CpuTimes], after: dict[str, CpuTimes]) -> dict[str, float]:
-    """Busy share per core between two /proc/stat reads; cores with no elapsed time are left out."""
+def utilization(before: Mapping[str, CpuTimes], after: Mapping[str, CpuTimes],
+                last: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Busy share per core between two /proc/stat reads.
+
+    Every core of `after` gets a value, so a core that is there has its series in every
+    round (a blinking series reads as "missing" to a rule and as a gap on a dashboard).
+    Two reads inside one clock tick see no time elapse: such a core keeps its `last`
+    ratio, or, before it has one (the first round, a core just brought online), its
+    average since boot.
+    """
     ratios: dict[str, float] = {}
     for core, now in after.items():
         prev = before.get(core)
-        if prev is None:
+        elapsed = now.total - prev.total if prev is not None else 0
+        if prev is not None and elapsed > 0:
+            ratio = (now.busy - prev.busy) / elapsed
+        elif last is not None and core in last:
+            ratio = last[core]
+        elif now.total > 0:
+            ratio = now.busy / now.total
+        else:
             continue
-        elapsed = now.total - prev.total
-        if elapsed <= 0:
-            continue
-        ratios[core] = min(1.0, max(0.0, (now.busy - prev.busy) / elapsed))
+        ratios[core] = min(1.0, max(0.0, ratio))
     return ratios
+
+
+def advance(before: Mapping[str, CpuTimes], after: Mapping[str, CpuTimes]) -> dict[str, CpuTimes]:
+    """The next window's start: `after`, but for the cores whose time did not move, which
+    keep their older read so that their next window is long enough to measure."""
+    return {core: now if core not in before or now.total > before[core].total else before[core]
+            for core, now in after.items()}
 
 
 def parse_meminfo(text: str) -> float | None:
@@ -105,6 +125,7 @@ class CpuSampler:
         self._psi = [(resource, paths.proc("pressure", resource)) for resource in PSI_RESOURCES]
         # Read once now so the first round already has a window to compute utilization over.
         self._last_stat = self._read_stat()
+        self._last_ratio: dict[str, float] = {}
 
     def _read_stat(self) -> dict[str, CpuTimes] | None:
         text = self._files.read_text(self._stat)
@@ -115,10 +136,11 @@ class CpuSampler:
         stat = self._read_stat()
         if stat is None:
             raise OSError(f"cannot read {self._stat}")
-        if self._last_stat is not None:
-            for core, ratio in sorted(utilization(self._last_stat, stat).items(), key=_core_key):
-                result.readings.append(reading("cpu_utilization_ratio", ratio, cpu=core))
-        self._last_stat = stat
+        before = self._last_stat or {}
+        self._last_ratio = utilization(before, stat, self._last_ratio)
+        for core, ratio in sorted(self._last_ratio.items(), key=_core_key):
+            result.readings.append(reading("cpu_utilization_ratio", ratio, cpu=core))
+        self._last_stat = advance(before, stat)
 
         meminfo = self._files.read_text(self._meminfo)
         used = parse_meminfo(meminfo) if meminfo is not None else None

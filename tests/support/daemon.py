@@ -136,12 +136,15 @@ class DaemonProcess:
         assert response.status_code == 200, response.text
         return dict(response.json())
 
-    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        """`governor VERB --config <this daemon's config> ARGS`, as a user would run it."""
+    def cli(self, *args: str, timeout: float = 60,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """`governor VERB --config <this daemon's config> ARGS`, as a user would run it;
+        `env` adds to the daemon's environment."""
         verb, *rest = args
         return subprocess.run(
             [sys.executable, "-m", "governor", verb, "--config", str(self.config_path), *rest],
-            capture_output=True, text=True, timeout=timeout, cwd=self.workdir, env=self.env)
+            capture_output=True, text=True, timeout=timeout, cwd=self.workdir,
+            env={**self.env, **(env or {})})
 
     def metrics(self) -> str:
         response = self.get("/metrics")
