@@ -126,3 +126,15 @@ def test_check_config_finds_the_file_like_the_daemon(tmp_path: Path) -> None:
     (tmp_path / "config" / "governor.toml").write_text("[daemon]\ninterval = 2\n")
     result = governor("check-config", cwd=tmp_path, env={"GOVERNOR_CONFIG": ""})
     assert result.returncode == 0 and "config/governor.toml: ok (0 rules)" in result.stdout
+
+
+def test_a_reader_that_goes_away_gets_no_traceback(tmp_path: Path, sys_tree: Path,
+                                                   proc_tree: Path) -> None:
+    """`governor sample | true`: the reader is gone long before governor writes."""
+    config = fixture_config(tmp_path, sys_tree, proc_tree)
+    result = subprocess.run(
+        f"{sys.executable} -m governor sample --config {config} --window 0.05 | true; "
+        "exit ${PIPESTATUS[0]}", shell=True, executable="/bin/bash", capture_output=True,
+        text=True, timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+    assert result.returncode == 141, "the status of a tool ended by SIGPIPE"
