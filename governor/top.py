@@ -16,7 +16,7 @@ import termios
 import time
 import tty
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TextIO
 
@@ -474,6 +474,21 @@ def run_live(poller: StatusPoller, show: Callable[[RenderableType], None],
             return frames
 
 
+class TerminalGone(Exception):
+    """The terminal hung up (its window closed, its ssh session dropped, its tmux session
+    killed): nobody can see the view or press a key, so it ends rather than draw into
+    nothing."""
+
+
+@contextlib.contextmanager
+def _terminal_errors() -> Iterator[None]:
+    """A write to a hung-up terminal fails with EIO: the view has lost its terminal."""
+    try:
+        yield
+    except OSError as exc:
+        raise TerminalGone(exc.strerror or str(exc)) from exc
+
+
 class KeyReader:
     """Waits for the next poll while watching for `q`; a terminal is put in cbreak mode
     (keys arrive unbuffered and unechoed; Ctrl-C still interrupts) and restored on exit.
@@ -499,7 +514,9 @@ class KeyReader:
                 termios.tcsetattr(self.stream.fileno(), termios.TCSADRAIN, self._saved)
 
     def wait(self, timeout: float) -> bool:
-        """Sleep up to `timeout`; True when a quit key was pressed."""
+        """Sleep up to `timeout`; True when a quit key was pressed. Raises TerminalGone
+        when the terminal hangs up: it then stays readable and every read returns
+        nothing (or fails with EIO), which would otherwise spin this loop."""
         if self._saved is None:
             time.sleep(timeout)
             return False
@@ -507,7 +524,10 @@ class KeyReader:
         while (left := deadline - time.monotonic()) > 0:
             ready, _, _ = select.select([self.stream], [], [], left)
             if ready:
-                keys = os.read(self.stream.fileno(), 64)
+                with _terminal_errors():
+                    keys = os.read(self.stream.fileno(), 64)
+                if not keys:  # in cbreak mode only a hang-up reads as end of file
+                    raise TerminalGone("end of input")
                 if self.QUIT.intersection(keys):
                     return True
         return False
@@ -518,7 +538,7 @@ def live_top(poller: StatusPoller, console: Console, *, where: str,
     """The interactive view: the whole screen, redrawn each round, like top, leaving the
     terminal as it found it on `q`, Ctrl-C or an error. Without a terminal (a pipe, a
     file) each frame is printed after the last instead, since rich's Live would print
-    only the final one."""
+    only the final one. Raises TerminalGone when the terminal hangs up."""
     with keys or KeyReader() as reader:
         if not console.is_terminal:
             return run_live(poller, console.print, reader.wait, where=where,
@@ -528,12 +548,34 @@ def live_top(poller: StatusPoller, console: Console, *, where: str,
 
 def _on_screen(poller: StatusPoller, console: Console, reader: KeyReader, where: str,
                max_frames: int | None) -> int:
-    with Live(
-        console=console, screen=True, auto_refresh=False,
-        redirect_stdout=False, redirect_stderr=False,
-    ) as live:
-        return run_live(poller, lambda frame: live.update(frame, refresh=True), reader.wait,
-                        where=where, max_frames=max_frames)
+    live = Live(console=console, screen=True, auto_refresh=False,
+                redirect_stdout=False, redirect_stderr=False)
+
+    def show(frame: RenderableType) -> None:
+        # rich draws nothing, silently, once its file is no longer a terminal: a hung-up
+        # one fails isatty(), and a write to it fails with EIO
+        if not console.is_terminal:
+            raise TerminalGone("no longer a terminal")
+        with _terminal_errors():
+            live.update(frame, refresh=True)
+
+    with _terminal_errors():
+        live.start()
+    try:
+        return run_live(poller, show, reader.wait, where=where, max_frames=max_frames)
+    finally:
+        with _terminal_errors():
+            live.stop()
+
+
+def detach_from_terminal() -> None:
+    """Point stdin, stdout and stderr at /dev/null once the terminal is gone, so that
+    flushing them on exit fails with no traceback into nowhere."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        with contextlib.suppress(OSError):
+            os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def once_console(stream: TextIO | None = None) -> Console:
