@@ -252,7 +252,7 @@ def cmd_top(args: argparse.Namespace) -> int:
     console = once_console()
     if args.once:
         with ApiClient(config, timeout=TOP_TIMEOUT) as client:
-            console.print(render(client.status(), where=client.where))
+            console.print(render(client.status(), where=client.where, width=console.width))
         return 0
 
     def hang_up(*_: object) -> None:
