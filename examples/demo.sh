@@ -2,7 +2,8 @@
 # `make demo`: the daemon with simulated GPUs (config/demo/governor.toml), two toy jobs
 # heating them (one cooperative on gpu0, one held by signals on gpu1), and `governor top`
 # to watch the loop: the GPUs heat up, a rule trips, the jobs slow, then pause, the GPUs
-# cool, the jobs resume. Ctrl-C stops everything. Logs and traces: .governor-demo/.
+# cool, the jobs resume. Ctrl-C, or closing the terminal, stops everything. Logs and
+# traces: .governor-demo/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
