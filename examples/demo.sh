@@ -34,7 +34,9 @@ gone_within() {
 }
 
 stop_all() {
-    trap - INT TERM HUP EXIT
+    # once: a second Ctrl-C or hangup must not cut the stopping short
+    trap '' INT TERM HUP
+    trap - EXIT
     # go on whatever fails: after a hangup even an echo to the terminal fails
     set +e
     # top first, so that it gives the terminal back (after a hangup it is already gone)
