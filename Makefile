@@ -38,7 +38,8 @@ clean:
 	rm -rf $(VENV) .governor .governor-demo .pytest_cache .mypy_cache .ruff_cache
 
 # Two toy jobs heat two simulated GPUs; watch them slow, pause, cool and resume in
-# `governor top` (examples/demo.sh; config/demo/). Ctrl-C stops everything.
+# `governor top` (examples/demo.sh; config/demo/). Ctrl-C, or closing the terminal,
+# stops everything.
 .PHONY: demo
 demo: $(VENV)/.installed
 	@examples/demo.sh

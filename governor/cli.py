@@ -239,19 +239,38 @@ TOP_TIMEOUT = 5.0
 def cmd_top(args: argparse.Namespace) -> int:
     import signal
 
-    from governor.top import StatusPoller, live_top, once_console, render
+    from governor.top import (
+        StatusPoller,
+        TerminalGone,
+        detach_from_terminal,
+        live_top,
+        once_console,
+        render,
+    )
 
     config, _ = _load(args.config)
     console = once_console()
-    with ApiClient(config, timeout=TOP_TIMEOUT) as client:
-        if args.once:
-            console.print(render(client.status(), where=client.where))
-            return 0
-        # a plain kill would leave the terminal in cbreak mode on the alternate screen
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        poller = StatusPoller(client.status, args.interval or config.daemon.interval)
-        with contextlib.suppress(KeyboardInterrupt):
+    if args.once:
+        with ApiClient(config, timeout=TOP_TIMEOUT) as client:
+            console.print(render(client.status(), where=client.where, width=console.width))
+        return 0
+
+    def hang_up(*_: object) -> None:
+        raise TerminalGone("hang-up")
+
+    # a plain kill would leave the terminal in cbreak mode on the alternate screen
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGHUP, hang_up)
+    # a script that starts top in the background (make demo) has it ignore Ctrl-C
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with ApiClient(config, timeout=TOP_TIMEOUT) as client, \
+                contextlib.suppress(KeyboardInterrupt):
+            poller = StatusPoller(client.status, args.interval or config.daemon.interval)
             live_top(poller, console, where=client.where)
+    except TerminalGone:
+        detach_from_terminal()
     return 0
 
 

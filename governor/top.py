@@ -9,6 +9,8 @@ needed), `StatusPoller` fetches once per daemon round, and `run_live` joins the 
 from __future__ import annotations
 
 import contextlib
+import io
+import math
 import os
 import select
 import sys
@@ -16,19 +18,22 @@ import termios
 import time
 import tty
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
-from typing import Any, TextIO
+from typing import Any, Generic, TextIO, TypeVar
 
-from rich import box
-from rich.console import Console, Group, RenderableType
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.live import Live
+from rich.measure import Measurement
+from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
 from governor.client import ClientError
 
 Status = Mapping[str, Any]
+T = TypeVar("T")
 
 RULE_STYLE = {"ok": "green", "pending": "yellow", "tripped": "bold red"}
 JOB_STYLE = {"running": "green", "slowed": "yellow", "paused": "bold red", "gone": "dim"}
@@ -39,6 +44,10 @@ SEVERITY = ("tripped", "pending", "ok")
 #: with no terminal and no $COLUMNS, `--once` prints this wide rather than rich's 80:
 #: a job's reason names a whole series, and 80 columns fold most of them
 PIPE_WIDTH = 120
+#: at this width and wider a job's pid, mode, devices and priority are shown too
+WIDE = 120
+#: a column cut narrower than this is left out instead, where it may be
+SQUEEZED = 12
 
 
 # ---- formatting ------------------------------------------------------------------
@@ -89,11 +98,6 @@ def _worst(states: Sequence[str]) -> str:
     return "ok"
 
 
-def _section(title: str) -> Table:
-    return Table(title=title, title_justify="left", title_style="bold", box=box.SIMPLE_HEAD,
-                 show_edge=False, pad_edge=False, collapse_padding=True)
-
-
 # ---- the frame -------------------------------------------------------------------
 
 
@@ -133,277 +137,714 @@ class _Readings:
         return out
 
 
-def render(status: Status | None, *, where: str, error: str | None = None) -> RenderableType:
-    """One frame: the header, then the main readings, each rule series against its
-    lines, the rules, and the jobs. `error` says why the latest fetch failed; the view
-    then shows the last status it had (if any) under that warning."""
-    parts: list[RenderableType] = [_header(status, where, error)]
-    if status is None:
-        return Group(*parts)
-    readings = _Readings(status)
-    for section in (_gpus(status, readings), _accelerators(readings), _host(readings),
-                    _thresholds(status), _rules(status), _jobs(status)):
-        if section is not None:
-            parts += [Text(""), section]
-    return Group(*parts)
+#: the order lines are handed out in, where a frame must fit a terminal: held jobs,
+#: what holds them, the other jobs, problems, readings, the rest
+(TIER_SUMMARY, TIER_HELD, TIER_HOLDING, TIER_JOB, TIER_PROBLEM, TIER_READING, TIER_HOST,
+ TIER_REST) = range(8)
+JOB_RANK = {"paused": 0, "slowed": 1, "running": 2, "gone": 3}
+SERIES_RANK = {"tripped": 0, "pending": 1, "ok": 2}
 
 
-def _header(status: Status | None, where: str, error: str | None) -> RenderableType:
-    lines = []
-    title = Text.assemble(("governor top", "bold"), "  ", where)
+class _Part(Generic[T]):
+    """A section of the frame that can be drawn with only its most important rows.
+
+    Each row has a tier, the order in which the frame hands out lines (0 first: a held
+    job before a tripped rule before a reading), and within its part a rank (the hottest
+    GPU first). `make(shown, hidden)` draws the part with the rows kept, in their own
+    order, and a line that counts the rest; it returns None to show nothing. Where a
+    row is always one line, `lines(shown, hidden)` counts the lines without drawing
+    them (fitting a frame would otherwise draw each part many times)."""
+
+    def __init__(self, rows: Sequence[tuple[int, float, T]],
+                 make: Callable[[list[T], list[T]], RenderableType | None],
+                 lines: Callable[[list[T], list[T]], int] | None = None):
+        self.rows = list(rows)
+        self.make = make
+        self.count_lines = lines
+        self.order = sorted(range(len(self.rows)), key=lambda i: self.rows[i][:2])
+        self._drawn: dict[int, RenderableType | None] = {}  # fitting draws each count often
+
+    def wanted(self, tier: int) -> int:
+        """How many rows it has in this tier and the tiers before it."""
+        return sum(1 for t, _, _ in self.rows if t <= tier)
+
+    def split(self, count: int) -> tuple[list[T], list[T]]:
+        """The `count` most important rows, and the others, each in their own order."""
+        kept = set(self.order[:count])
+        return ([row for i, (_, _, row) in enumerate(self.rows) if i in kept],
+                [row for i, (_, _, row) in enumerate(self.rows) if i not in kept])
+
+    def draw(self, count: int) -> RenderableType | None:
+        if count <= 0:
+            return None
+        if count not in self._drawn:
+            self._drawn[count] = self.make(*self.split(count))
+        return self._drawn[count]
+
+    def height(self, count: int) -> int | None:
+        """The lines it takes with `count` rows, if they can be told without drawing."""
+        if count <= 0:
+            return 0
+        return None if self.count_lines is None else self.count_lines(*self.split(count))
+
+
+def _table_lines(shown: Sequence[object], hidden: Sequence[object]) -> int:
+    """A table of one-line rows: its header, its rows, and a line counting the rest."""
+    return 1 + len(shown) + bool(hidden)
+
+
+class _Frame:
+    """What the parts of one frame share: the width they are drawn at, whether they must
+    fit a height (then a row is one line where it can be, and cut with an ellipsis),
+    and a console that counts the lines a part takes at that width."""
+
+    def __init__(self, width: int | None, fitted: bool):
+        self.width = width
+        self.fitted = fitted
+        self.wide = width is None or width >= WIDE
+        self._console = Console(width=width or PIPE_WIDTH, file=io.StringIO(),
+                                color_system=None, force_terminal=False,
+                                force_jupyter=False, legacy_windows=False)
+
+    def fold(self, text: Text) -> list[Text]:
+        """The lines a text folds into at the frame's width."""
+        return list(text.wrap(self._console, self.width or PIPE_WIDTH, overflow="fold"))
+
+    def lines(self, renderable: RenderableType | None) -> list[list[Segment]]:
+        """The renderable drawn at the frame's width, a list of segments per line."""
+        if renderable is None:
+            return []
+        return self._console.render_lines(renderable, self._console.options, pad=False)
+
+    def line(self, text: Text) -> Text:
+        """One line, cut with an ellipsis, when the frame must fit; else folded."""
+        text.no_wrap = self.fitted
+        text.overflow = "ellipsis" if self.fitted else "fold"
+        return text
+
+    def table(self, columns: Sequence[str], rows: Sequence[Sequence[RenderableType]], *,
+              wrap: Sequence[str] = (), optional: Sequence[str] = (),
+              squeeze: str | None = None, header: bool = True) -> Table:
+        """A section without a title, its header line naming what it lists. Columns in
+        `wrap` fold; the others stay on one line, and where the frame is narrow the
+        `squeeze` column is cut with an ellipsis (the others keep their width as long
+        as they can). In a frame that must fit, the `optional` columns (the least needed
+        first) are left out while the table is wider than the frame."""
+        keep = list(columns)
+        unbounded = self._console.options.update(max_width=10_000)
+
+        def natural(cell: RenderableType) -> int:
+            if isinstance(cell, str | Text):
+                return max(map(cell_len, str(cell).split("\n")))
+            return Measurement.get(self._console, unbounded, cell).maximum
+
+        widths = {column: max(natural(cell) for cell in (column, *(row[i] for row in rows)))
+                  for i, column in enumerate(columns) if column not in wrap}
+        while True:
+            table = Table(box=None, show_edge=False, pad_edge=False, collapse_padding=True,
+                          header_style="bold", show_header=header)
+            # what is left for the squeezed column, with one space between columns
+            room = None if not self.fitted or self.width is None or wrap else (
+                self.width - len(keep) + 1 - sum(widths[c] for c in keep if c != squeeze))
+            for column in keep:
+                if column in wrap:
+                    table.add_column(column, overflow="fold")
+                else:
+                    table.add_column(column, no_wrap=True, overflow="ellipsis",
+                                     max_width=max(room, 4) if column == squeeze and room
+                                     else None)
+            for row in rows:  # a job's name is text, not rich markup
+                table.add_row(*(Text(cell) if isinstance(cell, str) else cell
+                                for column, cell in zip(columns, row, strict=True)
+                                if column in keep))
+            left = [column for column in optional if column in keep]
+            if not left or self.width is None or room is None:
+                return table
+            if squeeze in keep:
+                if room >= min(widths[squeeze], SQUEEZED):
+                    return table
+            elif sum(widths[c] for c in keep) + len(keep) - 1 <= self.width:
+                return table
+            keep.remove(left[0])
+
+
+def _fixed(tier: int, renderable: RenderableType | None) -> _Part[Any]:
+    """A part of one row, shown whole or not at all."""
+    return _Part([(tier, 0.0, None)], lambda shown, _: renderable if shown else None)
+
+
+def render(status: Status | None, *, where: str, error: str | None = None,
+           width: int | None = None, height: int | None = None) -> RenderableType:
+    """One frame: a summary line (and why the latest fetch failed, if it did: the view
+    then shows the last status it had), sampler problems, the jobs, the rule series that
+    tripped or are pending, the readings (GPUs, accelerators, host), then the series
+    that are ok, the rules and every sampler's state.
+
+    With a `height` (a terminal's) the frame fits it, like htop's: lines go to what
+    matters first (a held job, a tripped or pending series, the other jobs, a problem,
+    a reading, the rest), each part keeps its most important rows (held jobs, the
+    hottest GPUs and sensors) and a line counts the rows it left out. Without one (a
+    pipe) everything is drawn. Columns that matter less (a job's pid, mode, devices,
+    priority) come at WIDE columns and more."""
+    frame = _Frame(width if width is not None or height is None else 80, height is not None)
+    parts: list[_Part[Any]] = [_fixed(TIER_SUMMARY, _summary(status, where, error, frame))]
+    if status is not None:
+        readings = _Readings(status)
+        parts += [_problems(status, frame), _jobs(status, frame), _series(status, frame),
+                  _gpus(status, readings, frame), _accelerators(readings, frame),
+                  _host(readings, frame), _rules(status, frame),
+                  _paragraph(TIER_REST, _samplers(status), frame)]
+    if height is None:
+        drawn = [r for r in (p.draw(len(p.rows)) for p in parts) if r is not None]
+        spare = len(drawn)
+    else:
+        # drawn once, to count their lines: the frame is made of those lines
+        fitted = [lines for lines in _fit(parts, height, frame) if lines]
+        drawn = [_Drawn(lines) for lines in fitted]
+        spare = height - sum(map(len, fitted))
+    spaced: list[RenderableType] = drawn[:1]
+    for renderable in drawn[1:]:  # a blank line between parts, from the top, as room allows
+        if spare > 0:
+            spaced.append(Text(""))
+            spare -= 1
+        spaced.append(renderable)
+    return Group(*spaced)
+
+
+class _Drawn:
+    """A part already drawn, line by line, at the width of the frame."""
+
+    def __init__(self, lines: list[list[Segment]]):
+        self.lines = lines
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        for line in self.lines:
+            yield from line
+            yield Segment.line()
+
+
+def _fit(parts: Sequence[_Part[Any]], height: int,
+         frame: _Frame) -> list[list[list[Segment]]]:
+    """Each part drawn with as many rows as fit in `height` lines, handed out tier by
+    tier and, within a tier, part by part in the order they are drawn."""
+    counts = [0] * len(parts)
+    known: dict[tuple[int, int], list[list[Segment]]] = {}
+
+    def cost(i: int, count: int) -> int:
+        told = parts[i].height(count)
+        if told is not None:
+            return told
+        if (i, count) not in known:
+            known[i, count] = frame.lines(parts[i].draw(count))
+        return len(known[i, count])
+
+    def drawn(counts: Sequence[int]) -> list[list[list[Segment]]]:
+        out = [known.get((i, n)) or frame.lines(parts[i].draw(n)) for i, n in enumerate(counts)]
+        spill = sum(map(len, out)) - height
+        for lines in reversed(out):  # were a count told wrong: the bottom lines go
+            cut = min(spill, len(lines))
+            if cut > 0:
+                del lines[len(lines) - cut:]
+                spill -= cut
+        return out
+
+    if sum(cost(i, len(part.rows)) for i, part in enumerate(parts)) <= height:
+        return drawn([len(part.rows) for part in parts])
+    used = 0
+    for tier in sorted({t for part in parts for t, _, _ in part.rows}):
+        for i, part in enumerate(parts):
+            low, high = counts[i], part.wanted(tier)
+            if high <= low:
+                continue
+            before = cost(i, low)
+            while low < high:  # the most rows that still fit
+                middle = (low + high + 1) // 2
+                if used - before + cost(i, middle) <= height:
+                    low = middle
+                else:
+                    high = middle - 1
+            used += cost(i, low) - before
+            counts[i] = low
+    return drawn(counts)
+
+
+def _more(hidden: Sequence[object], what: tuple[str, str], detail: str = "") -> Text | None:
+    """The line under a part that was cut: `… and 3 more GPUs (the hottest at 71 °C)`."""
+    if not hidden:
+        return None
+    return Text(f"… and {len(hidden)} more {what[len(hidden) > 1]}{detail}", style="dim",
+                no_wrap=True, overflow="ellipsis")
+
+
+def _stack(*renderables: RenderableType | None) -> RenderableType | None:
+    present = [r for r in renderables if r is not None]
+    return Group(*present) if present else None
+
+
+def _summary(status: Status | None, where: str, error: str | None,
+             frame: _Frame) -> RenderableType:
+    """One line: the round, the jobs by state, the rules by state, the samplers, the
+    daemon asked. On a narrow terminal the least needed pieces give way first: the
+    address, the name of the view, the samplers, the round's number."""
+    # (priority, the piece, shorter forms): the lowest priority is shortened, then dropped
+    pieces: list[tuple[int, list[Text]]] = [(1, [Text("governor top", style="bold")])]
     if status is not None and status.get("sequence") is not None:
-        title.append(f"  round {status['sequence']} at {fmt_clock(float(status['taken_at']))}")
+        clock = fmt_clock(float(status["taken_at"]))
+        pieces.append((3, [Text(f"round {status['sequence']} at {clock}"), Text(clock)]))
     elif status is not None:
-        title.append("  no sampling round yet")
-    lines.append(title)
-    if error is not None:
-        warning = Text(f"{error}; retrying", style="bold red")
-        if status is not None:
-            warning.append(" (showing the last status it sent)", style="red")
-        lines.append(warning)
-    if status is None:
-        return Group(*lines)
+        pieces.append((3, [Text("no sampling round yet")]))
+    if status is not None:
+        pieces += [(5, [_job_counts(status)]), (4, [_rule_counts(status)]),
+                   (2, [_sampler_counts(status)])]
+    pieces.append((0, [Text(where, style="dim")]))
 
-    samplers = Text("samplers: ")
+    def width() -> int:
+        return sum(forms[0].cell_len + 2 for _, forms in pieces) - 2
+
+    by_priority = sorted(pieces, key=lambda p: p[0])
+    while frame.width is not None and width() > frame.width and by_priority:
+        _, forms = by_priority[0]
+        if len(forms) > 1:
+            forms.pop(0)
+        else:
+            pieces.remove(by_priority.pop(0))
+    line = Text("  ").join(forms[0] for _, forms in pieces)
+    line.no_wrap, line.overflow = True, "ellipsis"
+    if error is None:
+        return line
+    warning = Text(f"{error}; retrying", style="bold red")
+    if status is not None:
+        warning.append(" (showing the last status it sent)", style="red")
+    return Group(line, warning)
+
+
+def _job_counts(status: Status) -> Text:
+    jobs = status.get("jobs") or []
+    if not jobs:
+        return Text("no jobs")
+    counts: dict[str, int] = defaultdict(int)
+    for j in jobs:
+        counts[str(j["state"])] += 1
+    out = Text(f"jobs {len(jobs)}")
+    held = [s for s in ("paused", "slowed") if counts[s]]
+    for i, state in enumerate(held):
+        out.append(": " if not i else ", ")
+        out.append(f"{counts[state]} {state}", style=JOB_STYLE[state])
+    errors = sum(1 for j in jobs if j.get("error"))
+    if errors:
+        out.append(f", {errors} failed", style="bold red")
+    return out
+
+
+def _rule_counts(status: Status) -> Text:
+    rules: dict[str, list[str]] = defaultdict(list)
+    unenforceable = set()
+    for r in status.get("rules") or []:
+        rules[str(r["name"])].append(str(r["state"]))
+        if r.get("enforceable") is False:
+            unenforceable.add(str(r["name"]))
+    if not rules:
+        return Text("no rules")
+    counts: dict[str, int] = defaultdict(int)
+    for states in rules.values():
+        counts[_worst(states)] += 1
+    out = Text(f"rules {len(rules)}")
+    bad = [s for s in ("tripped", "pending") if counts[s]]
+    for i, state in enumerate(bad):
+        out.append(": " if not i else ", ")
+        out.append(f"{counts[state]} {state}", style=RULE_STYLE[state])
+    if not bad:
+        out.append(": all ok", style="green")
+    if unenforceable:
+        out.append(f", {len(unenforceable)} not enforceable", style="bold red")
+    return out
+
+
+def _sampler_counts(status: Status) -> Text:
+    samplers = status.get("samplers") or []
+    ok = sum(1 for s in samplers if s.get("state") == "ok")
+    out = Text(f"samplers {ok}/{len(samplers)} ok")
+    for s in samplers:
+        if s.get("state") == "error":
+            out.append(f", {s['name']} error", style=SAMPLER_STYLE["error"])
+    return out
+
+
+def _samplers(status: Status) -> Text:
+    """Every sampler's state, and why one is unavailable (no such hardware here)."""
+    line = Text("samplers: ")
     for i, s in enumerate(status.get("samplers") or []):
         if i:
-            samplers.append(", ")
+            line.append(", ")
         state = str(s.get("state", "?"))
-        samplers.append(f"{s['name']} {state}", style=SAMPLER_STYLE.get(state, ""))
+        line.append(f"{s['name']} {state}", style=SAMPLER_STYLE.get(state, ""))
         why = s.get("error")
         if state != "ok" and why:
-            samplers.append(f" ({why})", style=SAMPLER_STYLE.get(state, ""))
-        if state == "error" and s.get("retry_at"):
-            samplers.append(f", next try at {fmt_clock(float(s['retry_at']))}", style="red")
+            line.append(f" ({why})", style=SAMPLER_STYLE.get(state, ""))
     if not status.get("samplers"):
-        samplers.append("none reported", style="dim")
-    lines.append(samplers)
-    for s in status.get("samplers") or []:
-        for problem in s.get("problems") or []:
-            lines.append(Text(f"  {s['name']}: {problem}", style="yellow"))
+        line.append("none reported", style="dim")
+    return line
 
+
+def _paragraph(tier: int, text: Text, frame: _Frame) -> _Part[Any]:
+    """A paragraph a row per line it folds into: cut, the last line kept ends in `…`."""
+    if not frame.fitted or frame.width is None:
+        return _fixed(tier, text)
+    width = frame.width
+
+    def make(shown: list[Text], hidden: list[Text]) -> RenderableType | None:
+        if hidden:
+            last = shown[-1] + Text(" …", style="dim")
+            last.truncate(width, overflow="ellipsis")
+            shown = [*shown[:-1], last]
+        return _stack(*shown)
+    return _Part([(tier, i, line) for i, line in enumerate(frame.fold(text))], make,
+                 lambda shown, _: len(shown))
+
+
+def _problems(status: Status, frame: _Frame) -> _Part[Any]:
+    """What a reader should know before the readings: a sampler failing (its rules see
+    nothing new), a sensor it could not read, an audit log that cannot be written."""
+    rows: list[tuple[int, float, Text]] = []
     audit = status.get("audit")
     if isinstance(audit, Mapping) and audit.get("ok") is False:
-        lines.append(Text(f"audit log {audit.get('path')}: {audit.get('errors')} write "
-                          f"errors, last: {audit.get('last_error')}", style="bold red"))
-    return Group(*lines)
+        rows.append((TIER_PROBLEM, 0, Text(
+            f"audit log {audit.get('path')}: {audit.get('errors')} write errors, last: "
+            f"{audit.get('last_error')}", style="bold red")))
+    for s in status.get("samplers") or []:
+        if s.get("state") == "error":
+            line = Text(f"{s['name']} error", style="bold red")
+            if s.get("error"):
+                line.append(f": {s['error']}", style="bold red")
+            if s.get("retry_at"):
+                line.append(f", next try at {fmt_clock(float(s['retry_at']))}", style="red")
+            rows.append((TIER_PROBLEM, 1, line))
+        for problem in s.get("problems") or []:
+            rows.append((TIER_PROBLEM, 2, Text(f"{s['name']}: {problem}", style="yellow")))
+
+    def make(shown: list[Text], hidden: list[Text]) -> RenderableType | None:
+        return _stack(*(frame.line(t) for t in shown), _more(hidden, ("problem", "problems")))
+    return _Part(rows, make, lambda shown, hidden: len(shown) + bool(hidden))
 
 
-def _gpus(status: Status, readings: _Readings) -> Table | None:
+def _jobs(status: Status, frame: _Frame) -> _Part[Any]:
+    jobs = status.get("jobs") or []
+    if not jobs:
+        return _fixed(TIER_HELD, Text("Jobs: none registered", style="bold"))
+    def tier(j: Mapping[str, Any]) -> int:
+        if j.get("error") or j["state"] in ("paused", "slowed"):
+            return TIER_HELD
+        return TIER_REST if j["state"] == "gone" else TIER_JOB
+
+    rows = [(tier(j), -1 if j.get("error") else JOB_RANK.get(str(j["state"]), 2), j)
+            for j in jobs]
+
+    def make(shown: list[Mapping[str, Any]],
+             hidden: list[Mapping[str, Any]]) -> RenderableType | None:
+        extra = ("pid", "mode", "devices", "prio") if frame.wide else ()
+        cells: list[list[RenderableType]] = []
+        for j in shown:
+            state = str(j["state"])
+            style = JOB_STYLE.get(state, "")
+            state_text = Text(state, style=style)
+            if j.get("held_by_operator"):
+                state_text.append(" (operator)", style=style)
+            reasons = Text("\n".join(str(r) for r in j.get("reasons") or []))
+            if j.get("error"):
+                reasons = Text(f"ERROR: {j['error']}", style="bold red") + (
+                    Text("\n") + reasons if reasons else Text())
+            speed = j.get("speed")
+            row: list[RenderableType] = [str(j["id"]), str(j["name"])]
+            if frame.wide:
+                row += ["-" if j.get("pid") is None else str(j["pid"]),
+                        str(j.get("mode") or "-"), ",".join(j.get("devices") or []) or "-",
+                        str(j.get("priority", "-"))]
+            row += [state_text,
+                    Text("-" if speed is None else f"{float(speed) * 100:.0f}%", style=style),
+                    reasons]
+            cells.append(row)
+        table = frame.table(("job", "name", *extra, "state", "speed", "reasons"), cells,
+                            wrap=("reasons",), squeeze="name")
+        counts: dict[str, int] = defaultdict(int)
+        for j in hidden:
+            counts[str(j["state"])] += 1
+        detail = " (" + ", ".join(f"{n} {s}" for s, n in counts.items()) + ")"
+        return _stack(table, _more(hidden, ("job", "jobs"), detail))
+    return _Part(rows, make)
+
+
+def _series(status: Status, frame: _Frame) -> _Part[Any]:
+    """Each rule series against its trip and clear lines: those tripped or pending (or
+    clearing, or missing their reading) among the first things shown, the rest last."""
+    series = [r for r in status.get("rules") or [] if r.get("series") is not None]
+    taken_at = status.get("taken_at")
+
+    def quiet(r: Mapping[str, Any]) -> bool:
+        return r["state"] == "ok" and not r.get("clearing") and not r.get("missing")
+
+    rows = [(TIER_REST if quiet(r) else TIER_HOLDING, SERIES_RANK.get(str(r["state"]), 2), r)
+            for r in series]
+
+    def make(shown: list[Mapping[str, Any]],
+             hidden: list[Mapping[str, Any]]) -> RenderableType | None:
+        cells: list[list[RenderableType]] = []
+        for r in shown:
+            metric = str(r.get("metric") or "")
+            state = str(r["state"])
+            style = RULE_STYLE.get(state, "")
+            above = r.get("direction", "above") == "above"
+            value = Text(fmt_value(metric, r.get("value")), style=style)
+            state_text = Text(state, style=style)
+            if r.get("clearing"):
+                state_text.append(" clearing", style="yellow")
+            if r.get("missing"):
+                state_text.append(" missing", style="magenta")
+                value.stylize("magenta")
+            if state != "ok" and r.get("since") is not None and taken_at is not None:
+                state_text.append(f" for {fmt_duration(float(taken_at) - float(r['since']))}")
+            cells.append([
+                str(r["name"]), fmt_labels(r.get("labels") or {}), value,
+                ("> " if above else "< ") + fmt_value(metric, r.get("threshold")),
+                ("< " if above else "> ") + fmt_value(metric, r.get("clear_threshold")),
+                state_text,
+            ])
+        table = frame.table(("rule", "series", "value", "trips", "clears", "state"), cells,
+                            wrap=() if frame.fitted else ("series",), optional=("clears",),
+                            squeeze="series")
+        ok = sum(1 for r in hidden if quiet(r))
+        detail = f" ({ok} ok)" if ok == len(hidden) else ""
+        return _stack(table, _more(hidden, ("rule series", "rule series"), detail))
+    return _Part(rows, make, _table_lines if frame.fitted else None)
+
+
+def _rules(status: Status, frame: _Frame) -> _Part[Any]:
+    """A line per rule: its metric, action, worst state and its series by state. A rule
+    that cannot be enforced here comes early; the rest only when there is room."""
+    by_name: dict[str, list[Mapping[str, Any]]] = {}
+    for r in status.get("rules") or []:
+        by_name.setdefault(str(r["name"]), []).append(r)
+    if not by_name:
+        return _fixed(TIER_REST, Text("Rules: none configured", style="bold"))
+    rows = [(TIER_HOLDING if entries[0].get("enforceable") is False else TIER_REST + 1,
+             0, (name, entries)) for name, entries in by_name.items()]
+
+    def make(shown: list[tuple[str, list[Mapping[str, Any]]]],
+             hidden: list[tuple[str, list[Mapping[str, Any]]]]) -> RenderableType | None:
+        cells: list[list[RenderableType]] = []
+        for name, entries in shown:
+            first = entries[0]
+            watched = [e for e in entries if e.get("series") is not None]
+            state = _worst([str(e["state"]) for e in entries])
+            state_text = Text(state, style=RULE_STYLE.get(state, ""))
+            if first.get("enforceable") is False:
+                state_text.append(f" not enforceable: {first.get('not_enforceable_because')}",
+                                  style="bold red")
+            counts: dict[str, int] = defaultdict(int)
+            for e in watched:
+                counts[str(e["state"])] += 1
+                if e.get("missing"):
+                    counts["missing"] += 1
+            summary = Text()
+            if not watched:
+                summary.append("no series yet", style="dim")
+            for key in ("tripped", "pending", "ok", "missing"):
+                if counts[key]:
+                    if summary:
+                        summary.append(", ")
+                    summary.append(f"{counts[key]} {key}",
+                                   style=RULE_STYLE.get(key, "magenta") if key != "ok" else "")
+            cells.append([name, str(first.get("metric") or "-"),
+                          str(first.get("action") or "-"), state_text, summary])
+        table = frame.table(("rule", "metric", "action", "state", "series"), cells,
+                            wrap=() if frame.fitted else ("metric", "state", "series"),
+                            squeeze="metric")
+        return _stack(table, _more(hidden, ("rule", "rules")))
+    return _Part(rows, make, _table_lines if frame.fitted else None)
+
+
+def _hottest(temperature: float | None) -> float:
+    """A rank that puts the hottest first and a device with no temperature last."""
+    return -temperature if temperature is not None else math.inf
+
+
+def _gpus(status: Status, readings: _Readings, frame: _Frame) -> _Part[Any]:
     infos = sorted(readings.by_metric.get("gpu_info", []),
                    key=lambda r: int(r["labels"]["gpu"]))
-    if not infos:
-        return None
     caps: Mapping[str, float] = status.get("power_caps") or {}
-    table = _section("NVIDIA GPUs")
-    for column in ("gpu", "name", "temp", "util", "power / limit", "memory", "clock events"):
-        table.add_column(column)
-    for info in infos:
-        gpu = info["labels"]["gpu"]
-        labels = {"gpu": gpu}
-        temp = readings.value("gpu_temperature_celsius", gpu=gpu)
-        util = readings.value("gpu_utilization_ratio", gpu=gpu)
-        power = readings.value("gpu_power_watts", gpu=gpu)
-        limit = readings.value("gpu_power_limit_watts", gpu=gpu)
-        used = readings.value("gpu_memory_used_bytes", gpu=gpu)
-        total = readings.value("gpu_memory_total_bytes", gpu=gpu)
-        power_text = readings.shown("gpu_power_watts", power, labels,
-                                    "-" if power is None else f"{power:.0f}")
-        power_text.append(" / " + ("-" if limit is None else f"{limit:.0f}") + " W")
-        if gpu in caps:
-            power_text.append(f" capped at {caps[gpu]:.0f} W", style="yellow")
-        events = [r["labels"]["reason"] for r in readings.by_metric.get(
-            "gpu_clock_event_active", []) if r["labels"]["gpu"] == gpu and r["value"]]
-        table.add_row(
-            gpu, info["labels"].get("name") or "?",
-            readings.shown("gpu_temperature_celsius", temp, labels,
-                           "-" if temp is None else f"{temp:.0f} °C"),
-            readings.shown("gpu_utilization_ratio", util, labels,
-                           "-" if util is None else f"{util * 100:.0f}%"),
-            power_text,
-            "-" if used is None or total is None
-            else f"{used / 2**30:.1f} / {total / 2**30:.1f} GiB",
-            Text(", ".join(events), style="yellow") if events else Text("none", style="dim"),
-        )
-    return table
+
+    def temperature(info: Mapping[str, Any]) -> float | None:
+        return readings.value("gpu_temperature_celsius", gpu=info["labels"]["gpu"])
+
+    rows = [(TIER_READING, _hottest(temperature(info)), info) for info in infos]
+
+    def make(shown: list[Mapping[str, Any]],
+             hidden: list[Mapping[str, Any]]) -> RenderableType | None:
+        cells: list[list[RenderableType]] = []
+        for info in shown:
+            gpu = info["labels"]["gpu"]
+            labels = {"gpu": gpu}
+            temp = temperature(info)
+            util = readings.value("gpu_utilization_ratio", gpu=gpu)
+            power = readings.value("gpu_power_watts", gpu=gpu)
+            limit = readings.value("gpu_power_limit_watts", gpu=gpu)
+            used = readings.value("gpu_memory_used_bytes", gpu=gpu)
+            total = readings.value("gpu_memory_total_bytes", gpu=gpu)
+            power_text = readings.shown("gpu_power_watts", power, labels,
+                                        "-" if power is None else f"{power:.0f}")
+            power_text.append(" / " + ("-" if limit is None else f"{limit:.0f}") + " W")
+            if gpu in caps:
+                power_text.append(f" capped at {caps[gpu]:.0f} W", style="yellow")
+            events = [r["labels"]["reason"] for r in readings.by_metric.get(
+                "gpu_clock_event_active", []) if r["labels"]["gpu"] == gpu and r["value"]]
+            cells.append([
+                gpu,
+                readings.shown("gpu_temperature_celsius", temp, labels,
+                               "-" if temp is None else f"{temp:.0f} °C"),
+                readings.shown("gpu_utilization_ratio", util, labels,
+                               "-" if util is None else f"{util * 100:.0f}%"),
+                power_text,
+                "-" if used is None or total is None
+                else f"{used / 2**30:.1f} / {total / 2**30:.1f} GiB",
+                Text(", ".join(events), style="yellow") if events else Text("none", style="dim"),
+                info["labels"].get("name") or "?",
+            ])
+        table = frame.table(
+            ("gpu", "temp", "util", "power / limit", "memory", "clock events", "name"), cells,
+            wrap=() if frame.fitted else ("clock events", "name"),
+            optional=("name", "memory", "clock events"), squeeze="name")
+        temps = [t for t in map(temperature, hidden) if t is not None]
+        detail = f" (the hottest at {max(temps):.0f} °C)" if temps else ""
+        return _stack(table, _more(hidden, ("GPU", "GPUs"), detail))
+    return _Part(rows, make, _table_lines if frame.fitted else None)
 
 
-def _accelerators(readings: _Readings) -> Table | None:
+def _accelerators(readings: _Readings, frame: _Frame) -> _Part[Any]:
     devices = sorted({
         (r["labels"]["device"], r["labels"]["driver"])
         for metric in ("accelerator_utilization_ratio", "accelerator_temperature_celsius",
                        "accelerator_power_watts", "accelerator_memory_total_bytes")
         for r in readings.by_metric.get(metric, [])
     })
-    if not devices:
-        return None
-    table = _section("Accelerators")
-    for column in ("device", "driver", "util", "temperatures", "power", "memory"):
-        table.add_column(column)
-    for device, driver in devices:
-        labels = {"device": device, "driver": driver}
-        temps = Text()
-        for r in readings.by_metric.get("accelerator_temperature_celsius", []):
-            if r["labels"]["device"] == device:
-                if temps:
-                    temps.append(", ")
-                temps.append(f"{r['labels']['sensor']} ")
-                temps.append(readings.shown(r["metric"], r["value"], r["labels"]))
-        util = readings.value("accelerator_utilization_ratio", device=device)
-        power = readings.value("accelerator_power_watts", device=device)
-        used = readings.value("accelerator_memory_used_bytes", device=device)
-        total = readings.value("accelerator_memory_total_bytes", device=device)
-        table.add_row(
-            device, driver,
-            "-" if util is None else readings.shown("accelerator_utilization_ratio", util,
-                                                    labels),
-            temps or "-",
-            "-" if power is None else readings.shown("accelerator_power_watts", power, labels),
-            "-" if used is None or total is None
-            else f"{used / 2**30:.1f} / {total / 2**30:.1f} GiB",
-        )
-    return table
+
+    def sensors(device: str) -> list[Mapping[str, Any]]:
+        return [r for r in readings.by_metric.get("accelerator_temperature_celsius", [])
+                if r["labels"]["device"] == device]
+
+    def hottest(device: str) -> float | None:
+        return max((float(r["value"]) for r in sensors(device)), default=None)
+
+    rows = [(TIER_READING, _hottest(hottest(device)), (device, driver))
+            for device, driver in devices]
+
+    def make(shown: list[tuple[str, str]],
+             hidden: list[tuple[str, str]]) -> RenderableType | None:
+        cells: list[list[RenderableType]] = []
+        for device, driver in shown:
+            labels = {"device": device, "driver": driver}
+            temps = _temperature_list(readings, sensors(device), frame, room=60)
+            util = readings.value("accelerator_utilization_ratio", device=device)
+            power = readings.value("accelerator_power_watts", device=device)
+            used = readings.value("accelerator_memory_used_bytes", device=device)
+            total = readings.value("accelerator_memory_total_bytes", device=device)
+            cells.append([
+                device, driver,
+                "-" if util is None else readings.shown("accelerator_utilization_ratio", util,
+                                                        labels),
+                temps or "-",
+                "-" if power is None else readings.shown("accelerator_power_watts", power,
+                                                         labels),
+                "-" if used is None or total is None
+                else f"{used / 2**30:.1f} / {total / 2**30:.1f} GiB",
+            ])
+        table = frame.table(("device", "driver", "util", "temperatures", "power", "memory"),
+                            cells, wrap=() if frame.fitted else ("temperatures",),
+                            optional=("driver", "memory", "power"), squeeze="temperatures")
+        hot = [t for t in (hottest(d) for d, _ in hidden) if t is not None]
+        detail = f" (the hottest at {max(hot):.0f} °C)" if hot else ""
+        return _stack(table, _more(hidden, ("accelerator", "accelerators"), detail))
+    return _Part(rows, make, _table_lines if frame.fitted else None)
 
 
-def _host(readings: _Readings) -> Table | None:
+def _temperature_list(readings: _Readings, sensors: Sequence[Mapping[str, Any]],
+                      frame: _Frame, room: int | None) -> Text:
+    """`sensor value, sensor value...`; in a frame that must fit, the hottest first and
+    as many as `room` columns hold, then how many more there are."""
+    if frame.fitted:
+        sensors = sorted(sensors, key=lambda r: -float(r["value"]))
+    pieces = [Text(f"{r['labels']['sensor']} ") + readings.shown(r["metric"], r["value"],
+                                                                r["labels"])
+              for r in sensors]
+    out = Text()
+    for i, piece in enumerate(pieces):
+        rest = len(pieces) - i - 1
+        tail = f", +{rest} more" if rest else ""
+        if (frame.fitted and room is not None and out
+                and out.cell_len + 2 + piece.cell_len + len(tail) > room):
+            out.append(f", +{len(pieces) - i} more", style="dim")
+            break
+        if out:
+            out.append(", ")
+        out.append_text(piece)
+    return out
+
+
+def _host(readings: _Readings, frame: _Frame) -> _Part[Any]:
     """CPU, memory, load and pressure in a few lines, and CPU temperatures a row per chip:
-    a 128-core box fits on the screen as well as a laptop does."""
-    rows: list[tuple[str, RenderableType]] = []
+    a 128-core box fits on the screen as well as a laptop does. A frame that must fit
+    shows each chip's hottest sensors first, and the hottest chips."""
+    rows: list[tuple[int, float, tuple[str, Text, float | None]]] = []
     cores = readings.by_metric.get("cpu_utilization_ratio", [])
     if cores:
         busiest = max(cores, key=lambda r: float(r["value"]))
         average = sum(float(r["value"]) for r in cores) / len(cores)
-        rows.append(("cpu", Text(
+        rows.append((TIER_HOST, -math.inf, ("cpu", Text(
             f"{average * 100:.1f}% average over {len(cores)} cores, busiest "
-            f"cpu{busiest['labels']['cpu']} {float(busiest['value']) * 100:.1f}%")))
+            f"cpu{busiest['labels']['cpu']} {float(busiest['value']) * 100:.1f}%"), None)))
     memory = readings.value("memory_used_ratio")
     if memory is not None:
-        rows.append(("memory", readings.shown("memory_used_ratio", memory, {},
-                                              f"{memory * 100:.1f}% used")))
+        rows.append((TIER_HOST, -math.inf, ("memory", readings.shown(
+            "memory_used_ratio", memory, {}, f"{memory * 100:.1f}% used"), None)))
     loads = [readings.value("load_average_tasks", window=w) for w in ("1m", "5m", "15m")]
     if all(v is not None for v in loads):
-        rows.append(("load", Text(" ".join(f"{v:.2f}" for v in loads if v is not None))))
+        rows.append((TIER_REST, 0, ("load", Text(
+            " ".join(f"{v:.2f}" for v in loads if v is not None)), None)))
     pressure: dict[str, list[Text]] = defaultdict(list)
     for r in readings.by_metric.get("pressure_stall_ratio", []):
         pressure[r["labels"]["resource"]].append(
             Text(f"{r['labels']['kind']} ") + readings.shown(r["metric"], r["value"], r["labels"]))
     if pressure:
-        rows.append(("pressure", Text("  ·  ").join(
-            Text(f"{resource} ") + Text(" ").join(kinds) for resource, kinds in pressure.items())))
-    chips: dict[str, Text] = {}
+        rows.append((TIER_REST, 0, ("pressure", Text("  ·  ").join(
+            Text(f"{resource} ") + Text(" ").join(kinds)
+            for resource, kinds in pressure.items()), None)))
+    chips: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for r in readings.by_metric.get("cpu_temperature_celsius", []):
-        line = chips.setdefault(r["labels"]["chip"], Text())
-        if line:
-            line.append(", ")
-        line.append(f"{r['labels']['sensor']} ")
-        line.append(readings.shown(r["metric"], r["value"], r["labels"]))
-    for i, (chip, line) in enumerate(chips.items()):
-        rows.append(("" if i else "CPU temp", Text(f"{chip}: ") + line))
-    if not rows:
-        return None
-    table = _section("Host")
-    table.add_column("")
-    table.add_column("", overflow="fold")
-    table.show_header = False
-    for name, cell in rows:
-        table.add_row(name, cell)
-    return table
+        chips[r["labels"]["chip"]].append(r)
+    room = None if frame.width is None else frame.width - len("CPU temp") - 2
+    for chip, sensors in chips.items():
+        hottest = max(float(r["value"]) for r in sensors)
+        line = Text(f"{chip}: ")
+        line.append_text(_temperature_list(
+            readings, sensors, frame, None if room is None else room - line.cell_len))
+        rows.append((TIER_HOST, _hottest(hottest), ("CPU temp", line, hottest)))
 
+    def make(shown: list[tuple[str, Text, float | None]],
+             hidden: list[tuple[str, Text, float | None]]) -> RenderableType | None:
+        named: set[str] = set()
+        cells: list[list[RenderableType]] = []
+        for name, cell, _ in shown:
+            cells.append(["" if name in named else name, cell])
+            named.add(name)
+        table = frame.table(("host", ""), cells, wrap=() if frame.fitted else ("",),
+                            header=False, squeeze="")
+        # what a cut leaves out of CPU, memory, load and pressure needs no line of its own
+        chips = [hottest for name, _, hottest in hidden if hottest is not None]
+        detail = f" (the hottest at {max(chips):.0f} °C)" if chips else ""
+        return _stack(table, _more(chips, ("CPU chip", "CPU chips"), detail))
 
-def _thresholds(status: Status) -> Table | None:
-    series = [r for r in status.get("rules") or [] if r.get("series") is not None]
-    if not series:
-        return None
-    taken_at = status.get("taken_at")
-    table = _section("Readings against their rules")
-    for column in ("rule", "series", "value", "trips", "clears", "state"):
-        table.add_column(column, overflow="fold")
-    for r in series:
-        metric = str(r.get("metric") or "")
-        state = str(r["state"])
-        style = RULE_STYLE.get(state, "")
-        above = r.get("direction", "above") == "above"
-        value = Text(fmt_value(metric, r.get("value")), style=style)
-        state_text = Text(state, style=style)
-        if r.get("clearing"):
-            state_text.append(" clearing", style="yellow")
-        if r.get("missing"):
-            state_text.append(" missing", style="magenta")
-            value.stylize("magenta")
-        if state != "ok" and r.get("since") is not None and taken_at is not None:
-            state_text.append(f" for {fmt_duration(float(taken_at) - float(r['since']))}")
-        table.add_row(
-            str(r["name"]), fmt_labels(r.get("labels") or {}), value,
-            ("> " if above else "< ") + fmt_value(metric, r.get("threshold")),
-            ("< " if above else "> ") + fmt_value(metric, r.get("clear_threshold")),
-            state_text,
-        )
-    return table
-
-
-def _rules(status: Status) -> RenderableType:
-    rules: dict[str, list[Mapping[str, Any]]] = {}
-    for r in status.get("rules") or []:
-        rules.setdefault(str(r["name"]), []).append(r)
-    if not rules:
-        return Text("Rules: none configured", style="bold")
-    table = _section("Rules")
-    for column in ("rule", "metric", "action", "state", "series"):
-        table.add_column(column, overflow="fold")
-    for name, entries in rules.items():
-        first = entries[0]
-        watched = [e for e in entries if e.get("series") is not None]
-        state = _worst([str(e["state"]) for e in entries])
-        state_text = Text(state, style=RULE_STYLE.get(state, ""))
-        if first.get("enforceable") is False:
-            state_text.append(f" not enforceable: {first.get('not_enforceable_because')}",
-                              style="bold red")
-        counts: dict[str, int] = defaultdict(int)
-        for e in watched:
-            counts[str(e["state"])] += 1
-            if e.get("missing"):
-                counts["missing"] += 1
-        summary = Text()
-        if not watched:
-            summary.append("no series yet", style="dim")
-        for key in ("tripped", "pending", "ok", "missing"):
-            if counts[key]:
-                if summary:
-                    summary.append(", ")
-                summary.append(f"{counts[key]} {key}",
-                               style=RULE_STYLE.get(key, "magenta") if key != "ok" else "")
-        table.add_row(name, str(first.get("metric") or "-"), str(first.get("action") or "-"),
-                      state_text, summary)
-    return table
-
-
-def _jobs(status: Status) -> RenderableType:
-    jobs = status.get("jobs") or []
-    if not jobs:
-        return Text("Jobs: none registered", style="bold")
-    table = _section("Jobs")
-    for column in ("id", "name", "pid", "mode", "devices", "prio", "state", "speed"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("reasons", overflow="fold")
-    for j in jobs:
-        state = str(j["state"])
-        style = JOB_STYLE.get(state, "")
-        state_text = Text(state, style=style)
-        if j.get("held_by_operator"):
-            state_text.append(" (operator)", style=style)
-        reasons = Text("; ".join(str(r) for r in j.get("reasons") or []))
-        if j.get("error"):
-            reasons = Text(f"ERROR: {j['error']}", style="bold red") + (
-                Text("; ") + reasons if reasons else Text())
-        speed = j.get("speed")
-        table.add_row(
-            str(j["id"]), str(j["name"]), "-" if j.get("pid") is None else str(j["pid"]),
-            str(j.get("mode") or "-"), ",".join(j.get("devices") or []) or "-",
-            str(j.get("priority", "-")), state_text,
-            Text("-" if speed is None else f"{float(speed) * 100:.0f}%", style=style),
-            reasons,
-        )
-    return table
+    def lines(shown: list[tuple[str, Text, float | None]],
+              hidden: list[tuple[str, Text, float | None]]) -> int:
+        return len(shown) + any(hottest is not None for _, _, hottest in hidden)
+    return _Part(rows, make, lines if frame.fitted else None)
 
 
 # ---- fetching, once a round ------------------------------------------------------
@@ -460,18 +901,38 @@ class StatusPoller:
 
 def run_live(poller: StatusPoller, show: Callable[[RenderableType], None],
              wait: Callable[[float], bool], *, where: str,
-             max_frames: int | None = None) -> int:
+             max_frames: int | None = None,
+             size: Callable[[], tuple[int | None, int | None]] = lambda: (None, None)) -> int:
     """Poll, and draw a frame whenever something changed, until `wait` reports a quit key
-    or `max_frames` frames are drawn. Returns the number of frames drawn."""
+    or `max_frames` frames are drawn. Returns the number of frames drawn. `size` is the
+    width and height to fit each frame in (the terminal's, asked each frame since it may
+    have been resized)."""
     frames = 0
     while True:
         if poller.poll():
-            show(render(poller.status, where=where, error=poller.error))
+            width, height = size()
+            show(render(poller.status, where=where, error=poller.error, width=width,
+                        height=height))
             frames += 1
             if max_frames is not None and frames >= max_frames:
                 return frames
         if wait(poller.delay()):
             return frames
+
+
+class TerminalGone(Exception):
+    """The terminal hung up (its window closed, its ssh session dropped, its tmux session
+    killed): nobody can see the view or press a key, so it ends rather than draw into
+    nothing."""
+
+
+@contextlib.contextmanager
+def _terminal_errors() -> Iterator[None]:
+    """A write to a hung-up terminal fails with EIO: the view has lost its terminal."""
+    try:
+        yield
+    except OSError as exc:
+        raise TerminalGone(exc.strerror or str(exc)) from exc
 
 
 class KeyReader:
@@ -499,7 +960,9 @@ class KeyReader:
                 termios.tcsetattr(self.stream.fileno(), termios.TCSADRAIN, self._saved)
 
     def wait(self, timeout: float) -> bool:
-        """Sleep up to `timeout`; True when a quit key was pressed."""
+        """Sleep up to `timeout`; True when a quit key was pressed. Raises TerminalGone
+        when the terminal hangs up: it then stays readable and every read returns
+        nothing (or fails with EIO), which would otherwise spin this loop."""
         if self._saved is None:
             time.sleep(timeout)
             return False
@@ -507,7 +970,10 @@ class KeyReader:
         while (left := deadline - time.monotonic()) > 0:
             ready, _, _ = select.select([self.stream], [], [], left)
             if ready:
-                keys = os.read(self.stream.fileno(), 64)
+                with _terminal_errors():
+                    keys = os.read(self.stream.fileno(), 64)
+                if not keys:  # in cbreak mode only a hang-up reads as end of file
+                    raise TerminalGone("end of input")
                 if self.QUIT.intersection(keys):
                     return True
         return False
@@ -518,22 +984,45 @@ def live_top(poller: StatusPoller, console: Console, *, where: str,
     """The interactive view: the whole screen, redrawn each round, like top, leaving the
     terminal as it found it on `q`, Ctrl-C or an error. Without a terminal (a pipe, a
     file) each frame is printed after the last instead, since rich's Live would print
-    only the final one."""
+    only the final one. Raises TerminalGone when the terminal hangs up."""
     with keys or KeyReader() as reader:
         if not console.is_terminal:
             return run_live(poller, console.print, reader.wait, where=where,
-                            max_frames=max_frames)
+                            max_frames=max_frames, size=lambda: (console.width, None))
         return _on_screen(poller, console, reader, where, max_frames)
 
 
 def _on_screen(poller: StatusPoller, console: Console, reader: KeyReader, where: str,
                max_frames: int | None) -> int:
-    with Live(
-        console=console, screen=True, auto_refresh=False,
-        redirect_stdout=False, redirect_stderr=False,
-    ) as live:
-        return run_live(poller, lambda frame: live.update(frame, refresh=True), reader.wait,
-                        where=where, max_frames=max_frames)
+    live = Live(console=console, screen=True, auto_refresh=False,
+                redirect_stdout=False, redirect_stderr=False)
+
+    def show(frame: RenderableType) -> None:
+        # rich draws nothing, silently, once its file is no longer a terminal: a hung-up
+        # one fails isatty(), and a write to it fails with EIO
+        if not console.is_terminal:
+            raise TerminalGone("no longer a terminal")
+        with _terminal_errors():
+            live.update(frame, refresh=True)
+
+    with _terminal_errors():
+        live.start()
+    try:
+        return run_live(poller, show, reader.wait, where=where, max_frames=max_frames,
+                        size=lambda: (console.size.width, console.size.height))
+    finally:
+        with _terminal_errors():
+            live.stop()
+
+
+def detach_from_terminal() -> None:
+    """Point stdin, stdout and stderr at /dev/null once the terminal is gone, so that
+    flushing them on exit fails with no traceback into nowhere."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        with contextlib.suppress(OSError):
+            os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def once_console(stream: TextIO | None = None) -> Console:

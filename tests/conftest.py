@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 
 from tests.support.daemon import DaemonProcess
+from tests.support.terminal import Tmux, have_tmux
 from tests.support.ttar import unpack
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -80,6 +82,19 @@ def daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     yield start
     for process in started:
         process.stop()
+
+
+@pytest.fixture
+def terminal() -> Iterator[Tmux]:
+    """A tmux server of the test's own (its socket under /tmp: a socket's path is short),
+    killed afterwards with every session it still has."""
+    if not have_tmux():
+        pytest.skip("tmux is not installed")
+    directory = Path(tempfile.mkdtemp(prefix="governor-tmux-"))
+    tmux = Tmux(directory / "socket")
+    yield tmux
+    tmux.stop()
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

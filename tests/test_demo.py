@@ -7,12 +7,18 @@ temperatures follow the same curve in a third of the time. The test watches the 
 (its readings through /v1/status, its actions through the audit log) until each job has
 been slowed, paused and resumed, and reads the cooperative job's trace: no hold landed
 inside one of its checkpoint writes.
+
+`make demo` itself runs in a real terminal (tmux) of 80x24: the jobs show on its screen,
+and closing the terminal stops every process it started, and leaves no job held.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +31,7 @@ import pytest
 
 from governor.config import parse_duration
 from tests.support.daemon import REPO, DaemonProcess, toml_value
+from tests.support.terminal import Tmux, kill_marked, marked
 from tests.test_cooperative import Worker
 
 StartDaemon = Callable[..., DaemonProcess]
@@ -151,3 +158,67 @@ def test_the_demo_heats_trips_slows_pauses_cools_and_resumes(
     plain = Worker(traces["plain-search"], launched[1])
     assert plain.named("critical-exit"), "the plain job wrote checkpoints"
     assert os.path.exists(traces["coop-search"].with_suffix(".json"))
+
+
+DEMO_LISTEN = ("127.0.0.1", 9480)
+#: what `make demo` starts, each told by its command line
+DEMO_PROCESSES = {"the daemon": "governor run", "the guardian": "governor.guardian",
+                  "a launcher": "governor launch", "the cooperative job": "coop_search.py",
+                  "the signal job": "plain_search.py", "top": "governor top"}
+
+
+def demo_port_taken() -> bool:
+    """True if something listens on the demo's port (a `make demo` of someone's)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(DEMO_LISTEN)
+        except OSError:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("command", ["make demo", "examples/demo.sh"])
+def test_closing_the_demos_terminal_stops_all_it_started(
+        command: str, terminal: Tmux, record_property: Callable[[str, object], None]) -> None:
+    """Through make (the terminal's session leader is make, which waits for the script)
+    and as the script alone (the session leader is bash, which gets the hang-up)."""
+    bin_dir = Path(sys.executable).parent
+    if not (bin_dir / "governor").exists():
+        pytest.skip(f"no governor script beside {sys.executable}")
+    if demo_port_taken():
+        pytest.skip(f"{DEMO_LISTEN[0]}:{DEMO_LISTEN[1]}, the demo's address, is taken "
+                    "(a make demo running?)")
+    if command == "make demo" and shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    argv = (["make", "--no-print-directory", "-o", ".venv/.installed", "demo",
+             f"BIN={bin_dir}"] if command == "make demo" else ["examples/demo.sh"])
+    mark = f"GOVERNOR_DEMO_TEST_{os.getpid()}"
+    try:
+        terminal.start("demo", argv, width=80, height=24, cwd=REPO,
+                       env={mark: "1", "BIN": str(bin_dir)})
+        deadline = time.monotonic() + 60
+        screen = ""
+        while not all(re.search(rf"{name}\s+(running|slowed|paused)\s+\d+%", screen)
+                      for name in JOBS):
+            assert time.monotonic() < deadline, f"no job rows on the screen:\n{screen}"
+            time.sleep(0.2)
+            screen = terminal.screen("demo")
+        started = " ".join(" ".join(p.cmdline()) for p in marked(mark))
+        for what, command_line in DEMO_PROCESSES.items():
+            assert command_line in started, f"{what} is not marked: {started}"
+
+        terminal.close("demo")
+        closed = time.monotonic()
+        while left := marked(mark):
+            assert time.monotonic() < closed + 10, "left 10 s after the terminal closed: " + (
+                ", ".join(f"{p.pid} {p.status()} {' '.join(p.cmdline())}" for p in left))
+            time.sleep(0.02)
+        record_property("seconds_until_all_gone", round(time.monotonic() - closed, 2))
+    finally:
+        kill_marked(mark)
+    log = (REPO / ".governor-demo" / "daemon.log").read_text()
+    for name in JOBS:
+        assert re.search(rf'"action": "unregister", "job": "{name}"', log), (
+            f"{name} was not released before it stopped:\n{log[-3000:]}")
+    assert log.rstrip().endswith("governor stopped"), log[-3000:]

@@ -3,10 +3,14 @@ against a real daemon whose job a hot sensor pauses."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import re
+import select
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -16,11 +20,13 @@ import pytest
 from rich.console import Console, RenderableType
 from rich.segment import Segment
 
+from governor import top
 from governor.client import ApiClient, ClientError
 from governor.config import load_config
-from governor.top import KeyReader, StatusPoller, live_top, render, run_live
+from governor.top import KeyReader, StatusPoller, TerminalGone, live_top, render, run_live
 from tests.support.daemon import REPO, DaemonProcess, free_port, to_toml
 from tests.support.processes import busy_child, eventually, state, stop
+from tests.support.terminal import Tmux, kill_marked, marked
 
 PACKAGE = "devices/platform/coretemp.0/hwmon/hwmon0/temp1_input"
 SERIES = 'cpu_temperature_celsius{chip="platform_coretemp_0",sensor="Package id 0"}'
@@ -33,6 +39,15 @@ def text(renderable: RenderableType, width: int = 200) -> str:
     console = Console(record=True, width=width, file=io.StringIO())
     console.print(renderable)
     return console.export_text()
+
+
+def fitted(status: dict[str, Any] | None, width: int, height: int, **kwargs: Any) -> str:
+    """The frame a terminal of that size shows, as text, checked to fit it."""
+    out = text(render(status, where=WHERE, width=width, height=height, **kwargs), width)
+    lines = out.splitlines()
+    assert len(lines) <= height, f"{len(lines)} lines for {height}:\n{out}"
+    assert all(len(line.rstrip()) <= width for line in lines), out
+    return out
 
 
 def colours(renderable: RenderableType, word: str, width: int = 200) -> set[str]:
@@ -197,6 +212,119 @@ def test_power_cap_rule_that_cannot_be_enforced() -> None:
     line_with(out, "gpu-cap", "power_cap", "not enforceable: setting a power limit needs root")
 
 
+def a_big_node() -> dict[str, Any]:
+    """hand_made, on a node with 16 GPUs, 4 accelerators, 2 CPU chips of 64 sensors and
+    12 more jobs, so that no frame of a usual terminal holds it all."""
+    status = hand_made()
+    readings = status["readings"]
+    for gpu in range(1, 16):
+        labels = {"gpu": str(gpu)}
+        readings += [reading("gpu_info", 1, **labels, uuid=f"GPU-{gpu}", name="NVIDIA H100"),
+                     reading("gpu_temperature_celsius", 40.0 + gpu, **labels),
+                     reading("gpu_utilization_ratio", 0.5, **labels),
+                     reading("gpu_power_watts", 200.0, **labels),
+                     reading("gpu_power_limit_watts", 700.0, **labels)]
+    for device in range(4):
+        for sensor in ("edge", "junction", "mem"):
+            readings.append(reading("accelerator_temperature_celsius", 50.0 + device,
+                                    device=f"card{device}", driver="amdgpu", sensor=sensor))
+    for chip in range(2):
+        for core in range(64):
+            readings.append(reading("cpu_temperature_celsius", 40.0 + core % 20 + chip,
+                                    chip=f"platform_coretemp_{chip + 1}", sensor=f"Core {core}"))
+    status["jobs"] += [job(f"bbbb{i:04d}", f"sweep-{i}", "running", 1.0) for i in range(12)]
+    return status
+
+
+@pytest.mark.parametrize("size", [(80, 24), (100, 30)])
+def test_a_terminal_frame_fits_it_and_shows_the_held_jobs_first(size: tuple[int, int]) -> None:
+    width, height = size
+    out = fitted(a_big_node(), width, height)
+    first = out.splitlines()[0]
+    assert "jobs 17: 2 paused, 1 slowed" in first and "rules 3: 1 tripped, 1 pending" in first
+    line_with(out, "aaaa0001", "trainer", "paused", "0%", "cpu-hot:")
+    line_with(out, "aaaa0002", "tuner", "slowed", "50%", "gpu-warm: slow")
+    line_with(out, "aaaa0004", "held", "paused (operator)", "operator")
+    line_with(out, "cpu-hot", "95.0 °C", "> 80.0 °C", "tripped")
+    line_with(out, "gpu-warm", "gpu=0", "pending")
+    if "more jobs" in out:
+        line_with(out, "… and", "more jobs", "running")
+
+
+def test_a_frame_with_room_left_shows_the_hottest_readings_and_counts_the_rest() -> None:
+    out = fitted(a_big_node(), 100, 36)
+    line_with(out, "bbbb0011", "sweep-11", "running")
+    line_with(out, "cpu-hot", "95.0 °C", "tripped")
+    rows = [int(line.split()[0]) for line in out.splitlines()
+            if line[:1].isdigit() and " W " in line]
+    hidden = int(line_with(out, "… and", "more GPUs").split()[2])
+    assert len(rows) > 1 and hidden + len(rows) == 16
+    assert rows == sorted(rows), "the GPUs kept are drawn in their own order"
+    assert rows[:2] == [0, 16 - len(rows) + 1], "the hottest kept: gpu0 (88 °C), then 15, 14..."
+    line_with(out, f"more GPUs (the hottest at {40 + 16 - len(rows)} °C)")
+
+
+def test_only_the_hottest_cpu_sensors_then_a_count() -> None:
+    out = fitted(a_big_node(), 100, 80)
+    chip = line_with(out, "platform_coretemp_2:")
+    temperatures = [float(t) for t in re.findall(r"Core \d+ ([\d.]+) °C", chip)]
+    assert temperatures[0] == 60.0 and temperatures == sorted(temperatures, reverse=True)
+    assert chip.rstrip().endswith(f"+{64 - len(temperatures)} more")
+    assert "Package id 0 95.0 °C" in line_with(out, "CPU temp", "platform_coretemp_0:")
+
+
+def test_without_a_height_everything_is_printed() -> None:
+    out = text(render(a_big_node(), where=WHERE, width=2000), 2000)
+    assert "… and" not in out
+    assert all(f"Core {core} " in out for core in range(64))
+    assert len([line for line in out.splitlines() if "NVIDIA H100" in line]) == 16
+    line_with(out, "bbbb0011", "sweep-11", "4242", "signal", "running", "100%")
+
+
+def test_the_summary_gives_way_piece_by_piece() -> None:
+    wide = fitted(hand_made(), 200, 40).splitlines()[0]
+    assert wide.startswith("governor top  round 1234 at ")
+    assert "samplers 2/4 ok, amdgpu error" in wide and WHERE in wide
+    narrow = fitted(hand_made(), 60, 40).splitlines()[0]
+    assert "governor top" not in narrow and WHERE not in narrow
+    assert "jobs 5: 2 paused, 1 slowed" in narrow and "rules 3: 1 tripped" in narrow
+
+
+def test_a_fetch_error_stays_on_screen() -> None:
+    error = f"cannot reach the governor at {WHERE} (is `governor run` running?)"
+    out = fitted(a_big_node(), 80, 24, error=error)
+    assert "retrying (showing the last status it sent)" in out
+    line_with(out, "aaaa0001", "trainer", "paused")
+    assert fitted(None, 80, 24, error=error).count("retrying") == 1
+
+
+@pytest.mark.parametrize("size", [(40, 10), (20, 3), (1, 1)])
+def test_tiny_terminals_get_what_fits(size: tuple[int, int]) -> None:
+    fitted(a_big_node(), *size)
+
+
+@pytest.mark.parametrize("width", [40, 80, 100, 180])
+def test_the_lines_a_part_is_told_to_take_are_the_lines_it_draws(width: int) -> None:
+    """Fitting counts the lines of one-line rows instead of drawing them: the counts
+    must be right, or the bottom of the frame would be cut."""
+    status = a_big_node()
+    frame = top._Frame(width, fitted=True)
+    readings = top._Readings(status)
+    parts = [top._problems(status, frame), top._series(status, frame),
+             top._gpus(status, readings, frame), top._accelerators(readings, frame),
+             top._host(readings, frame), top._rules(status, frame),
+             top._paragraph(top.TIER_REST, top._samplers(status), frame)]
+    for part in parts:
+        for count in range(len(part.rows) + 1):
+            assert part.height(count) == len(frame.lines(part.draw(count)))
+
+
+def test_a_job_name_is_not_markup() -> None:
+    status = hand_made()
+    status["jobs"] = [job("aaaa0009", "sweep[/bold] [lr=0.1]", "running", 1.0)]
+    line_with(fitted(status, 80, 24), "aaaa0009", "sweep[/bold] [lr=0.1]", "running")
+
+
 # ---- polling once a round --------------------------------------------------------
 
 
@@ -286,7 +414,8 @@ def pty_stream() -> Iterator[tuple[int, Any]]:
     stream = os.fdopen(follower, "r")
     yield main, stream
     stream.close()
-    os.close(main)
+    with contextlib.suppress(OSError):  # a test may have hung it up already
+        os.close(main)
 
 
 def test_q_on_a_terminal_quits_and_the_terminal_is_restored(
@@ -303,6 +432,54 @@ def test_q_on_a_terminal_quits_and_the_terminal_is_restored(
         os.write(main, b"q")
         assert keys.wait(5.0) is True
     assert termios.tcgetattr(stream.fileno()) == before
+
+
+def test_a_hung_up_terminal_ends_the_key_reader(pty_stream: tuple[int, Any]) -> None:
+    """Once its other side is closed a terminal reads as end of input, at once and for
+    ever: the reader ends rather than spin on it until the timeout."""
+    main, stream = pty_stream
+    with KeyReader(stream) as keys:
+        os.close(main)
+        with pytest.raises(TerminalGone):
+            keys.wait(10.0)
+
+
+def test_the_live_view_ends_when_its_terminal_hangs_up() -> None:
+    """The screen it draws on hangs up between two rounds (the keys come from elsewhere):
+    the next frame finds no terminal and the view ends."""
+    main, follower = os.openpty()
+    screen = os.fdopen(follower, "w", encoding="utf-8")
+    drained: list[bytes] = []
+    hung_up = threading.Event()
+
+    def drain() -> None:  # what a terminal would show; a full pty would block the writer
+        while not hung_up.is_set():
+            if select.select([main], [], [], 0.05)[0]:
+                drained.append(os.read(main, 65536))
+        os.close(main)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    fake = FakeDaemon([1, 2, 3])
+
+    def fetch() -> Mapping[str, Any]:
+        if fake.fetches == 1:
+            hung_up.set()
+            reader.join()
+        return fake.fetch()
+
+    try:
+        console = Console(file=screen, width=80, height=24)
+        assert console.is_terminal
+        with pytest.raises(TerminalGone):
+            live_top(StatusPoller(fetch, 0.01, wall=fake.wall), console, where=WHERE,
+                     keys=KeyReader(io.StringIO()))
+        assert b"round 1 " in b"".join(drained)
+    finally:
+        hung_up.set()
+        reader.join()
+        with contextlib.suppress(OSError):
+            screen.close()
 
 
 # ---- the verb, against a real daemon ---------------------------------------------
@@ -370,6 +547,46 @@ def test_top_once_shows_the_paused_job_and_the_tripped_rule(
 
         assert run_live(poller, show, sleep, where=client.where, max_frames=4) == 4
     assert seen == sorted(set(seen)), f"a round drawn twice, or out of order: {seen}"
+
+
+def test_top_on_a_terminal_of_80x24_shows_the_job_and_ends_with_the_terminal(
+        daemon: Callable[..., DaemonProcess], sys_tree: Path, proc_tree: Path,
+        busy: Callable[[], int], terminal: Tmux) -> None:
+    """`governor top` in a real terminal (a tmux pane) of 80x24: the paused job's row is
+    on the screen. Closing the terminal hangs it up, and top ends."""
+    d = daemon({"daemon": {"interval": 0.1},
+                "sources": {"sysfs_root": str(sys_tree), "procfs_root": str(proc_tree),
+                            "nvml": "off"},
+                "rules": [CPU_HOT]})
+    pid = busy()
+    registered = d.register(name="trainer", pid=pid)
+    (sys_tree / PACKAGE).write_text("95000\n")
+    eventually(lambda: d.job(registered["id"])["state"] == "paused")
+
+    mark = f"GOVERNOR_TOP_TEST_{os.getpid()}"
+    try:
+        terminal.start("top", [sys.executable, "-m", "governor", "top", "--config",
+                               str(d.config_path)],
+                       width=80, height=24, cwd=REPO, env={mark: "1", "PYTHONPATH": str(REPO)})
+        deadline = time.monotonic() + 30
+        while not re.search(rf"{registered['id']}\s+trainer\s+paused\s+0%",
+                            screen := terminal.screen("top")):
+            assert time.monotonic() < deadline, f"no job row on the screen:\n{screen}"
+            time.sleep(0.1)
+        lines = screen.splitlines()
+        assert len(lines) <= 24 and "jobs 1: 1 paused" in lines[0], screen
+        line_with(screen, registered["id"], "trainer", "paused", "0%", "cpu-hot:")
+        line_with(screen, "cpu-hot", "95.0 °C", "tripped")
+        assert len(marked(mark)) == 1, "env execs top: one process"
+
+        terminal.close("top")
+        deadline = time.monotonic() + 10
+        while left := marked(mark):
+            assert time.monotonic() < deadline, (
+                f"top outlived its terminal: {[(p.pid, p.status()) for p in left]}")
+            time.sleep(0.05)
+    finally:
+        kill_marked(mark)
 
 
 def test_top_once_without_a_daemon_exits_1_with_one_line(tmp_path: Path) -> None:
