@@ -61,7 +61,7 @@ def in_process(workdir: Path, repeat: int) -> dict[str, Any]:
     os.environ["GOVERNOR_NVML_MODULE"] = "tests.support.fake_nvml"
     os.environ["FAKE_NVML_STATE"] = str(nvml)
     from governor.config import parse_config
-    from governor.daemon import Daemon
+    from governor.service.daemon import Daemon
 
     config = parse_config({
         "daemon": {"interval": 1.0, "state_dir": str(workdir / "state")},

@@ -1,5 +1,5 @@
 """`python -m governor` is the same as the `governor` console script."""
 
-from governor.cli import main
+from governor.cli.main import main
 
 raise SystemExit(main())

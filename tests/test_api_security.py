@@ -204,5 +204,5 @@ def test_a_network_listener_without_tls_starts_with_a_warning(daemon: StartDaemo
     d = daemon(config(listen=f"0.0.0.0:{port}"), wait=False)
     d.port, d.url = port, f"http://127.0.0.1:{port}"
     d.wait_healthy()
-    assert (f"WARNING governor.daemon: api.listen = '0.0.0.0:{port}' is reachable from the "
+    assert (f"WARNING governor.service.daemon: api.listen = '0.0.0.0:{port}' is reachable from the "
             "network without TLS") in d.log()

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from governor.audit import AuditLog
-from governor.cli import since_spec
+from governor.cli.main import since_spec
 from governor.config import parse_config
+from governor.service.audit import AuditLog
 from tests.conftest import NvmlStateFile
 from tests.support.daemon import DaemonProcess
 from tests.support.fake_nvml import h100
@@ -147,7 +147,7 @@ def test_a_failing_disk_never_raises_and_is_reported(
     log_path.symlink_to("/dev/full")
     counted: list[int] = []
     audit = AuditLog(log_path, 4096, 3, on_error=lambda: counted.append(1))
-    with caplog.at_level(logging.ERROR, logger="governor.audit"):
+    with caplog.at_level(logging.ERROR, logger="governor.service.audit"):
         for _ in range(3):
             audit.append({"what": "pause"})
     status = audit.status()
@@ -363,7 +363,7 @@ def test_a_full_disk_stops_no_action_and_is_reported(
     assert metric(d, "governor_audit_errors_total") == audit["errors"]
     assert d.get("/healthz").status_code == 200
     assert events(d) == []
-    assert d.log().count("ERROR governor.audit") == 1, "logged once, not per event"
+    assert d.log().count("ERROR governor.service.audit") == 1, "logged once, not per event"
 
     audit_file.unlink()  # space again: the next event is written
     assert d.call("POST", f"/v1/jobs/{job['id']}/pause").status_code == 200

@@ -23,7 +23,7 @@ from governor.actuators.base import ActuatorError, hold_key
 from governor.actuators.cgroup import CgroupActuator, find_hierarchies, memberships, undo
 from governor.jobs.model import RUN, Job, Mode, pause, slow
 from governor.jobs.process import identify
-from governor.journal import Journal
+from governor.safety.journal import Journal
 
 HIERARCHIES = find_hierarchies()
 OWN = memberships(Path("/proc/self/cgroup"))

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from governor.progress import STEP_BUCKETS, Progress, ProgressReport, parse_buckets
+from governor.client.progress import STEP_BUCKETS, Progress, ProgressReport, parse_buckets
 from tests.support.daemon import REPO, DaemonProcess
 from tests.support.processes import eventually, stays, stop
 

@@ -273,7 +273,7 @@ def test_the_guardian_is_protected(daemon: StartDaemon, sys_tree: Path, proc_tre
 
 def test_guardian_runs_the_same_release_as_release_all(tmp_path: Path) -> None:
     """The guardian as a plain process: it waits on its pipe, then releases."""
-    from governor.journal import Journal
+    from governor.safety.journal import Journal
 
     target = busy_child()
     try:
@@ -283,8 +283,8 @@ def test_guardian_runs_the_same_release_as_release_all(tmp_path: Path) -> None:
         journal.put_hold("signal:x", {"kind": "signal", "job": "x", "state": "stopped",
                                       "processes": [[target.pid, started]]})
         read_fd, write_fd = os.pipe()
-        guardian = subprocess.Popen([sys.executable, "-m", "governor.guardian", str(tmp_path),
-                                     str(read_fd)], pass_fds=[read_fd])
+        guardian = subprocess.Popen([sys.executable, "-m", "governor.safety.guardian",
+                                     str(tmp_path), str(read_fd)], pass_fds=[read_fd])
         os.close(read_fd)
         time.sleep(0.3)
         assert state(target.pid) == "T", "the guardian waits while the daemon lives"

@@ -271,7 +271,7 @@ def test_api_connections_send_without_waiting_for_acks() -> None:
     headers and body (asyncio sets it only on sockets created with proto IPPROTO_TCP)."""
     import socket
 
-    from governor.daemon import bind
+    from governor.service.daemon import bind
 
     listener = bind("127.0.0.1", 0)
     listener.listen()

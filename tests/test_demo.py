@@ -162,7 +162,7 @@ def test_the_demo_heats_trips_slows_pauses_cools_and_resumes(
 
 DEMO_LISTEN = ("127.0.0.1", 9480)
 #: what `make demo` starts, each told by its command line
-DEMO_PROCESSES = {"the daemon": "governor run", "the guardian": "governor.guardian",
+DEMO_PROCESSES = {"the daemon": "governor run", "the guardian": "governor.safety.guardian",
                   "a launcher": "governor launch", "the cooperative job": "coop_search.py",
                   "the signal job": "plain_search.py", "top": "governor top"}
 

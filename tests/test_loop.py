@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from governor.loop import SamplingLoop
-from governor.metrics import DaemonMetrics
 from governor.sampling.base import SampleResult
 from governor.sampling.runner import SamplerRunner
+from governor.service.loop import SamplingLoop
+from governor.service.metrics import DaemonMetrics
 from governor.snapshot import SnapshotStore, reading
 
 
@@ -153,7 +153,7 @@ def test_late_rounds_are_logged_once_a_minute(caplog: pytest.LogCaptureFixture) 
     store = SnapshotStore()
     loop = SamplingLoop(SamplerRunner([Slow(0)], timeout=1.0), store, DaemonMetrics(store),
                         1.0, clock=lambda: clock_now[0])
-    with caplog.at_level("WARNING", logger="governor.loop"):
+    with caplog.at_level("WARNING", logger="governor.service.loop"):
         for second in (0, 10, 61):
             clock_now[0] = 100.0 + second + 0.8
             loop.run_once(due=100.0 + second)

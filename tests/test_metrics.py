@@ -12,9 +12,9 @@ import pytest
 
 from governor.catalog import PREFIX, SAMPLED
 from governor.config import RuleConfig
-from governor.control import ControlView
-from governor.metrics import DaemonMetrics
+from governor.control.controller import ControlView
 from governor.policy.directives import rule_states_view
+from governor.service.metrics import DaemonMetrics
 from governor.snapshot import SamplerHealth, SamplerState, Snapshot, SnapshotStore, reading
 from tests.support.fake_nvml import FakeNvml, h100
 
@@ -177,7 +177,7 @@ def test_every_metric_of_the_daemon_invalidates_the_cache() -> None:
     cache: the daemon's own metrics must be the tracked kinds."""
     from prometheus_client.metrics import MetricWrapperBase
 
-    from governor.metrics import TrackedCounter, TrackedGauge
+    from governor.service.metrics import TrackedCounter, TrackedGauge
 
     own = [m for m in vars(DaemonMetrics(SnapshotStore())).values()
            if isinstance(m, MetricWrapperBase)]
@@ -202,9 +202,9 @@ def test_the_cache_follows_the_controllers_view() -> None:
 
 
 def test_problems_are_counted_per_sampler() -> None:
-    from governor.loop import SamplingLoop
     from governor.sampling.base import SampleResult
     from governor.sampling.runner import SamplerRunner
+    from governor.service.loop import SamplingLoop
 
     class Faulty:
         name = "hwmon"

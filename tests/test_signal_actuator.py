@@ -27,7 +27,7 @@ import pytest
 from governor.actuators.base import ActuatorError, hold_key
 from governor.actuators.signal import SignalActuator, undo
 from governor.jobs.model import RUN, Job, Mode, pause, slow
-from governor.journal import Journal
+from governor.safety.journal import Journal
 from tests.support.processes import favour
 
 BUSY = [sys.executable, "-c", "while True: pass"]

@@ -20,10 +20,10 @@ import pytest
 from rich.console import Console, RenderableType
 from rich.segment import Segment
 
-from governor import top
+from governor.cli import top
+from governor.cli.top import KeyReader, StatusPoller, TerminalGone, live_top, render, run_live
 from governor.client import ApiClient, ClientError
 from governor.config import load_config
-from governor.top import KeyReader, StatusPoller, TerminalGone, live_top, render, run_live
 from tests.support.daemon import REPO, DaemonProcess, free_port, to_toml
 from tests.support.processes import busy_child, eventually, state, stop
 from tests.support.terminal import Tmux, kill_marked, marked

@@ -36,7 +36,7 @@ from governor.jobs.process import (
     is_kernel_thread,
     tree,
 )
-from governor.journal import Journal
+from governor.safety.journal import Journal
 
 log = logging.getLogger(__name__)
 

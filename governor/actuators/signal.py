@@ -41,7 +41,7 @@ from governor.jobs.process import (
     send_signal,
     tree,
 )
-from governor.journal import Journal
+from governor.safety.journal import Journal
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from governor.api.errors import ApiError, error_response, install_error_handlers
 from governor.api.hosts import HostCheck, default_allowed_hosts
 from governor.api.jobs import TOKEN, errors, job_router
 from governor.api.scrape import MetricsFastPath
-from governor.audit import AuditLog
 from governor.config import ConfigError
-from governor.control import Controller
+from governor.control.controller import Controller
 from governor.jobs.registry import Caller, RegistrationError
+from governor.service.audit import AuditLog
 from governor.snapshot import Snapshot
 
 

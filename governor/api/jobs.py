@@ -18,10 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from governor.api import models
 from governor.api.errors import ApiError
-from governor.control import Controller
+from governor.client.progress import MAX_COUNT, MAX_SECONDS, ProgressReport, parse_buckets
+from governor.control.controller import Controller
 from governor.jobs.model import Mode
 from governor.jobs.registry import Caller, JobRequest
-from governor.progress import MAX_COUNT, MAX_SECONDS, ProgressReport, parse_buckets
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "The body is not valid JSON, or the Host header names no host "

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
-from governor.progress import Progress
+from governor.client.progress import Progress
 
 
 class Mode(StrEnum):

@@ -47,7 +47,7 @@ def _load(path_arg: str | None) -> tuple[Config, Path | None]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from governor.daemon import Daemon, StartupError
+    from governor.service.daemon import Daemon, StartupError
 
     setup_logging(args.verbose)
     try:
@@ -99,7 +99,7 @@ def positive_seconds(text: str) -> float:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from governor.report import render
+    from governor.cli.report import render
     from governor.sampling.registry import build_samplers
     from governor.sampling.runner import SamplerRunner
 
@@ -137,7 +137,7 @@ def _client(args: argparse.Namespace) -> ApiClient:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from governor.report import render, render_jobs, render_rules
+    from governor.cli.report import render, render_jobs, render_rules
 
     with _client(args) as client:
         status = client.status()
@@ -156,7 +156,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from governor.report import render_jobs
+    from governor.cli.report import render_jobs
 
     with _client(args) as client:
         jobs = client.jobs()
@@ -219,7 +219,7 @@ def since_spec(text: str) -> float:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    from governor.report import render_events
+    from governor.cli.report import render_events
 
     with _client(args) as client:
         events = client.all_events(args.since)
@@ -239,7 +239,7 @@ TOP_TIMEOUT = 5.0
 def cmd_top(args: argparse.Namespace) -> int:
     import signal
 
-    from governor.top import (
+    from governor.cli.top import (
         StatusPoller,
         TerminalGone,
         detach_from_terminal,
@@ -275,7 +275,7 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    from governor.launch import launch
+    from governor.cli.launch import launch
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
@@ -287,9 +287,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def cmd_release_all(args: argparse.Namespace) -> int:
-    from governor.journal import Journal
-    from governor.release import release_holds
-    from governor.state_lock import StateLock
+    from governor.safety.journal import Journal
+    from governor.safety.release import release_holds
+    from governor.safety.state_lock import StateLock
 
     logging.basicConfig(level=logging.CRITICAL)
     config, _ = _load(args.config)

@@ -15,8 +15,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from governor.metrics import DaemonMetrics
 from governor.sampling.runner import SamplerRunner
+from governor.service.metrics import DaemonMetrics
 from governor.snapshot import SamplerState, Snapshot, SnapshotStore
 
 log = logging.getLogger(__name__)

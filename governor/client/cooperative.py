@@ -39,9 +39,9 @@ from typing import Any, Literal
 
 import httpx
 
-from governor.client import ApiClient, ClientError
+from governor.client.progress import STEP_BUCKETS, ProgressReport
+from governor.client.rest import ApiClient, ClientError
 from governor.config import Config, find_config, load_config
-from governor.progress import STEP_BUCKETS, ProgressReport
 
 log = logging.getLogger("governor.job")
 

@@ -20,17 +20,17 @@ from typing import Any, overload
 
 from governor.actuators.base import Actuator, ActuatorError
 from governor.actuators.gpu_power import PowerCapper
+from governor.client.progress import Progress, ProgressReport
 from governor.config import Config, RuleConfig
 from governor.jobs import process
 from governor.jobs.exits import ExitWatch
 from governor.jobs.model import RUN, Action, Directive, Job, Mode
 from governor.jobs.registry import Caller, JobRegistry, JobRequest, RegistrationError
-from governor.journal import Journal
 from governor.policy.directives import OPERATOR, PowerCap, decide, rule_states_view
 from governor.policy.evidence import readings as readings_of
 from governor.policy.rules import Phase, RuleStates, Transition, carry_over, evaluate_rules
 from governor.policy.rules import series_name as series_of
-from governor.progress import Progress, ProgressReport
+from governor.safety.journal import Journal
 from governor.snapshot import Snapshot
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from governor.actuators import cgroup, gpu_power, signal
-from governor.journal import Journal
+from governor.safety.journal import Journal
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """Talking to a running daemon over its REST API (the CLI, and jobs that hold themselves:
-`Job`, `DistributedCheckpoint`, from governor.cooperative).
+`Job`, `DistributedCheckpoint`, from governor.client.cooperative).
 
 The client finds the daemon and its token through the same config as the daemon: the
 unix socket when one is configured and reachable (the kernel then vouches for the
@@ -15,17 +15,13 @@ import os
 import ssl
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 
 from governor.config import Config
 
-if TYPE_CHECKING:
-    from governor.cooperative import Decision, DistributedCheckpoint, Job
-
-__all__ = ["ApiClient", "ClientError", "Decision", "DistributedCheckpoint", "Job",
-           "daemon_url", "read_token", "tls_context"]
+__all__ = ["ApiClient", "ClientError", "daemon_url", "read_token", "tls_context"]
 
 
 class ClientError(Exception):
@@ -82,16 +78,6 @@ def _tls_failure(exc: BaseException) -> str | None:
             return str(seen.reason or seen)
         seen = seen.__cause__ or seen.__context__
     return None
-
-
-def __getattr__(name: str) -> Any:
-    """`governor.client.Job` and its helpers, for jobs that hold themselves, imported on
-    first use: they build on ApiClient, and the CLI does not need them."""
-    if name in ("Job", "DistributedCheckpoint", "Decision"):
-        from governor import cooperative
-
-        return getattr(cooperative, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ApiClient:
@@ -190,7 +176,7 @@ class ApiClient:
     def directive(self, job_id: str, *, wait: float = 0, since: int | None = None,
                   progress: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """`progress`: totals a cooperative job reports with the poll (steps,
-        step_seconds, step_buckets, deferrals; see governor.progress)."""
+        step_seconds, step_buckets, deferrals; see governor.client.progress)."""
         params: dict[str, Any] = {"wait": wait, **(progress or {})}
         if since is not None:
             params["since"] = since

@@ -42,7 +42,8 @@ class Guardian:
         read_fd, write_fd = os.pipe()  # both close-on-exec: no other child inherits them
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "governor.guardian", str(self._state_dir), str(read_fd)],
+                [sys.executable, "-m", "governor.safety.guardian", str(self._state_dir),
+                 str(read_fd)],
                 pass_fds=[read_fd], start_new_session=True, stdin=subprocess.DEVNULL,
             )
         finally:
@@ -79,9 +80,9 @@ class Guardian:
 def watch(state_dir: Path, read_fd: int) -> int:
     """The guardian's life: wait for the daemon to go, then release what it left held.
     Everything the release needs is imported before the wait, not after."""
-    from governor.journal import Journal
-    from governor.release import release_holds
-    from governor.state_lock import LockHeld, StateLock
+    from governor.safety.journal import Journal
+    from governor.safety.release import release_holds
+    from governor.safety.state_lock import LockHeld, StateLock
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
@@ -110,7 +111,7 @@ def watch(state_dir: Path, read_fd: int) -> int:
 
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s governor.guardian[%(process)d]: "
+                        format="%(asctime)s %(levelname)s governor.safety.guardian[%(process)d]: "
                                "%(message)s")
     state_dir, read_fd = Path(argv[0]), int(argv[1])
     return watch(state_dir, read_fd)

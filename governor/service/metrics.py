@@ -32,13 +32,13 @@ from prometheus_client.registry import Collector
 
 from governor import __version__
 from governor.catalog import PREFIX, SAMPLED
+from governor.client.progress import STEP_BUCKETS, bucket_label
 from governor.policy.directives import OPERATOR
-from governor.progress import STEP_BUCKETS, bucket_label
 from governor.snapshot import SamplerState, SnapshotStore
 
 if TYPE_CHECKING:
     from governor.config import RuleConfig
-    from governor.control import Controller
+    from governor.control.controller import Controller
 
 # `_created` series double every counter for no use here.
 disable_created_metrics()  # type: ignore[no-untyped-call]

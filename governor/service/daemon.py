@@ -32,22 +32,22 @@ from governor.actuators.signal import SignalActuator
 from governor.api.app import create_app
 from governor.api.auth import Authenticator, PeerCredProtocol, ensure_token
 from governor.api.hosts import default_allowed_hosts
-from governor.audit import FILENAME as AUDIT_FILENAME
-from governor.audit import AuditLog
 from governor.config import ApiConfig, Config, ConfigError, is_loopback, load_config
-from governor.control import Controller
-from governor.guardian import Guardian
+from governor.control.controller import Controller
 from governor.jobs.exits import raise_fd_limit
 from governor.jobs.model import Mode
-from governor.journal import Journal
-from governor.loop import SamplingLoop
-from governor.metrics import DaemonMetrics
-from governor.release import release_holds
+from governor.safety.guardian import Guardian
+from governor.safety.journal import Journal
+from governor.safety.release import release_holds
+from governor.safety.state_lock import LockHeld, StateLock
 from governor.sampling.registry import build_samplers
 from governor.sampling.runner import SamplerRunner
-from governor.sd_notify import Notifier, summary
+from governor.service.audit import FILENAME as AUDIT_FILENAME
+from governor.service.audit import AuditLog
+from governor.service.loop import SamplingLoop
+from governor.service.metrics import DaemonMetrics
+from governor.service.sd_notify import Notifier, summary
 from governor.snapshot import Snapshot, SnapshotStore
-from governor.state_lock import LockHeld, StateLock
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Where rules meet jobs: the controller, the only caller of the actuators."""
