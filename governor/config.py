@@ -483,6 +483,28 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     return parse_config(data, source)
 
 
+def state_dir_despite(path: str | os.PathLike[str] | None) -> str:
+    """`daemon.state_dir` of a config file whose other keys may be wrong: release-all
+    (systemd's ExecStopPost, after a crash) must free the jobs even when someone broke a
+    rule in the file since the daemon started. Raises ConfigError only when the state
+    directory itself cannot be known (unreadable file, not TOML, a bad [daemon] section)."""
+    if path is None:
+        return DaemonConfig().state_dir
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(str(path), [Problem("", f"cannot read: {exc.strerror}")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), [Problem("", f"not valid TOML: {exc}")]) from None
+    daemon = data.get("daemon", {})
+    state_dir = daemon.get("state_dir", DaemonConfig().state_dir) if isinstance(
+        daemon, dict) else None
+    if not isinstance(state_dir, str) or not state_dir:
+        raise ConfigError(str(path), [Problem("daemon.state_dir", "must be a path")])
+    return state_dir
+
+
 def find_config(explicit: str | None) -> Path | None:
     """--config, else $GOVERNOR_CONFIG, else /etc/governor/governor.toml, else
     config/governor.toml in the working directory, else None (built-in defaults)."""

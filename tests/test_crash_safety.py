@@ -199,12 +199,16 @@ def test_sigterm_releases_everything_and_exits_0(
         stop(other)
 
 
+@pytest.mark.parametrize("config_since", ["unchanged", "a rule broken since the start"])
 def test_release_all_without_daemon_or_guardian(
         daemon: StartDaemon, sys_tree: Path, proc_tree: Path, tmp_path: Path,
-        child: subprocess.Popen[bytes]) -> None:
+        child: subprocess.Popen[bytes], config_since: str) -> None:
     """If the guardian dies with the daemon, release-all (systemd's ExecStopPost) is the
-    way back; releasing twice is harmless."""
+    way back, even when someone has broken a rule in the file since the daemon started
+    (it needs only the state directory); releasing twice is harmless."""
     d = daemon(base_config(sys_tree, proc_tree, tmp_path))
+    if config_since != "unchanged":
+        d.config_path.write_text(d.config_path.read_text() + "\n[[rules]]\nname = 'x'\n")
     job = d.register(name="left", pid=child.pid)
     d.call("POST", f"/v1/jobs/{job['id']}/pause")
     assert d.proc is not None

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from governor import __version__
 from governor.client import ApiClient, ClientError
-from governor.config import Config, ConfigError, find_config, load_config
+from governor.config import Config, ConfigError, find_config, load_config, state_dir_despite
 from governor.sampling.nvml import NvmlUnavailableError
 
 log = logging.getLogger("governor")
@@ -292,8 +292,14 @@ def cmd_release_all(args: argparse.Namespace) -> int:
     from governor.safety.state_lock import StateLock
 
     logging.basicConfig(level=logging.CRITICAL)
-    config, _ = _load(args.config)
-    state_dir = Path(config.daemon.state_dir)
+    path = find_config(args.config)
+    try:
+        state_dir = Path(load_config(path).daemon.state_dir)
+    except ConfigError as exc:
+        # a broken rule must not keep the jobs held: only the state directory is needed
+        state_dir = Path(state_dir_despite(path))
+        print(f"governor: {exc.lines()[0]}; releasing what {state_dir} lists anyway",
+              file=sys.stderr)
     lock = StateLock(state_dir)
     if lock.held_elsewhere():
         print(f"governor: a daemon (pid {lock.holder()}) is running with {state_dir}; "
