@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import psutil
 
@@ -37,6 +37,9 @@ from governor.jobs.process import (
     tree,
 )
 from governor.safety.journal import Journal
+
+if TYPE_CHECKING:
+    from governor.actuators.modes import ModeContext
 
 log = logging.getLogger(__name__)
 
@@ -750,3 +753,10 @@ def _write(file: Path, text: str) -> None:
 def _unescape(field: str) -> str:
     """Undo mountinfo's octal escapes (a space is \\040)."""
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def from_context(context: ModeContext) -> CgroupActuator:
+    """The cgroup mode's entry in governor/actuators/modes.py; ActuatorError where the
+    machine has no cgroup hierarchy to hold jobs with."""
+    return CgroupActuator(context.journal, version=context.config.jobs.cgroup_version,
+                          protected=context.protected)

@@ -6,7 +6,12 @@ The controller publishes the directive; the job's client reads it (long-polling
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from governor.jobs.model import Directive, Job, Mode
+
+if TYPE_CHECKING:
+    from governor.actuators.modes import ModeContext
 
 
 class CooperativeActuator:
@@ -23,3 +28,8 @@ class CooperativeActuator:
 
     def close(self) -> None:
         pass
+
+
+def from_context(_: ModeContext) -> CooperativeActuator:
+    """The cooperative mode's entry in governor/actuators/modes.py."""
+    return CooperativeActuator()

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import psutil
 
@@ -42,6 +42,9 @@ from governor.jobs.process import (
     tree,
 )
 from governor.safety.journal import Journal
+
+if TYPE_CHECKING:
+    from governor.actuators.modes import ModeContext
 
 log = logging.getLogger(__name__)
 
@@ -583,3 +586,9 @@ def _cgroup_members(cgroup_dir: Path) -> list[ProcessIdentity]:
         return []
     found = (identify(pid) for pid in pids if not is_kernel_thread(pid))
     return [ident for ident in found if ident is not None]
+
+
+def from_context(context: ModeContext) -> SignalActuator:
+    """The signal mode's entry in governor/actuators/modes.py."""
+    return SignalActuator(context.journal, period=context.config.jobs.slow_period,
+                          protected=context.protected)

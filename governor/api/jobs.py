@@ -11,11 +11,12 @@ a cooperative job reports with it is recorded in the thread pool.
 
 import asyncio
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from governor.actuators.modes import ModeName
 from governor.api import models
 from governor.api.errors import ApiError
 from governor.client.progress import MAX_COUNT, MAX_SECONDS, ProgressReport, parse_buckets
@@ -58,7 +59,7 @@ class JobIn(BaseModel):
     name: str = Field(min_length=1, max_length=128)
     pid: int | None = Field(default=None, gt=0)
     cgroup: str | None = Field(default=None, min_length=1)
-    mode: Literal["signal", "cgroup", "cooperative"] | None = None
+    mode: ModeName | None = None
     devices: list[str] = Field(default_factory=list, max_length=64)
     priority: int = 0
     #: the start time the caller saw for the pid (`pid_started_at` of a job), if any

@@ -14,6 +14,8 @@ from typing import Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from governor.actuators.modes import ModeName
+
 _ANY = TypeAdapter(Any)
 
 
@@ -74,7 +76,7 @@ class Job(_Shape):
     #: with the pid, the process's identity: a reused pid is never signalled
     pid_started_at: float | None
     cgroup: str | None
-    mode: Literal["signal", "cgroup", "cooperative"]
+    mode: ModeName
     devices: list[str]
     devices_from: Literal["registration", "nvml"] | None
     priority: int

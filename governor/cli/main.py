@@ -20,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 
 from governor import __version__
+from governor.actuators.modes import MODE_NAMES
 from governor.client import ApiClient, ClientError
 from governor.config import Config, ConfigError, find_config, load_config, state_dir_despite
 from governor.sampling.nvml import NvmlUnavailableError
@@ -378,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a device the job runs on (gpu0, card0, accel0...); repeatable")
         p.add_argument("--priority", type=int, default=0, metavar="N",
                        help="rules with max_priority below N leave the job alone (default 0)")
-        p.add_argument("--mode", choices=["signal", "cgroup", "cooperative"],
+        p.add_argument("--mode", choices=MODE_NAMES,
                        help="how the job is held (default: signal with a pid, cgroup with a "
                        "cgroup, else cooperative)")
 

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from governor.actuators import modes
 from governor.jobs import process
 from governor.jobs.model import Job, Mode
 
@@ -59,19 +60,12 @@ class JobRequest:
 
 
 def resolve_mode(request: JobRequest) -> Mode:
-    if request.mode is not None:
-        mode = request.mode
-    elif request.pid is not None:
-        mode = Mode.SIGNAL
-    elif request.cgroup is not None:
-        mode = Mode.CGROUP
-    else:
-        mode = Mode.COOPERATIVE
-    if mode in (Mode.SIGNAL, Mode.CGROUP) and request.pid is None and request.cgroup is None:
-        raise RegistrationError(422, f"A job in {mode.value} mode needs a pid or a cgroup.")
-    if mode is Mode.COOPERATIVE and request.cgroup is not None:
-        raise RegistrationError(422, "A cooperative job is named by a pid or nothing, "
-                                     "not a cgroup.")
+    """The mode asked for, else the one the table gives for what names the job; refused
+    (422) when the mode cannot hold a job named that way."""
+    mode = request.mode or modes.default_mode(modes.named_by(request.pid, request.cgroup))
+    why = modes.refusal(mode, request.pid, request.cgroup)
+    if why is not None:
+        raise RegistrationError(422, why)
     return mode
 
 

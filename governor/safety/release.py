@@ -10,17 +10,12 @@ harmless.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-from governor.actuators import cgroup, gpu_power, signal
+from governor.actuators.modes import Undo, hold_undoers
 from governor.safety.journal import Journal
 
 log = logging.getLogger(__name__)
-
-Undo = Callable[[dict[str, Any]], tuple[bool, str]]
-
 
 @dataclass(frozen=True)
 class Released:
@@ -32,10 +27,10 @@ class Released:
         return f"{self.key}: {self.line}" + ("" if self.ok else " (kept in the journal)")
 
 
-#: hold kind -> how to undo it; imported up front, so that a guardian waiting for its
-#: daemon to die has everything loaded and acts within milliseconds
-UNDOERS: dict[str, Undo] = {"signal": signal.undo_checked, "cgroup": cgroup.undo_checked,
-                            "power_cap": gpu_power.undo_checked}
+#: hold kind -> how to undo it, from the modes' table; imported up front, so that a
+#: guardian waiting for its daemon to die has everything loaded and acts within
+#: milliseconds
+UNDOERS: dict[str, Undo] = hold_undoers()
 
 
 def release_holds(journal: Journal) -> list[Released]:

@@ -26,9 +26,8 @@ import uvicorn
 from governor import __version__
 from governor.actuators.base import Actuator, ActuatorError
 from governor.actuators.cgroup import CgroupActuator
-from governor.actuators.cooperative import CooperativeActuator
 from governor.actuators.gpu_power import PowerCapper
-from governor.actuators.signal import SignalActuator
+from governor.actuators.modes import MODES, ModeContext
 from governor.api.app import create_app
 from governor.api.auth import Authenticator, PeerCredProtocol, ensure_token
 from governor.api.hosts import default_allowed_hosts
@@ -262,19 +261,15 @@ class Daemon:
         return (self.guardian.pid,) if self.guardian.pid is not None else ()
 
     def _build_controller(self, config: Config) -> Controller:
-        actuators: dict[Mode, Actuator] = {
-            Mode.SIGNAL: SignalActuator(self.journal, period=config.jobs.slow_period,
-                                        protected=self._guardian_pids),
-            Mode.COOPERATIVE: CooperativeActuator(),
-        }
+        context = ModeContext(self.journal, config, self._guardian_pids)
+        actuators: dict[Mode, Actuator] = {}
         unavailable: dict[Mode, str] = {}
-        try:
-            actuators[Mode.CGROUP] = CgroupActuator(self.journal,
-                                                    version=config.jobs.cgroup_version,
-                                                    protected=self._guardian_pids)
-        except ActuatorError as exc:
-            unavailable[Mode.CGROUP] = str(exc)
-            log.info("cgroup mode is not available: %s", exc)
+        for mode, spec in MODES.items():
+            try:
+                actuators[mode] = spec.actuator(context)
+            except ActuatorError as exc:
+                unavailable[mode] = str(exc)
+                log.info("%s mode is not available: %s", mode.value, exc)
         power = None
         power_unavailable = None
         if config.sources.nvml == "off":
