@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from tests.support.daemon import DaemonProcess
+from tests.support.processes import stop
 from tests.support.terminal import Tmux, have_tmux
 from tests.support.ttar import unpack
 
@@ -105,3 +107,11 @@ def _remove_empty_governor_cgroups() -> Iterator[None]:
     for directory in Path("/sys/fs/cgroup").glob("*/governor-*"):
         with contextlib.suppress(OSError):
             directory.rmdir()
+
+
+@pytest.fixture
+def children() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for child in started:
+        stop(child)

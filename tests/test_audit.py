@@ -20,20 +20,11 @@ from governor.cli.main import since_spec
 from governor.config import parse_config
 from governor.service.audit import AuditLog
 from tests.conftest import NvmlStateFile
+from tests.support.cli import governor
 from tests.support.daemon import DaemonProcess
 from tests.support.fake_nvml import h100
 from tests.support.processes import eventually
-from tests.test_cli import governor
-from tests.test_governor_e2e import (
-    CPU_HOT,
-    ROOT,
-    children,  # noqa: F401 (a fixture)
-    config,
-    heat,
-    running,
-    spawn,
-    stopped,
-)
+from tests.support.scenario import CPU_HOT, ROOT, config, heat, running, spawn, stopped
 
 StartDaemon = Callable[..., DaemonProcess]
 Children = list[subprocess.Popen[bytes]]
@@ -223,7 +214,7 @@ def d(daemon: StartDaemon, sys_tree: Path, proc_tree: Path) -> DaemonProcess:
 
 
 def test_operator_requests_are_audited_with_the_caller(
-        d: DaemonProcess, children: Children) -> None:  # noqa: F811
+        d: DaemonProcess, children: Children) -> None:
     pid = spawn(children)
     job = d.register(name="trainer", pid=pid)
     ref = {"id": job["id"], "name": "trainer", "pid": pid, "mode": "signal"}
@@ -281,7 +272,7 @@ def test_operator_requests_are_audited_with_the_caller(
 
 
 def test_rule_made_actions_carry_the_readings_and_the_round(
-        d: DaemonProcess, sys_tree: Path, children: Children) -> None:  # noqa: F811
+        d: DaemonProcess, sys_tree: Path, children: Children) -> None:
     pid = spawn(children)
     job = d.register(name="trainer", pid=pid)
     heat(sys_tree, 95)
@@ -316,7 +307,7 @@ def test_rule_made_actions_carry_the_readings_and_the_round(
 @pytest.mark.skipif(not ROOT, reason="setting a power limit needs root")
 def test_power_caps_are_audited_per_gpu(
         daemon: StartDaemon, sys_tree: Path, proc_tree: Path, nvml_state: NvmlStateFile,
-        children: Children) -> None:  # noqa: F811
+        children: Children) -> None:
     gpus = {"gpus": [h100(0, temperature=60)]}
     nvml_state.write(gpus)
     rule = {"name": "cap", "metric": "gpu_temperature_celsius", "above": 80.0, "for": 0,
@@ -342,7 +333,7 @@ def test_power_caps_are_audited_per_gpu(
 
 def test_a_full_disk_stops_no_action_and_is_reported(
         daemon: StartDaemon, sys_tree: Path, proc_tree: Path, tmp_path: Path,
-        children: Children) -> None:  # noqa: F811
+        children: Children) -> None:
     state_dir = tmp_path / "full-state"
     state_dir.mkdir()
     audit_file = state_dir / "audit.jsonl"

@@ -11,18 +11,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import NvmlStateFile
+from tests.support.cli import governor
 from tests.support.daemon import REPO, to_toml
 from tests.support.fake_nvml import h100
 
 VERBS = ["run", "check-config", "sample"]
-
-
-def governor(*args: str, env: dict[str, str] | None = None,
-             cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "governor", *args], capture_output=True, text=True, timeout=60,
-        cwd=cwd or REPO, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
-    )
 
 
 @pytest.mark.parametrize("verb", VERBS)

@@ -30,9 +30,9 @@ from typing import Any
 import pytest
 
 from governor.config import parse_duration
+from tests.support.coop import Worker
 from tests.support.daemon import REPO, DaemonProcess, toml_value
 from tests.support.terminal import Tmux, kill_marked, marked
-from tests.test_cooperative import Worker
 
 StartDaemon = Callable[..., DaemonProcess]
 SPEED_UP = 3.0

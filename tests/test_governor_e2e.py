@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,54 +31,9 @@ from tests.support.processes import (
     stays,
     stop,
 )
+from tests.support.scenario import CPU_HOT, ROOT, config, heat, running, spawn, stopped
 
 StartDaemon = Callable[..., DaemonProcess]
-PACKAGE = "devices/platform/coretemp.0/hwmon/hwmon0/temp1_input"
-ROOT = os.geteuid() == 0
-
-CPU_HOT = {"name": "cpu-hot", "metric": "cpu_temperature_celsius",
-           "match": {"chip": "platform_coretemp_0", "sensor": "Package id 0"},
-           "above": 80.0, "for": 0, "clear_below": 70.0, "clear_for": 0, "action": "pause"}
-
-
-def config(sys_tree: Path, proc_tree: Path, *rules: dict[str, Any], **sections: Any) -> dict[
-        str, Any]:
-    base: dict[str, Any] = {
-        "daemon": {"interval": 0.1},
-        "sources": {"sysfs_root": str(sys_tree), "procfs_root": str(proc_tree)},
-        "rules": list(rules) or [CPU_HOT],
-    }
-    for name, body in sections.items():
-        base.setdefault(name, {}).update(body)
-    return base
-
-
-def heat(sys_tree: Path, celsius: float, path: str = PACKAGE) -> None:
-    (sys_tree / path).write_text(f"{int(celsius * 1000)}\n")
-
-
-@pytest.fixture
-def children() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for child in started:
-        stop(child)
-
-
-def spawn(children: list[subprocess.Popen[bytes]], argv: list[str] | None = None) -> int:
-    child = subprocess.Popen(argv) if argv else busy_child()
-    children.append(child)
-    return child.pid
-
-
-def stopped(pid: int) -> Callable[[], bool]:
-    return lambda: state(pid) == "T"
-
-
-def running(pid: int) -> Callable[[], bool]:
-    return lambda: state(pid) in "RS"
-
-
 def test_a_hot_sensor_pauses_the_job_and_cooling_resumes_it(
         daemon: StartDaemon, sys_tree: Path, proc_tree: Path,
         children: list[subprocess.Popen[bytes]]) -> None:
