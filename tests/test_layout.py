@@ -41,7 +41,7 @@ FORBIDDEN = {
                "governor.host", "governor.safety", "governor.sampling", "governor.service"),
     # acting never depends on sampling; both go through governor.host
     "actuators": ("governor.sampling", "governor.api", "governor.cli", "governor.service",
-                  "governor.control"),
+                  "governor.control.controller"),
     "sampling": ("governor.actuators", "governor.api", "governor.cli", "governor.control",
                  "governor.safety", "governor.service"),
 }
