@@ -29,8 +29,18 @@ from pydantic import (
 )
 
 from governor.catalog import SAMPLED
+from governor.client.settings import (
+    CONFIG_SEARCH,
+    DEFAULT_LISTEN,
+    DEFAULT_SOCKET,
+    DEFAULT_TOKEN_FILE,
+    ClientSettings,
+    find_config_file,
+    parse_listen,
+)
 
-DEFAULT_SEARCH = (Path("/etc/governor/governor.toml"), Path("config/governor.toml"))
+#: the client's search order: a job finds the file the daemon reads
+DEFAULT_SEARCH = CONFIG_SEARCH
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 MAX_DURATION = 30 * 86400.0
@@ -80,21 +90,6 @@ def _label_value(value: object) -> object:
 
 
 LabelValue = Annotated[str, BeforeValidator(_label_value)]
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """("127.0.0.1", 9474) from "127.0.0.1:9474"; IPv6 as "[::1]:9474"."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f'{listen!r} is not host:port, like "127.0.0.1:9474"')
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(f'{listen!r}: write an IPv6 address in brackets, like "[::1]:9474"')
-    number = int(port)
-    if not 0 < number < 65536:
-        raise ValueError(f"port {number} is out of range 1-65535")
-    return host, number
 
 
 def is_loopback(host: str) -> bool:
@@ -153,10 +148,12 @@ def _existing_file(value: str) -> str:
 
 
 class ApiConfig(_Section):
-    listen: str = "127.0.0.1:9474"
-    token_file: str = ".governor/token"
+    # the defaults are the client's (governor.client.settings), so a job that reads the
+    # file without pydantic agrees with the daemon about a key that is not set
+    listen: str = DEFAULT_LISTEN
+    token_file: str = DEFAULT_TOKEN_FILE
     allow_unauthenticated: bool = False
-    socket: str = ""
+    socket: str = DEFAULT_SOCKET
     #: Host header values accepted (DNS rebinding guard); empty: this machine's names
     allowed_hosts: list[str] = Field(default_factory=list)
     #: TLS for the TCP listener: a PEM certificate (chain) and its private key, or neither
@@ -207,6 +204,12 @@ class ApiConfig(_Section):
     @property
     def port(self) -> int:
         return parse_listen(self.listen)[1]
+
+    def client_settings(self) -> ClientSettings:
+        """What the CLI's REST client needs of this section (governor.client must not
+        import the daemon's config, so the daemon's side does the translating)."""
+        return ClientSettings(host=self.host, port=self.port, token_file=self.token_file,
+                              socket=self.socket, tls_cert=self.tls_cert, tls_ca=self.tls_ca)
 
 
 class SourcesConfig(_Section):
@@ -507,13 +510,6 @@ def state_dir_despite(path: str | os.PathLike[str] | None) -> str:
 
 def find_config(explicit: str | None) -> Path | None:
     """--config, else $GOVERNOR_CONFIG, else /etc/governor/governor.toml, else
-    config/governor.toml in the working directory, else None (built-in defaults)."""
-    if explicit:
-        return Path(explicit)
-    env = os.environ.get("GOVERNOR_CONFIG")
-    if env:
-        return Path(env)
-    for candidate in DEFAULT_SEARCH:
-        if candidate.is_file():
-            return candidate
-    return None
+    config/governor.toml in the working directory, else None (built-in defaults).
+    The client's own search (governor.client.settings), so a job finds the same file."""
+    return find_config_file(explicit, DEFAULT_SEARCH)

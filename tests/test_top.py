@@ -533,7 +533,7 @@ def test_top_once_shows_the_paused_job_and_the_tripped_rule(
     assert "\x1b[" not in out, "no colour codes into a pipe"
 
     # the live loop, in process: each frame a newer round than the last
-    with ApiClient(load_config(d.config_path)) as client:
+    with ApiClient(load_config(d.config_path).api.client_settings()) as client:
         poller = StatusPoller(client.status, 0.1)
         seen: list[int] = []
 

@@ -134,7 +134,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def _client(args: argparse.Namespace) -> ApiClient:
     config, _ = _load(args.config)
-    return ApiClient(config)
+    return ApiClient(config.api.client_settings())
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -252,7 +252,7 @@ def cmd_top(args: argparse.Namespace) -> int:
     config, _ = _load(args.config)
     console = once_console()
     if args.once:
-        with ApiClient(config, timeout=TOP_TIMEOUT) as client:
+        with ApiClient(config.api.client_settings(), timeout=TOP_TIMEOUT) as client:
             console.print(render(client.status(), where=client.where, width=console.width))
         return 0
 
@@ -266,7 +266,7 @@ def cmd_top(args: argparse.Namespace) -> int:
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        with ApiClient(config, timeout=TOP_TIMEOUT) as client, \
+        with ApiClient(config.api.client_settings(), timeout=TOP_TIMEOUT) as client, \
                 contextlib.suppress(KeyboardInterrupt):
             poller = StatusPoller(client.status, args.interval or config.daemon.interval)
             live_top(poller, console, where=client.where)

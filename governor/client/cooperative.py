@@ -41,7 +41,7 @@ import httpx
 
 from governor.client.progress import STEP_BUCKETS, ProgressReport
 from governor.client.rest import ApiClient, ClientError
-from governor.config import Config, find_config, load_config
+from governor.client.settings import ClientSettings, SettingsError
 
 log = logging.getLogger("governor.job")
 
@@ -94,15 +94,18 @@ def _unreachable(exc: ClientError) -> bool:
     return exc.status is None or exc.status >= 500
 
 
-def _load(config: Config | str | os.PathLike[str] | None) -> Config:
-    if isinstance(config, Config):
+def _settings(config: ClientSettings | str | os.PathLike[str] | None) -> ClientSettings:
+    """`config` as given, or read from the config file found as the CLI finds it."""
+    if isinstance(config, ClientSettings):
         return config
-    path = find_config(os.fspath(config) if config is not None else None)
-    return load_config(path)
+    try:
+        return ClientSettings.find(config)
+    except SettingsError as exc:
+        raise ClientError(str(exc)) from None
 
 
-def _env_config(config: Config, url: str, socket: str | None) -> Config:
-    """The config, pointed at the daemon `governor launch` named in the environment."""
+def _env_settings(settings: ClientSettings, url: str, socket: str | None) -> ClientSettings:
+    """The settings, pointed at the daemon `governor launch` named in the environment."""
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL:
@@ -110,14 +113,10 @@ def _env_config(config: Config, url: str, socket: str | None) -> Config:
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise ClientError(f"GOVERNOR_URL={url!r} is not an http(s) URL")
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    host = f"[{parsed.host}]" if ":" in parsed.host else parsed.host
-    api: dict[str, Any] = {"listen": f"{host}:{port}", "socket": socket or ""}
-    if parsed.scheme == "https" and not config.api.tls:
+    if parsed.scheme == "https" and not settings.tls:
         raise ClientError("GOVERNOR_URL is https, but the config found has no api.tls_cert to "
                           "verify the governor with: set GOVERNOR_CONFIG to its config")
-    if parsed.scheme == "http":
-        api.update(tls_cert="", tls_key="", tls_ca="")
-    return config.model_copy(update={"api": config.api.model_copy(update=api)})
+    return settings.at(parsed.host, port, scheme=parsed.scheme, socket=socket or "")
 
 
 class Job:
@@ -179,16 +178,17 @@ class Job:
 
     @classmethod
     def register(cls, name: str, devices: Sequence[str] = (), priority: int = 0, *,
-                 config: Config | str | os.PathLike[str] | None = None,
+                 config: ClientSettings | str | os.PathLike[str] | None = None,
                  fail_open: bool = True) -> Job:
         """Register the calling process as a cooperative job and return its handle.
 
-        The daemon is found as the CLI finds it (`config`, else $GOVERNOR_CONFIG, ...).
+        The daemon is found as the CLI finds it: `config` (a config file's path, or
+        ClientSettings), else $GOVERNOR_CONFIG, else /etc/governor/governor.toml, ...
         If it cannot be reached, the job runs on ungoverned (or holds, with
         fail_open=False) and is registered once the daemon answers. A refusal (a 4xx)
         raises ClientError.
         """
-        settings = _load(config)
+        settings = _settings(config)
         job = cls(ApiClient(settings), ApiClient(settings), None, name=name, devices=devices,
                   priority=priority, owned=True, fail_open=fail_open)
         try:
@@ -202,7 +202,7 @@ class Job:
         return job
 
     @classmethod
-    def from_env(cls, *, config: Config | str | os.PathLike[str] | None = None,
+    def from_env(cls, *, config: ClientSettings | str | os.PathLike[str] | None = None,
                  fail_open: bool = True) -> Job:
         """The job `governor launch --mode cooperative` registered for this process, from
         GOVERNOR_URL, GOVERNOR_JOB_ID and GOVERNOR_SOCKET. The token (needed only to
@@ -215,7 +215,7 @@ class Job:
             raise ClientError("GOVERNOR_JOB_ID and GOVERNOR_URL are not set: start the job "
                               "with `governor launch --mode cooperative -- CMD`, or use "
                               "Job.register()")
-        settings = _env_config(_load(config), url, os.environ.get("GOVERNOR_SOCKET"))
+        settings = _env_settings(_settings(config), url, os.environ.get("GOVERNOR_SOCKET"))
         client = ApiClient(settings)
         name, devices, priority = Path(sys.argv[0]).stem or "job", (), 0
         failure: ClientError | None = None

@@ -1,11 +1,13 @@
 """Talking to a running daemon over its REST API (the CLI, and jobs that hold themselves:
 `Job`, `DistributedCheckpoint`, from governor.client.cooperative).
 
-The client finds the daemon and its token through the same config as the daemon: the
-unix socket when one is configured and reachable (the kernel then vouches for the
-caller's uid, no token needed), else TCP with the token from `api.token_file`, over
-https when the daemon serves TLS (verified against `api.tls_ca`, else the daemon's own
-certificate, which is how a self-signed one is trusted).
+The client finds the daemon and its token through the same config file as the daemon
+(read by `ClientSettings`, from governor.client.settings): the unix socket when one is
+configured and reachable (the kernel then vouches for the caller's uid, no token
+needed), else TCP with the token from `api.token_file`, over https when the daemon
+serves TLS (verified against `api.tls_ca`, else the daemon's own certificate, which is
+how a self-signed one is trusted). Only httpx and the standard library: a job imports
+this without the daemon's dependencies.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from governor.config import Config
+from governor.client.settings import ClientSettings
 
 __all__ = ["ApiClient", "ClientError", "daemon_url", "read_token", "tls_context"]
 
@@ -32,33 +34,25 @@ class ClientError(Exception):
         super().__init__(message)
 
 
-def daemon_url(config: Config) -> str:
-    host, port = config.api.host, config.api.port
-    if host in ("0.0.0.0", ""):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    if ":" in host:
-        host = f"[{host}]"
-    scheme = "https" if config.api.tls else "http"
-    return f"{scheme}://{host}:{port}"
+def daemon_url(settings: ClientSettings) -> str:
+    return settings.url
 
 
-def tls_context(config: Config) -> ssl.SSLContext:
+def tls_context(settings: ClientSettings) -> ssl.SSLContext:
     """Trust what the daemon's certificate is signed by: api.tls_ca, else the certificate
     itself (a self-signed one)."""
-    cafile = config.api.tls_ca or config.api.tls_cert
+    cafile = settings.tls_ca or settings.tls_cert
     try:
         return ssl.create_default_context(cafile=cafile)
     except (OSError, ssl.SSLError) as exc:
-        key = "api.tls_ca" if config.api.tls_ca else "api.tls_cert"
+        key = "api.tls_ca" if settings.tls_ca else "api.tls_cert"
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ClientError(f"cannot use {cafile} ({key}) to verify the governor: "
                           f"{reason}") from None
 
 
-def read_token(config: Config) -> str | None:
-    path = config.api.token_file
+def read_token(settings: ClientSettings) -> str | None:
+    path = settings.token_file
     if not path:
         return None
     try:
@@ -81,11 +75,14 @@ def _tls_failure(exc: BaseException) -> str | None:
 
 
 class ApiClient:
-    def __init__(self, config: Config, *, timeout: float = 10.0):
-        self.config = config
-        socket_path = config.api.socket
+    """The REST API, one method per route. `settings`: where the daemon is, from
+    `ClientSettings.find(path)` (a job) or the daemon's own config (the CLI)."""
+
+    def __init__(self, settings: ClientSettings, *, timeout: float = 10.0):
+        self.settings = settings
+        socket_path = settings.socket
         #: the daemon's TCP address, which is what jobs are told (GOVERNOR_URL)
-        self.url = daemon_url(config)
+        self.url = settings.url
         self.socket: str | None = None
         if socket_path and os.path.exists(socket_path):
             transport = httpx.HTTPTransport(uds=socket_path)
@@ -93,7 +90,7 @@ class ApiClient:
             base_url = "http://governor"
         else:
             transport = httpx.HTTPTransport(
-                verify=tls_context(config) if config.api.tls else True)
+                verify=tls_context(settings) if settings.tls else True)
             base_url = self.where = self.url
         self._http = httpx.Client(base_url=base_url, transport=transport, timeout=timeout)
 
@@ -102,7 +99,7 @@ class ApiClient:
         Over the unix socket the kernel vouches for the caller instead."""
         if self.socket is not None:
             return {}
-        token = os.environ.get("GOVERNOR_TOKEN") or read_token(self.config)
+        token = os.environ.get("GOVERNOR_TOKEN") or read_token(self.settings)
         return {"Authorization": f"Bearer {token}"} if token else {}
 
     def close(self) -> None:
