@@ -27,6 +27,7 @@ from typing import Literal
 import psutil
 
 from governor.actuators.base import ActuatorError, JournalEntry, hold_key
+from governor.control.laws import MIN_QUOTA_US, QuotaState, learn_demand, next_quota
 from governor.jobs.model import Action, Directive, Job, Mode
 from governor.jobs.process import (
     ProcessIdentity,
@@ -50,15 +51,6 @@ FREEZE_FILE = {"v2": "cgroup.freeze", "v1": "freezer.state"}
 FREEZE_VALUES = {"v2": ("1", "0"), "v1": ("FROZEN", "THAWED")}
 QUOTA_FILE = {"v2": "cpu.max", "v1": "cpu.cfs_quota_us"}
 V1_UNLIMITED = "-1"
-#: the kernel's smallest CFS quota
-MIN_QUOTA_US = 1000
-#: a job measured idle before it is slowed still gets this many cores times its speed
-MIN_DEMAND = 1.0
-#: weight of the newest unthrottled measurement in the demand average
-DEMAND_WEIGHT = 0.3
-#: each round the quota moves by (target / measured) ** FEEDBACK_GAIN, within FEEDBACK_STEP
-FEEDBACK_GAIN = 0.5
-FEEDBACK_STEP = (0.5, 2.0)
 #: rounds of moving a process tree before giving up on one that forks faster
 MOVE_ROUNDS = 50
 RMDIR_TRIES = 40
@@ -477,8 +469,7 @@ class CgroupActuator:
         rate = max(0.0, usage - held.last_usage) / (now - held.last_time)
         held.last_usage, held.last_time = usage, now
         if held.last_action is Action.RUN:
-            held.demand = rate if held.demand is None else (
-                held.demand + DEMAND_WEIGHT * (rate - held.demand))
+            held.demand = learn_demand(held.demand, rate)
         elif held.last_action is Action.SLOW:
             held.slow_rate = rate
 
@@ -558,7 +549,7 @@ class CgroupActuator:
                 if version == "v1" and held.original_quota != V1_UNLIMITED:
                     held.period_us = int(_read(directory / "cpu.cfs_period_us"))
             self._hold(job, held, frozen=False)
-            self._set_quota(held, self._next_quota(held, min(max(speed, 0.0), 1.0)))
+            self._set_quota(held, self._next_quota(held, speed))
         except OSError as exc:
             raise ActuatorError(f"cannot set the CPU quota of cgroup {directory}: "
                                 f"{exc.strerror}") from exc
@@ -569,21 +560,12 @@ class CgroupActuator:
                              f"{exc.strerror}")
 
     def _next_quota(self, held: _Held, speed: float) -> int:
-        """speed * demand * period, then corrected each round by how far the usage measured
-        while slowed is from that target; a new speed keeps the correction learnt so far."""
-        demand = max(held.demand or 0.0, MIN_DEMAND)
-        if held.quota_us is None or not held.speed:
-            quota = speed * demand * held.period_us
-        elif held.speed != speed:
-            quota = held.quota_us * speed / held.speed
-        elif held.slow_rate is not None:
-            step = (speed * demand / max(held.slow_rate, 1e-3)) ** FEEDBACK_GAIN
-            quota = held.quota_us * min(max(step, FEEDBACK_STEP[0]), FEEDBACK_STEP[1])
-        else:
-            quota = held.quota_us
-        held.speed = speed
-        held.quota_us = round(min(max(quota, MIN_QUOTA_US), demand * held.period_us))
-        return held.quota_us
+        """The quota's law (`next_quota`) on what was measured of the job."""
+        state = next_quota(QuotaState(held.quota_us, held.speed), speed, demand=held.demand,
+                           slow_rate=held.slow_rate, period_us=held.period_us)
+        held.quota_us, held.speed = state.quota_us, state.speed
+        assert state.quota_us is not None
+        return state.quota_us
 
     def _set_quota(self, held: _Held, quota_us: int) -> None:
         """Write the quota unless it is there already, so a quota changed by someone else is

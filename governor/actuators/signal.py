@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import psutil
 
 from governor.actuators.base import ActuatorError, JournalEntry, hold_key
+from governor.control.laws import DutyWindow, retarget_duty, steer_duty
 from governor.jobs.model import Action, Directive, Job, Mode
 from governor.jobs.process import (
     ProcessIdentity,
@@ -49,14 +50,8 @@ log = logging.getLogger(__name__)
 STOP_ROUNDS = 5
 #: the feedback loop judges the share a slowed job got over windows this long
 WINDOW = 0.5
-#: CPU seconds a window needs before it says anything; an idle job's window grows instead
-MIN_WINDOW_CPU = 0.02
-MAX_WINDOW = 5.0
-#: share of the error corrected per window; below 1, so the run fraction never overshoots
-GAIN = 0.5
 #: weight of the newest toggle in the running mean of how late toggles go out
 LATE_WEIGHT = 0.2
-MIN_FRACTION = 0.01
 
 
 @dataclass(eq=False)
@@ -215,7 +210,7 @@ class SignalActuator:
         cycle = held.cycle
         if cycle is not None:
             if speed != cycle.target:
-                cycle.fraction = _clamp(cycle.fraction + speed - cycle.target)
+                cycle.fraction = retarget_duty(cycle.fraction, cycle.target, speed)
                 cycle.target = speed
                 cycle.stale_window = True
             return
@@ -310,19 +305,20 @@ class SignalActuator:
         self._schedule(held, cycle, cycle.phase_started + run_time - (cycle.stop_late or 0.0))
 
     def _steer(self, held: _Held, cycle: _Cycle, now: float) -> None:
-        """Steer the run fraction by the share the job got over the window: the CPU it used
-        over what it would have used running free all along (its rate while running)."""
-        window = now - cycle.window_started
+        """Feed the window to the duty cycle's law (`steer_duty`), then start a new one
+        when it is done; a window that measured an old target only starts a new one."""
         if cycle.stale_window:
             cycle.stale_window = False
-        elif cycle.run_cpu >= MIN_WINDOW_CPU and cycle.run_time > 0:
-            demand = cycle.run_cpu / cycle.run_time
-            achieved = cycle.window_cpu / (demand * window)
-            cycle.fraction = _clamp(cycle.fraction + GAIN * (cycle.target - achieved))
-            log.debug("job %s: got %.3f of %.3f (%.2f cores while running); runs %.3f now",
-                      held.job_id, achieved, cycle.target, demand, cycle.fraction)
-        elif window < MAX_WINDOW:
-            return
+        else:
+            step = steer_duty(cycle.fraction, cycle.target, DutyWindow(
+                now - cycle.window_started, cycle.run_time, cycle.run_cpu, cycle.window_cpu))
+            if step.achieved is not None:
+                cycle.fraction = step.fraction
+                log.debug("job %s: got %.3f of %.3f (%.2f cores while running); runs %.3f "
+                          "now", held.job_id, step.achieved, cycle.target, step.demand,
+                          cycle.fraction)
+            if not step.close_window:
+                return
         cycle.window_started = now
         cycle.run_time = cycle.run_cpu = cycle.window_cpu = 0.0
 
@@ -499,10 +495,6 @@ def undo_checked(entry: JournalEntry) -> tuple[bool, str]:
 
 def _mean(mean: float | None, value: float) -> float:
     return value if mean is None else mean + LATE_WEIGHT * (value - mean)
-
-
-def _clamp(fraction: float) -> float:
-    return min(1.0, max(MIN_FRACTION, fraction))
 
 
 def _handle(ident: ProcessIdentity) -> Any:
