@@ -28,24 +28,27 @@ import psutil
 
 from governor.actuators.base import ActuatorError, JournalEntry, hold_key
 from governor.control.laws import MIN_QUOTA_US, QuotaState, learn_demand, next_quota
-from governor.jobs.model import Action, Directive, Job, Mode
-from governor.jobs.process import (
-    ProcessIdentity,
-    ancestors,
-    identify,
-    is_alive,
-    is_kernel_thread,
-    tree,
+from governor.host.cgroupfs import (
+    MOUNTINFO,
+    Hierarchy,
+    find_hierarchies,
+    memberships,
+    process_cgroups,
 )
+from governor.host.procfs import ancestors, is_kernel_thread
+from governor.jobs.model import Action, Directive, Job, Mode
+from governor.jobs.process import ProcessIdentity, identify, is_alive, tree
 from governor.safety.journal import Journal
+
+#: find_hierarchies and memberships are the tests' way to the host's cgroups
+__all__ = ["CgroupActuator", "Hierarchy", "find_hierarchies", "memberships", "undo",
+           "undo_checked"]
 
 log = logging.getLogger(__name__)
 
 KIND = "cgroup"
 #: where the actuator keeps its state of a job in job.extra
 EXTRA_KEY = "cgroup_actuator"
-#: the v1 controllers the actuator uses: freezer to pause, cpu to slow, cpuacct to measure
-V1_CONTROLLERS = frozenset({"freezer", "cpu", "cpuacct"})
 FREEZE_FILE = {"v2": "cgroup.freeze", "v1": "freezer.state"}
 #: (frozen, thawed) values of FREEZE_FILE
 FREEZE_VALUES = {"v2": ("1", "0"), "v1": ("FROZEN", "THAWED")}
@@ -56,73 +59,6 @@ MOVE_ROUNDS = 50
 RMDIR_TRIES = 40
 POLL_S = 0.01
 JOB_ID = re.compile(r"[A-Za-z0-9_.-]+")
-
-
-@dataclass(frozen=True, slots=True)
-class Hierarchy:
-    """A mounted cgroup hierarchy: "v2", or a v1 one named by its controller."""
-
-    name: str
-    mount: Path
-    #: the cgroup mounted at `mount`: "/" unless a subtree is mounted
-    root: str
-
-    @property
-    def version(self) -> Literal["v1", "v2"]:
-        return "v2" if self.name == "v2" else "v1"
-
-    def dir(self, cgroup: str) -> Path:
-        """The directory of a cgroup path as /proc/PID/cgroup names it."""
-        if self.root != "/" and (cgroup + "/").startswith(self.root + "/"):
-            cgroup = cgroup[len(self.root):]
-        return self.mount / cgroup.lstrip("/")
-
-    def cgroup(self, directory: Path) -> str | None:
-        """The cgroup path of a directory; None if it is not in this hierarchy."""
-        if not directory.is_relative_to(self.mount):
-            return None
-        return posixpath.normpath(posixpath.join(self.root, str(directory.relative_to(self.mount))))
-
-
-def find_hierarchies(mountinfo: Path = Path("/proc/self/mountinfo")) -> dict[str, Hierarchy]:
-    """The cgroup hierarchies mounted, by name: "v2", "freezer", "cpu", "cpuacct"."""
-    found: dict[str, Hierarchy] = {}
-    try:
-        lines = mountinfo.read_text().splitlines()
-    except OSError:
-        return found
-    for line in lines:
-        fields = line.split()
-        if "-" not in fields[6:]:
-            continue
-        sep = fields.index("-", 6)
-        if len(fields) < sep + 4:
-            continue
-        fstype, options = fields[sep + 1], set(fields[sep + 3].split(","))
-        names = ["v2"] if fstype == "cgroup2" else (
-            sorted(options & V1_CONTROLLERS) if fstype == "cgroup" else [])
-        for name in names:
-            found.setdefault(name, Hierarchy(name, Path(_unescape(fields[4])),
-                                             _unescape(fields[3])))
-    return found
-
-
-def memberships(source: Path) -> dict[str, str]:
-    """Hierarchy name ("v2" or a v1 controller) to cgroup path, from a /proc/PID/cgroup file;
-    empty when the process is gone."""
-    found: dict[str, str] = {}
-    try:
-        lines = source.read_text().splitlines()
-    except OSError:
-        return found
-    for line in lines:
-        hierarchy_id, _, rest = line.partition(":")
-        controllers, _, path = rest.partition(":")
-        if hierarchy_id == "0" and not controllers:
-            found["v2"] = path
-        for controller in filter(None, controllers.split(",")):
-            found[controller] = path
-    return found
 
 
 def undo(entry: JournalEntry) -> str:
@@ -211,7 +147,7 @@ class CgroupActuator:
     mode = Mode.CGROUP
 
     def __init__(self, journal: Journal, *, version: Literal["auto", "v1", "v2"] = "auto",
-                 mountinfo: Path = Path("/proc/self/mountinfo"),
+                 mountinfo: Path = MOUNTINFO,
                  own_cgroups: Path = Path("/proc/self/cgroup"),
                  period: float = 0.1, freeze_timeout: float = 2.0,
                  protected: Callable[[], Iterable[int]] = tuple):
@@ -388,7 +324,7 @@ class CgroupActuator:
                 raise ActuatorError(f"process {identity.pid} is the governor or its ancestor")
             moved = False
             for member in members:
-                now = memberships(Path(f"/proc/{member.pid}/cgroup"))
+                now = process_cgroups(member.pid)
                 outside = [n for n in held.created if now.get(n) != targets[n]]
                 if not outside or not is_alive(member):
                     continue
@@ -728,7 +664,3 @@ def _write(file: Path, text: str) -> None:
     finally:
         os.close(fd)
 
-
-def _unescape(field: str) -> str:
-    """Undo mountinfo's octal escapes (a space is \\040)."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)

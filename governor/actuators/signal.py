@@ -19,7 +19,6 @@ import heapq
 import itertools
 import logging
 import os
-import re
 import signal
 import threading
 import time
@@ -32,16 +31,11 @@ import psutil
 
 from governor.actuators.base import ActuatorError, JournalEntry, hold_key
 from governor.control.laws import DutyWindow, retarget_duty, steer_duty
+from governor.host import procfs
+from governor.host.cgroupfs import cgroup2_mount
+from governor.host.procfs import ancestors, is_kernel_thread
 from governor.jobs.model import Action, Directive, Job, Mode
-from governor.jobs.process import (
-    ProcessIdentity,
-    ancestors,
-    identify,
-    is_alive,
-    is_kernel_thread,
-    send_signal,
-    tree,
-)
+from governor.jobs.process import ProcessIdentity, identify, is_alive, send_signal, tree
 from governor.safety.journal import Journal
 
 log = logging.getLogger(__name__)
@@ -388,7 +382,7 @@ class SignalActuator:
         protected = self._protected | set(self._also_protected())
         members = [p for p in found if p.pid not in protected]
         if held.only_uid is not None:
-            members = [p for p in members if _uid(p.pid) == held.only_uid]
+            members = [p for p in members if procfs.uid(p.pid) == held.only_uid]
         return members
 
     def _stop(self, held: _Held, state: str) -> _Stopped:
@@ -514,44 +508,13 @@ def _wait_stopped(sent: Iterable[ProcessIdentity]) -> None:
     deadline = time.monotonic() + STOP_WAIT
     pending = [p.pid for p in sent]
     while pending and time.monotonic() < deadline:
-        pending = [pid for pid in pending if _state(pid) not in (b"T", b"t", b"Z", b"X", b"")]
+        pending = [pid for pid in pending if procfs.state(pid) not in (b"T", b"t", b"Z", b"X", b"")]
         if pending:
             time.sleep(0.002)
 
 
-def _uid(pid: int) -> int | None:
-    try:
-        return int(psutil.Process(pid).uids().real)
-    except psutil.Error:
-        return None
-
-
-def _state(pid: int) -> bytes:
-    """The state letter of /proc/PID/stat; b"" when the process is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return b""
-    return stat[stat.rindex(b")") + 2:][:1]
-
-
 def _is_stopped(pid: int) -> bool:
-    return _state(pid) in (b"T", b"t")
-
-
-def _cgroup2_mount() -> Path | None:
-    try:
-        with open("/proc/self/mountinfo") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        fields, _, fs = line.partition(" - ")
-        if fs.split(" ", 1)[0] == "cgroup2":
-            mount = fields.split()[4]
-            return Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), mount))
-    return None
+    return procfs.state(pid) in (b"T", b"t")
 
 
 def _cgroup_dir(path: str) -> Path:
@@ -559,7 +522,7 @@ def _cgroup_dir(path: str) -> Path:
     given = Path(path)
     if given.is_absolute() and (given / "cgroup.procs").is_file():
         return given
-    mount = _cgroup2_mount()
+    mount = cgroup2_mount()
     if mount is None:
         raise ActuatorError(f"cgroup {path} does not exist and no cgroup2 is mounted")
     found = mount / path.lstrip("/")
