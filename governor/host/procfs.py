@@ -62,15 +62,13 @@ class ProcStat:
 
 
 def parse_stat(data: bytes | str) -> ProcStat | None:
-    """The fields of a /proc/PID/stat text; None when it is not one."""
-    raw = data.encode() if isinstance(data, str) else data
-    end = raw.rfind(b")")
-    if end < 0:
-        return None
-    fields = raw[end + 2:].split()
-    if len(fields) < 20 or not all(f.isdigit() for f in (fields[11], fields[12], fields[19])):
-        return None
-    return ProcStat(fields)
+    """The fields of a /proc/PID/stat text; None when it has too few. The numbers are
+    converted when asked (ValueError if one is not a number: not a kernel's text)."""
+    if isinstance(data, str):
+        data = data.encode()
+    end = data.rfind(b")")
+    fields = data[end + 2:].split()
+    return ProcStat(fields) if end >= 0 and len(fields) > 19 else None
 
 
 def read_stat(pid: int, procfs: str = "/proc") -> ProcStat | None:

@@ -181,7 +181,10 @@ class SimulatedSampler:
         stat = None if text is None else parse_stat(text)
         if stat is None:
             return None
-        return (pid, stat.start_ticks), stat.cpu_ticks
+        try:
+            return (pid, stat.start_ticks), stat.cpu_ticks
+        except ValueError:
+            return None
 
     def close(self) -> None:
         pass
