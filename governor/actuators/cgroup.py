@@ -27,113 +27,41 @@ from typing import TYPE_CHECKING, Literal
 import psutil
 
 from governor.actuators.base import ActuatorError, JournalEntry, hold_key
-from governor.jobs.model import Action, Directive, Job, Mode
-from governor.jobs.process import (
-    ProcessIdentity,
-    ancestors,
-    identify,
-    is_alive,
-    is_kernel_thread,
-    tree,
+from governor.control.laws import MIN_QUOTA_US, QuotaState, learn_demand, next_quota
+from governor.host.cgroupfs import (
+    MOUNTINFO,
+    Hierarchy,
+    find_hierarchies,
+    memberships,
+    process_cgroups,
 )
+from governor.host.procfs import ancestors, is_kernel_thread
+from governor.jobs.model import Action, Directive, Job, Mode
+from governor.jobs.process import ProcessIdentity, identify, is_alive, tree
 from governor.safety.journal import Journal
 
 if TYPE_CHECKING:
     from governor.actuators.modes import ModeContext
+
+#: find_hierarchies and memberships are the tests' way to the host's cgroups
+__all__ = ["CgroupActuator", "Hierarchy", "find_hierarchies", "from_context", "memberships",
+           "undo", "undo_checked"]
 
 log = logging.getLogger(__name__)
 
 KIND = "cgroup"
 #: where the actuator keeps its state of a job in job.extra
 EXTRA_KEY = "cgroup_actuator"
-#: the v1 controllers the actuator uses: freezer to pause, cpu to slow, cpuacct to measure
-V1_CONTROLLERS = frozenset({"freezer", "cpu", "cpuacct"})
 FREEZE_FILE = {"v2": "cgroup.freeze", "v1": "freezer.state"}
 #: (frozen, thawed) values of FREEZE_FILE
 FREEZE_VALUES = {"v2": ("1", "0"), "v1": ("FROZEN", "THAWED")}
 QUOTA_FILE = {"v2": "cpu.max", "v1": "cpu.cfs_quota_us"}
 V1_UNLIMITED = "-1"
-#: the kernel's smallest CFS quota
-MIN_QUOTA_US = 1000
-#: a job measured idle before it is slowed still gets this many cores times its speed
-MIN_DEMAND = 1.0
-#: weight of the newest unthrottled measurement in the demand average
-DEMAND_WEIGHT = 0.3
-#: each round the quota moves by (target / measured) ** FEEDBACK_GAIN, within FEEDBACK_STEP
-FEEDBACK_GAIN = 0.5
-FEEDBACK_STEP = (0.5, 2.0)
 #: rounds of moving a process tree before giving up on one that forks faster
 MOVE_ROUNDS = 50
 RMDIR_TRIES = 40
 POLL_S = 0.01
 JOB_ID = re.compile(r"[A-Za-z0-9_.-]+")
-
-
-@dataclass(frozen=True, slots=True)
-class Hierarchy:
-    """A mounted cgroup hierarchy: "v2", or a v1 one named by its controller."""
-
-    name: str
-    mount: Path
-    #: the cgroup mounted at `mount`: "/" unless a subtree is mounted
-    root: str
-
-    @property
-    def version(self) -> Literal["v1", "v2"]:
-        return "v2" if self.name == "v2" else "v1"
-
-    def dir(self, cgroup: str) -> Path:
-        """The directory of a cgroup path as /proc/PID/cgroup names it."""
-        if self.root != "/" and (cgroup + "/").startswith(self.root + "/"):
-            cgroup = cgroup[len(self.root):]
-        return self.mount / cgroup.lstrip("/")
-
-    def cgroup(self, directory: Path) -> str | None:
-        """The cgroup path of a directory; None if it is not in this hierarchy."""
-        if not directory.is_relative_to(self.mount):
-            return None
-        return posixpath.normpath(posixpath.join(self.root, str(directory.relative_to(self.mount))))
-
-
-def find_hierarchies(mountinfo: Path = Path("/proc/self/mountinfo")) -> dict[str, Hierarchy]:
-    """The cgroup hierarchies mounted, by name: "v2", "freezer", "cpu", "cpuacct"."""
-    found: dict[str, Hierarchy] = {}
-    try:
-        lines = mountinfo.read_text().splitlines()
-    except OSError:
-        return found
-    for line in lines:
-        fields = line.split()
-        if "-" not in fields[6:]:
-            continue
-        sep = fields.index("-", 6)
-        if len(fields) < sep + 4:
-            continue
-        fstype, options = fields[sep + 1], set(fields[sep + 3].split(","))
-        names = ["v2"] if fstype == "cgroup2" else (
-            sorted(options & V1_CONTROLLERS) if fstype == "cgroup" else [])
-        for name in names:
-            found.setdefault(name, Hierarchy(name, Path(_unescape(fields[4])),
-                                             _unescape(fields[3])))
-    return found
-
-
-def memberships(source: Path) -> dict[str, str]:
-    """Hierarchy name ("v2" or a v1 controller) to cgroup path, from a /proc/PID/cgroup file;
-    empty when the process is gone."""
-    found: dict[str, str] = {}
-    try:
-        lines = source.read_text().splitlines()
-    except OSError:
-        return found
-    for line in lines:
-        hierarchy_id, _, rest = line.partition(":")
-        controllers, _, path = rest.partition(":")
-        if hierarchy_id == "0" and not controllers:
-            found["v2"] = path
-        for controller in filter(None, controllers.split(",")):
-            found[controller] = path
-    return found
 
 
 def undo(entry: JournalEntry) -> str:
@@ -222,7 +150,7 @@ class CgroupActuator:
     mode = Mode.CGROUP
 
     def __init__(self, journal: Journal, *, version: Literal["auto", "v1", "v2"] = "auto",
-                 mountinfo: Path = Path("/proc/self/mountinfo"),
+                 mountinfo: Path = MOUNTINFO,
                  own_cgroups: Path = Path("/proc/self/cgroup"),
                  period: float = 0.1, freeze_timeout: float = 2.0,
                  protected: Callable[[], Iterable[int]] = tuple):
@@ -399,7 +327,7 @@ class CgroupActuator:
                 raise ActuatorError(f"process {identity.pid} is the governor or its ancestor")
             moved = False
             for member in members:
-                now = memberships(Path(f"/proc/{member.pid}/cgroup"))
+                now = process_cgroups(member.pid)
                 outside = [n for n in held.created if now.get(n) != targets[n]]
                 if not outside or not is_alive(member):
                     continue
@@ -480,8 +408,7 @@ class CgroupActuator:
         rate = max(0.0, usage - held.last_usage) / (now - held.last_time)
         held.last_usage, held.last_time = usage, now
         if held.last_action is Action.RUN:
-            held.demand = rate if held.demand is None else (
-                held.demand + DEMAND_WEIGHT * (rate - held.demand))
+            held.demand = learn_demand(held.demand, rate)
         elif held.last_action is Action.SLOW:
             held.slow_rate = rate
 
@@ -561,7 +488,7 @@ class CgroupActuator:
                 if version == "v1" and held.original_quota != V1_UNLIMITED:
                     held.period_us = int(_read(directory / "cpu.cfs_period_us"))
             self._hold(job, held, frozen=False)
-            self._set_quota(held, self._next_quota(held, min(max(speed, 0.0), 1.0)))
+            self._set_quota(held, self._next_quota(held, speed))
         except OSError as exc:
             raise ActuatorError(f"cannot set the CPU quota of cgroup {directory}: "
                                 f"{exc.strerror}") from exc
@@ -572,21 +499,12 @@ class CgroupActuator:
                              f"{exc.strerror}")
 
     def _next_quota(self, held: _Held, speed: float) -> int:
-        """speed * demand * period, then corrected each round by how far the usage measured
-        while slowed is from that target; a new speed keeps the correction learnt so far."""
-        demand = max(held.demand or 0.0, MIN_DEMAND)
-        if held.quota_us is None or not held.speed:
-            quota = speed * demand * held.period_us
-        elif held.speed != speed:
-            quota = held.quota_us * speed / held.speed
-        elif held.slow_rate is not None:
-            step = (speed * demand / max(held.slow_rate, 1e-3)) ** FEEDBACK_GAIN
-            quota = held.quota_us * min(max(step, FEEDBACK_STEP[0]), FEEDBACK_STEP[1])
-        else:
-            quota = held.quota_us
-        held.speed = speed
-        held.quota_us = round(min(max(quota, MIN_QUOTA_US), demand * held.period_us))
-        return held.quota_us
+        """The quota's law (`next_quota`) on what was measured of the job."""
+        state = next_quota(QuotaState(held.quota_us, held.speed), speed, demand=held.demand,
+                           slow_rate=held.slow_rate, period_us=held.period_us)
+        held.quota_us, held.speed = state.quota_us, state.speed
+        assert state.quota_us is not None
+        return state.quota_us
 
     def _set_quota(self, held: _Held, quota_us: int) -> None:
         """Write the quota unless it is there already, so a quota changed by someone else is
@@ -749,10 +667,6 @@ def _write(file: Path, text: str) -> None:
     finally:
         os.close(fd)
 
-
-def _unescape(field: str) -> str:
-    """Undo mountinfo's octal escapes (a space is \\040)."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def from_context(context: ModeContext) -> CgroupActuator:

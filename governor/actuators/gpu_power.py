@@ -18,9 +18,9 @@ from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
 
+from governor.host.nvml import load_module
 from governor.policy.directives import PowerCap
 from governor.safety.journal import Journal
-from governor.sampling.nvml import load_module
 
 log = logging.getLogger(__name__)
 

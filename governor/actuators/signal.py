@@ -19,7 +19,6 @@ import heapq
 import itertools
 import logging
 import os
-import re
 import signal
 import threading
 import time
@@ -31,16 +30,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import psutil
 
 from governor.actuators.base import ActuatorError, JournalEntry, hold_key
+from governor.control.laws import DutyWindow, retarget_duty, steer_duty
+from governor.host import procfs
+from governor.host.cgroupfs import cgroup2_mount
+from governor.host.procfs import ancestors, is_kernel_thread
 from governor.jobs.model import Action, Directive, Job, Mode
-from governor.jobs.process import (
-    ProcessIdentity,
-    ancestors,
-    identify,
-    is_alive,
-    is_kernel_thread,
-    send_signal,
-    tree,
-)
+from governor.jobs.process import ProcessIdentity, identify, is_alive, send_signal, tree
 from governor.safety.journal import Journal
 
 if TYPE_CHECKING:
@@ -52,14 +47,8 @@ log = logging.getLogger(__name__)
 STOP_ROUNDS = 5
 #: the feedback loop judges the share a slowed job got over windows this long
 WINDOW = 0.5
-#: CPU seconds a window needs before it says anything; an idle job's window grows instead
-MIN_WINDOW_CPU = 0.02
-MAX_WINDOW = 5.0
-#: share of the error corrected per window; below 1, so the run fraction never overshoots
-GAIN = 0.5
 #: weight of the newest toggle in the running mean of how late toggles go out
 LATE_WEIGHT = 0.2
-MIN_FRACTION = 0.01
 
 
 @dataclass(eq=False)
@@ -218,7 +207,7 @@ class SignalActuator:
         cycle = held.cycle
         if cycle is not None:
             if speed != cycle.target:
-                cycle.fraction = _clamp(cycle.fraction + speed - cycle.target)
+                cycle.fraction = retarget_duty(cycle.fraction, cycle.target, speed)
                 cycle.target = speed
                 cycle.stale_window = True
             return
@@ -313,19 +302,20 @@ class SignalActuator:
         self._schedule(held, cycle, cycle.phase_started + run_time - (cycle.stop_late or 0.0))
 
     def _steer(self, held: _Held, cycle: _Cycle, now: float) -> None:
-        """Steer the run fraction by the share the job got over the window: the CPU it used
-        over what it would have used running free all along (its rate while running)."""
-        window = now - cycle.window_started
+        """Feed the window to the duty cycle's law (`steer_duty`), then start a new one
+        when it is done; a window that measured an old target only starts a new one."""
         if cycle.stale_window:
             cycle.stale_window = False
-        elif cycle.run_cpu >= MIN_WINDOW_CPU and cycle.run_time > 0:
-            demand = cycle.run_cpu / cycle.run_time
-            achieved = cycle.window_cpu / (demand * window)
-            cycle.fraction = _clamp(cycle.fraction + GAIN * (cycle.target - achieved))
-            log.debug("job %s: got %.3f of %.3f (%.2f cores while running); runs %.3f now",
-                      held.job_id, achieved, cycle.target, demand, cycle.fraction)
-        elif window < MAX_WINDOW:
-            return
+        else:
+            step = steer_duty(cycle.fraction, cycle.target, DutyWindow(
+                now - cycle.window_started, cycle.run_time, cycle.run_cpu, cycle.window_cpu))
+            if step.achieved is not None:
+                cycle.fraction = step.fraction
+                log.debug("job %s: got %.3f of %.3f (%.2f cores while running); runs %.3f "
+                          "now", held.job_id, step.achieved, cycle.target, step.demand,
+                          cycle.fraction)
+            if not step.close_window:
+                return
         cycle.window_started = now
         cycle.run_time = cycle.run_cpu = cycle.window_cpu = 0.0
 
@@ -395,7 +385,7 @@ class SignalActuator:
         protected = self._protected | set(self._also_protected())
         members = [p for p in found if p.pid not in protected]
         if held.only_uid is not None:
-            members = [p for p in members if _uid(p.pid) == held.only_uid]
+            members = [p for p in members if procfs.uid(p.pid) == held.only_uid]
         return members
 
     def _stop(self, held: _Held, state: str) -> _Stopped:
@@ -504,10 +494,6 @@ def _mean(mean: float | None, value: float) -> float:
     return value if mean is None else mean + LATE_WEIGHT * (value - mean)
 
 
-def _clamp(fraction: float) -> float:
-    return min(1.0, max(MIN_FRACTION, fraction))
-
-
 def _handle(ident: ProcessIdentity) -> Any:
     try:
         return psutil.Process(ident.pid) if is_alive(ident) else None
@@ -525,44 +511,13 @@ def _wait_stopped(sent: Iterable[ProcessIdentity]) -> None:
     deadline = time.monotonic() + STOP_WAIT
     pending = [p.pid for p in sent]
     while pending and time.monotonic() < deadline:
-        pending = [pid for pid in pending if _state(pid) not in (b"T", b"t", b"Z", b"X", b"")]
+        pending = [pid for pid in pending if procfs.state(pid) not in (b"T", b"t", b"Z", b"X", b"")]
         if pending:
             time.sleep(0.002)
 
 
-def _uid(pid: int) -> int | None:
-    try:
-        return int(psutil.Process(pid).uids().real)
-    except psutil.Error:
-        return None
-
-
-def _state(pid: int) -> bytes:
-    """The state letter of /proc/PID/stat; b"" when the process is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return b""
-    return stat[stat.rindex(b")") + 2:][:1]
-
-
 def _is_stopped(pid: int) -> bool:
-    return _state(pid) in (b"T", b"t")
-
-
-def _cgroup2_mount() -> Path | None:
-    try:
-        with open("/proc/self/mountinfo") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        fields, _, fs = line.partition(" - ")
-        if fs.split(" ", 1)[0] == "cgroup2":
-            mount = fields.split()[4]
-            return Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), mount))
-    return None
+    return procfs.state(pid) in (b"T", b"t")
 
 
 def _cgroup_dir(path: str) -> Path:
@@ -570,7 +525,7 @@ def _cgroup_dir(path: str) -> Path:
     given = Path(path)
     if given.is_absolute() and (given / "cgroup.procs").is_file():
         return given
-    mount = _cgroup2_mount()
+    mount = cgroup2_mount()
     if mount is None:
         raise ActuatorError(f"cgroup {path} does not exist and no cgroup2 is mounted")
     found = mount / path.lstrip("/")

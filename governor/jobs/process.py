@@ -8,36 +8,25 @@ the start time matches, a signal through it cannot reach a newcomer that took th
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import psutil
+from governor.host.procfs import (
+    CLOCK_TICKS,
+    PF_KTHREAD,
+    ancestors,
+    descendants,
+    is_kernel_thread,
+    read_stat,
+    uid,
+)
 
-#: task flag of kernel threads (include/linux/sched.h)
-PF_KTHREAD = 0x00200000
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-@functools.cache
-def _boot_time() -> float:
-    """The boot time, read once. psutil reads it on every call, and it moves when the
-    wall clock is stepped: identities computed with it would stop matching themselves."""
-    return float(psutil.boot_time())
-
-
-def _stat(pid: int) -> tuple[bytes, float] | None:
-    """(state letter, start time) from /proc/PID/stat, the start time as psutil's
-    create_time() computes it; None when there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rindex(b")") + 2:].split()  # the command may hold spaces
-    return fields[0], float(fields[19]) / CLOCK_TICKS + _boot_time()
+__all__ = [
+    "CLOCK_TICKS", "PF_KTHREAD", "ProcessIdentity", "ancestors", "identify", "is_alive",
+    "is_kernel_thread", "owner_uid", "send_signal", "tree",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,51 +43,14 @@ def identify(pid: int) -> ProcessIdentity | None:
     """The identity of the process that has this pid now, or None if there is none."""
     if pid <= 0:
         return None
-    found = _stat(pid)
-    return None if found is None else ProcessIdentity(pid, found[1])
+    found = read_stat(pid)
+    return None if found is None else ProcessIdentity(pid, found.started_at)
 
 
 def is_alive(identity: ProcessIdentity) -> bool:
     """The same process still runs (not a zombie, not a newcomer that took its pid)."""
-    found = _stat(identity.pid)
-    return found is not None and found[1] == identity.started_at and found[0] != b"Z"
-
-
-def _child_pids(pid: int) -> list[int] | None:
-    """The children of a process from /proc/PID/task/*/children: this reads only the
-    process's own entries, where psutil scans every process on the machine. None when
-    the kernel has no such file (built without CONFIG_PROC_CHILDREN)."""
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return []
-    children: list[int] = []
-    for task in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                children.extend(int(p) for p in f.read().split())
-        except FileNotFoundError:
-            if not os.path.exists(f"/proc/{pid}/task/{task}"):
-                continue  # the thread just exited
-            return None
-        except OSError:
-            continue
-    return children
-
-
-def _descendants(pid: int) -> list[int]:
-    found: list[int] = []
-    queue = [pid]
-    while queue:
-        children = _child_pids(queue.pop(0))
-        if children is None:  # no children files: ask psutil, which scans /proc
-            try:
-                return [p.pid for p in psutil.Process(pid).children(recursive=True)]
-            except (psutil.NoSuchProcess, psutil.ZombieProcess):
-                return []
-        found.extend(children)
-        queue.extend(children)
-    return found
+    found = read_stat(identity.pid)
+    return found is not None and found.started_at == identity.started_at and found.state != b"Z"
 
 
 def tree(root: ProcessIdentity) -> list[ProcessIdentity]:
@@ -107,44 +59,15 @@ def tree(root: ProcessIdentity) -> list[ProcessIdentity]:
     if not is_alive(root):
         return []
     found = [root]
-    for pid in _descendants(root.pid):
+    for pid in descendants(root.pid):
         identity = identify(pid)
         if identity is not None:
             found.append(identity)
     return found
 
 
-def is_kernel_thread(pid: int) -> bool:
-    if pid == 2:  # kthreadd
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    # fields after the command, which may itself hold spaces and parentheses
-    fields = stat[stat.rindex(b")") + 2:].split()
-    return bool(int(fields[6]) & PF_KTHREAD) or int(fields[1]) == 2  # flags; ppid kthreadd
-
-
-def ancestors(pid: int) -> set[int]:
-    """The pids of every ancestor of a process, up to pid 1."""
-    found: set[int] = set()
-    try:
-        process: psutil.Process | None = psutil.Process(pid).parent()
-        while process is not None and process.pid not in found:
-            found.add(process.pid)
-            process = process.parent()
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        pass
-    return found
-
-
 def owner_uid(pid: int) -> int | None:
-    try:
-        return int(psutil.Process(pid).uids().real)
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        return None
+    return uid(pid)
 
 
 @contextlib.contextmanager

@@ -9,20 +9,30 @@ backoff; while it is away the sampler is down (an error, so alerts fire), unless
 was never there at all. A driver *upgrade* cannot be picked up in-process, since the old
 libnvidia-ml stays loaded: the sampler then says to restart governor.
 
-`GOVERNOR_NVML_MODULE` names another module with pynvml's interface; the test suite uses
-it to run the daemon against a fake NVML. It is never needed in production.
+Loading NVML and the kinds of its errors are in `governor.host.nvml`, which the power
+capper uses too.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
-import os
 import time
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+from governor.host.nvml import (
+    ABSENT,
+    ERROR_DRIVER_NOT_LOADED,
+    ERROR_LIB_RM_VERSION_MISMATCH,
+    ERROR_LIBRARY_NOT_FOUND,
+    ERROR_NO_PERMISSION,
+    GPU_GONE,
+    NVML_GONE,
+    TRY_OLDER,
+    error_code,
+    load_module,
+)
 from governor.sampling.base import SampleResult, SamplerUnavailable
 from governor.snapshot import reading
 
@@ -41,37 +51,6 @@ CLOCK_EVENT_REASONS: tuple[tuple[int, str], ...] = (
     (0x100, "display_clock_setting"),
 )
 
-# NVML return codes (nvml.h); the names of the classes pynvml derives from them differ
-# between binding versions, the numbers do not.
-ERROR_UNINITIALIZED = 1
-ERROR_INVALID_ARGUMENT = 2
-ERROR_NOT_SUPPORTED = 3
-ERROR_NO_PERMISSION = 4
-ERROR_NOT_FOUND = 6
-ERROR_DRIVER_NOT_LOADED = 9
-ERROR_LIBRARY_NOT_FOUND = 12
-ERROR_FUNCTION_NOT_FOUND = 13
-ERROR_GPU_IS_LOST = 15
-ERROR_RESET_REQUIRED = 16
-ERROR_LIB_RM_VERSION_MISMATCH = 18
-ERROR_NO_DATA = 21
-ERROR_ARGUMENT_VERSION_MISMATCH = 25
-ERROR_GPU_NOT_FOUND = 28
-
-#: the field is not there on this GPU or for this user: no series, no complaint
-ABSENT = frozenset({
-    ERROR_NOT_SUPPORTED, ERROR_NO_PERMISSION, ERROR_NOT_FOUND, ERROR_NO_DATA,
-    ERROR_INVALID_ARGUMENT, ERROR_FUNCTION_NOT_FOUND,
-})
-#: a newer function this driver or binding cannot serve: try the older one
-TRY_OLDER = frozenset({ERROR_FUNCTION_NOT_FOUND, ERROR_ARGUMENT_VERSION_MISMATCH})
-#: this GPU is gone until a reset: skip it, keep the others
-GPU_GONE = frozenset({ERROR_GPU_IS_LOST, ERROR_GPU_NOT_FOUND, ERROR_RESET_REQUIRED})
-#: NVML as a whole stopped answering: shut down and initialise again
-NVML_GONE = frozenset({
-    ERROR_UNINITIALIZED, ERROR_DRIVER_NOT_LOADED, ERROR_LIB_RM_VERSION_MISMATCH,
-})
-
 RETRY_FIRST = 1.0
 RETRY_MAX = 30.0
 
@@ -82,10 +61,6 @@ class NvmlUnavailableError(RuntimeError):
 
 class _GpuGone(Exception):
     pass
-
-
-def load_module() -> ModuleType:
-    return importlib.import_module(os.environ.get("GOVERNOR_NVML_MODULE", "pynvml"))
 
 
 class NvmlSampler:
@@ -124,7 +99,7 @@ class NvmlSampler:
     # ---- life cycle -------------------------------------------------------------------
 
     def _code(self, exc: BaseException) -> int:
-        return int(getattr(exc, "value", -1))
+        return error_code(exc)
 
     def _init(self) -> None:
         try:

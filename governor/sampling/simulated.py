@@ -27,14 +27,14 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from governor.host.procfs import CLOCK_TICKS as CLOCK_TICKS  # the tests' clock ticks
+from governor.host.procfs import parse_stat
 from governor.sampling.base import SampleResult
 from governor.sampling.paths import SysPaths, read_text
 from governor.snapshot import reading
 
 #: (pid, the devices its job is bound to) for every live job with a process
 JobProcesses = Callable[[], Iterable[tuple[int, Iterable[str]]]]
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class ScenarioError(ValueError):
@@ -178,14 +178,13 @@ class SimulatedSampler:
         """((pid, start time), user + system ticks) from procfs_root/PID/stat; None if
         the process is gone."""
         text = read_text(self._paths.proc(str(pid), "stat"))
-        if text is None or ")" not in text:
+        stat = None if text is None else parse_stat(text)
+        if stat is None:
             return None
-        fields = text[text.rindex(")") + 2:].split()
         try:
-            utime, stime, started = int(fields[11]), int(fields[12]), int(fields[19])
-        except (IndexError, ValueError):
+            return (pid, stat.start_ticks), stat.cpu_ticks
+        except ValueError:
             return None
-        return (pid, started), utime + stime
 
     def close(self) -> None:
         pass
