@@ -66,7 +66,12 @@ stop_all() {
     done
     echo "demo: done; logs and traces are in $STATE/"
 }
-trap stop_all INT TERM HUP EXIT
+# a signal stops everything and ends the script (it must not go on starting jobs after a
+# Ctrl-C during start-up); the end of the script stops everything too
+trap 'stop_all; exit 130' INT
+trap 'stop_all; exit 143' TERM
+trap 'stop_all; exit 129' HUP
+trap stop_all EXIT
 
 if "$BIN/governor" status >/dev/null 2>&1; then
     echo "demo: a governor already answers on 127.0.0.1:9480 (another make demo?); stop it first" >&2

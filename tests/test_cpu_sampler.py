@@ -129,3 +129,16 @@ def test_real_procfs_sampled_at_once_has_every_core() -> None:
                          for _ in range(2))
         sampler.close()
         assert first == second == cores
+
+
+def test_a_counter_that_went_back_starts_a_new_window() -> None:
+    """A core taken offline and back between two reads: its counters restart lower. It
+    keeps its last ratio for that round, and the next window is measured from the new
+    counters, not from the old, larger ones (which would freeze it for days)."""
+    before = parse_proc_stat("cpu0 5000 0 0 5000\n")
+    reset = parse_proc_stat("cpu0 100 0 0 900\n")
+    assert utilization(before, reset, {"0": 0.5}) == {"0": 0.5}
+    start = advance(before, reset)
+    assert start == reset
+    assert utilization(start, parse_proc_stat("cpu0 130 0 0 970\n")) == {
+        "0": pytest.approx(0.3)}

@@ -124,8 +124,9 @@ def test_the_demo_heats_trips_slows_pauses_cools_and_resumes(
 
     for gpu, seen in temperatures.items():
         assert seen[0] < 70 and max(seen) > 80, f"gpu{gpu} heated up: {seen}"
-        peak = seen.index(max(seen))
-        assert min(seen[peak:]) < 60, f"gpu{gpu} cooled down once its job was held: {seen}"
+        # from the first time it passed 80 (a resumed job may heat it again, higher)
+        hot = next(i for i, t in enumerate(seen) if t > 80)
+        assert min(seen[hot:]) < 60, f"gpu{gpu} cooled down once its job was held: {seen}"
     for name in JOBS:
         done = actions(events, name)
         slow = next(e for e in done if e["what"] == "slow")

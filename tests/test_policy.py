@@ -281,6 +281,18 @@ def test_the_band_reason_of_a_series_that_tripped_by_going_missing() -> None:
         "held until below 80; now 82",)
 
 
+def test_after_a_reload_moved_the_line_the_reason_names_the_line_it_crossed() -> None:
+    run = Run(rule(above=80, clear_below=70, **{"for": 0}))
+    run.feed(gpu_temps(0, gpu0=85))
+    new = [rule(above=90, clear_below=70, **{"for": 0})]
+    run.states, run.rules = carry_over(run.rules, new, run.states), new
+    run.feed(gpu_temps(1, gpu0=85))
+    directives, _ = decide(run.rules, run.states, [job("a", "gpu0")])
+    assert directives["a"].reasons == (
+        'hot: gpu_temperature_celsius{gpu="0"} tripped above 80 at 85; held until below 70; '
+        "now 85",)
+
+
 def test_reload_keeps_states_of_unchanged_rules() -> None:
     old = [rule(**{"for": 0}), rule(name="other", **{"for": 0})]
     run = Run(*old)

@@ -51,7 +51,7 @@ NOBODY = "65534"
 
 @pytest.fixture(scope="module")
 def systemd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IsolatedSystemd]:
-    booted = IsolatedSystemd(tmp_path_factory.mktemp("systemd")).boot()
+    booted = IsolatedSystemd(tmp_path_factory.mktemp("systemd")).boot()  # shuts down on failure
     try:
         yield booted
     finally:

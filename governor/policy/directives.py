@@ -52,8 +52,9 @@ def reason(rule: RuleConfig, labels: Labels, state: SeriesState) -> str:
     side, clear_side = ("above", "below") if rule.trips_above else ("below", "above")
     if over(rule, state.value):
         return f"{rule.name}: {series} = {state.value:g} ({side} {rule.threshold:g})"
+    line = rule.threshold if state.tripped_line is None else state.tripped_line
     tripped = ("when it stopped reporting" if state.tripped_value is None
-               else f"{side} {rule.threshold:g} at {state.tripped_value:g}")
+               else f"{side} {line:g} at {state.tripped_value:g}")
     until = f"{clear_side} {rule.clear_threshold:g}"
     if rule.clear_for > 0:
         until += f" for {format_duration(rule.clear_for)}"

@@ -38,6 +38,8 @@ class SeriesState:
     #: the hysteresis band can say what crossed the line; None when it tripped by going
     #: missing
     tripped_value: float | None = None
+    #: the rule's trip line when it tripped: a reload may move the line since
+    tripped_line: float | None = None
     #: the series did not report in the last round
     missing: bool = False
 
@@ -94,13 +96,15 @@ def step(rule: RuleConfig, state: SeriesState | None, value: float, now: float) 
         if not over(rule, value):
             return SeriesState(Phase.OK, state.since if state else now, value)
         if rule.for_ <= 0:
-            return SeriesState(Phase.TRIPPED, now, value, tripped_at=now, tripped_value=value)
+            return SeriesState(Phase.TRIPPED, now, value, tripped_at=now, tripped_value=value,
+                               tripped_line=rule.threshold)
         return SeriesState(Phase.PENDING, now, value)
     if state.phase is Phase.PENDING:
         if not over(rule, value):
             return SeriesState(Phase.OK, now, value)
         if now - state.since >= rule.for_:
-            return SeriesState(Phase.TRIPPED, now, value, tripped_at=now, tripped_value=value)
+            return SeriesState(Phase.TRIPPED, now, value, tripped_at=now, tripped_value=value,
+                               tripped_line=rule.threshold)
         return replace(state, value=value, missing=False)
     if state.phase is Phase.TRIPPED:
         if not past_clear_line(rule, value):

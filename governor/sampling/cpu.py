@@ -57,7 +57,7 @@ def utilization(before: Mapping[str, CpuTimes], after: Mapping[str, CpuTimes],
     for core, now in after.items():
         prev = before.get(core)
         elapsed = now.total - prev.total if prev is not None else 0
-        if prev is not None and elapsed > 0:
+        if prev is not None and elapsed > 0 and now.busy >= prev.busy:
             ratio = (now.busy - prev.busy) / elapsed
         elif last is not None and core in last:
             ratio = last[core]
@@ -71,8 +71,9 @@ def utilization(before: Mapping[str, CpuTimes], after: Mapping[str, CpuTimes],
 
 def advance(before: Mapping[str, CpuTimes], after: Mapping[str, CpuTimes]) -> dict[str, CpuTimes]:
     """The next window's start: `after`, but for the cores whose time did not move, which
-    keep their older read so that their next window is long enough to measure."""
-    return {core: now if core not in before or now.total > before[core].total else before[core]
+    keep their older read so that their next window is long enough to measure. A counter
+    that went back (a core taken offline and back) starts afresh from `after`."""
+    return {core: before[core] if core in before and now.total == before[core].total else now
             for core, now in after.items()}
 
 

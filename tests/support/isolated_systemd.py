@@ -27,6 +27,9 @@ SYSTEMD = Path("/lib/systemd/systemd")
 CGROUP = Path("/sys/fs/cgroup")
 #: the cgroups systemd makes for its own units, in every hierarchy it manages
 SYSTEMD_CGROUPS = ("init.scope", "system.slice")
+#: host-wide settings systemd raises as PID 1 even in a container; put back afterwards
+SYSCTLS = tuple(Path("/proc/sys") / name for name in (
+    "net/unix/max_dgram_qlen", "fs/file-max", "fs/nr_open"))
 
 
 def why_not() -> str | None:
@@ -41,6 +44,9 @@ def why_not() -> str | None:
     if subprocess.run(["/usr/bin/python3", "-c", "import ensurepip"],
                       capture_output=True).returncode != 0:
         return "/usr/bin/python3 cannot make a venv (Debian package python3-venv)"
+    if not (CGROUP / "unified").is_dir() and not (CGROUP / "systemd").is_dir():
+        return ("the boot script binds a hybrid or legacy cgroup tree (cgroup v1 with "
+                "/sys/fs/cgroup/systemd or /unified); this host has only cgroup v2")
     probe = subprocess.run(["unshare", "--pid", "--fork", "--mount", "--uts", "--ipc", "true"],
                            capture_output=True, text=True)
     if probe.returncode != 0:
@@ -59,27 +65,33 @@ class IsolatedSystemd:
         self.boot_process: subprocess.Popen[bytes] | None = None
         self.pid = 0
         self._cgroups_before: set[Path] = set()
+        self._sysctls: dict[Path, str] = {}
 
     # ---- life ----
 
     def boot(self, timeout: float = 300.0) -> IsolatedSystemd:
         self.canary.write_text("if this file is gone, a test's systemd emptied /tmp\n")
+        self._sysctls = {path: path.read_text() for path in SYSCTLS if path.exists()}
         self._cgroups_before = set(self._systemd_cgroups())
         with open(self.logdir / "boot.log", "wb") as log:
+            # --kill-child: if unshare dies, so does everything in the namespace
             self.boot_process = subprocess.Popen(
-                ["unshare", "--pid", "--fork", "--mount", "--mount-proc", "--uts", "--ipc",
-                 "bash", str(BOOT), str(REPO)],
+                ["unshare", "--pid", "--fork", "--kill-child", "--mount", "--mount-proc",
+                 "--uts", "--ipc", "bash", str(BOOT), str(REPO)],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.boot_process.poll() is not None:
+                self.shutdown()
                 raise AssertionError(f"the isolated systemd did not boot:\n{self.boot_log()}")
             pid = self._systemd_pid()
             if pid and self._running(pid):
                 self.pid = pid
                 self.check_canary()
                 return self
+            self.pid = pid
             time.sleep(0.2)
+        self.shutdown()
         raise AssertionError(f"no systemd after {timeout} s:\n{self.boot_log()}")
 
     def _systemd_pid(self) -> int:
@@ -108,9 +120,17 @@ class IsolatedSystemd:
         try:
             self.boot_process.wait(timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(self.boot_process.pid, signal.SIGKILL)
+            # killing PID 1 of the namespace ends every process in it
+            with contextlib.suppress(ProcessLookupError):
+                if self.pid:
+                    os.kill(self.pid, signal.SIGKILL)
+                os.killpg(self.boot_process.pid, signal.SIGKILL)
             self.boot_process.wait()
         self._remove_cgroups()
+        for path, value in self._sysctls.items():
+            with contextlib.suppress(OSError):
+                if path.read_text() != value:
+                    path.write_text(value)
         self.check_canary()
         self.canary.unlink()
 

@@ -1,7 +1,8 @@
 #!/bin/bash
 # Boots a real systemd as PID 1 of new PID, mount, UTS and IPC namespaces, with only the
 # units a test starts. Run as:
-#   unshare --pid --fork --mount --mount-proc --uts --ipc bash isolated_systemd.sh REPO
+#   unshare --pid --fork --kill-child --mount --mount-proc --uts --ipc \
+#       bash isolated_systemd.sh REPO
 #
 # The file system is shared with the host, and systemd, left to itself, changes it:
 # sysinit.target's systemd-tmpfiles-setup.service empties /tmp (on CI that can be the
@@ -15,15 +16,20 @@
 #     cgroups themselves are the host's: freezing a job's cgroup is real);
 #   - every target and early service is masked, and the unit's default dependencies are
 #     off (a drop-in): only what a test starts runs.
-# The caller keeps a canary file in the host's /tmp and checks it is still there.
+# systemd as PID 1 also raises two host-wide sysctls (net.unix.max_dgram_qlen of the shared
+# network namespace, fs.file-max); the caller restores them. It keeps a canary file in the
+# host's /tmp and checks it is still there.
 set -euo pipefail
 REPO=$1
 
 mount --make-rprivate /
 mount -t tmpfs -o mode=0755 tmpfs /run
-# the checkout may be under /tmp (hidden below) or an overlaid directory: keep it in view
-mkdir -p /run/governor-src
-mount --bind "$REPO" /run/governor-src
+# the checkout may be under /tmp (hidden below) or an overlaid directory: keep it in
+# view, under an overlay, so that building it (pip's build/, *.egg-info) leaves it as it is
+mkdir -p /run/governor-src /run/overlay/src/upper /run/overlay/src/work
+mount -t overlay overlay \
+    -o "lowerdir=$REPO,upperdir=/run/overlay/src/upper,workdir=/run/overlay/src/work" \
+    /run/governor-src
 mkdir -p /run/overlay
 for dir in etc opt var usr/local; do
     name=${dir//\//_}
