@@ -473,17 +473,20 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     """The config at `path`; built-in defaults when `path` is None."""
     if path is None:
         return Config()
-    source = str(path)
+    return parse_config(_read_toml(path), str(path))
+
+
+def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The file's TOML; ConfigError when it is missing, unreadable or not TOML."""
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
-        raise ConfigError(source, [Problem("", "no such file")]) from None
+        raise ConfigError(str(path), [Problem("", "no such file")]) from None
     except OSError as exc:
-        raise ConfigError(source, [Problem("", f"cannot read: {exc.strerror}")]) from None
+        raise ConfigError(str(path), [Problem("", f"cannot read: {exc.strerror}")]) from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(source, [Problem("", f"not valid TOML: {exc}")]) from None
-    return parse_config(data, source)
+        raise ConfigError(str(path), [Problem("", f"not valid TOML: {exc}")]) from None
 
 
 def state_dir_despite(path: str | os.PathLike[str] | None) -> str:
@@ -493,14 +496,7 @@ def state_dir_despite(path: str | os.PathLike[str] | None) -> str:
     directory itself cannot be known (unreadable file, not TOML, a bad [daemon] section)."""
     if path is None:
         return DaemonConfig().state_dir
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as exc:
-        raise ConfigError(str(path), [Problem("", f"cannot read: {exc.strerror}")]) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(str(path), [Problem("", f"not valid TOML: {exc}")]) from None
-    daemon = data.get("daemon", {})
+    daemon = _read_toml(path).get("daemon", {})
     state_dir = daemon.get("state_dir", DaemonConfig().state_dir) if isinstance(
         daemon, dict) else None
     if not isinstance(state_dir, str) or not state_dir:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,8 @@ import pytest
 from tests.conftest import NvmlStateFile
 from tests.support.daemon import DaemonProcess
 from tests.support.fake_nvml import h100
-from tests.support.processes import busy_child, eventually, state, stop
+from tests.support.processes import eventually, state
+from tests.support.scenario import running, spawn, stopped
 
 StartDaemon = Callable[..., DaemonProcess]
 PACKAGE = "devices/platform/coretemp.0/hwmon/hwmon0/temp1_input"
@@ -132,28 +133,6 @@ class HealthWatch:
     def __exit__(self, *_: object) -> None:
         self._stop.set()
         self._thread.join()
-
-
-@pytest.fixture
-def children() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for child in started:
-        stop(child)
-
-
-def spawn(children: list[subprocess.Popen[bytes]]) -> int:
-    child = busy_child()
-    children.append(child)
-    return child.pid
-
-
-def stopped(pid: int) -> Callable[[], bool]:
-    return lambda: state(pid) == "T"
-
-
-def running(pid: int) -> Callable[[], bool]:
-    return lambda: state(pid) in "RS"
 
 
 def value(exposition: str, series: str) -> float | None:

@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from tests.support.daemon import free_port, to_toml
-from tests.support.isolated_systemd import IsolatedSystemd, why_not
+from tests.support.isolated_systemd import IsolatedSystemd, children, why_not
 from tests.support.processes import eventually
 from tests.support.ttar import unpack
 
@@ -155,16 +155,10 @@ class Service:
         for waiter in self.jobs:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(waiter.pid, signal.SIGKILL)
-            for pid in _children(waiter.pid):
+            for pid in children(waiter.pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             waiter.wait(10)
-
-
-def _children(pid: int) -> list[int]:
-    with contextlib.suppress(OSError):
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    return []
 
 
 @pytest.fixture
@@ -178,7 +172,7 @@ def service(systemd: IsolatedSystemd) -> Iterator[Service]:
         try:
             systemd.systemctl("stop", "governor", timeout=120)
             for waiter in svc.jobs:
-                for pid in _children(waiter.pid):
+                for pid in children(waiter.pid):
                     assert host_state(pid) != "T", f"job {pid} left stopped by the stop"
         finally:
             svc.stop_jobs()

@@ -24,11 +24,12 @@ from governor.cli import top
 from governor.cli.top import KeyReader, StatusPoller, TerminalGone, live_top, render, run_live
 from governor.client import ApiClient, ClientError
 from governor.config import load_config
+from tests.support.cli import governor
 from tests.support.daemon import REPO, DaemonProcess, free_port, to_toml
-from tests.support.processes import busy_child, eventually, state, stop
+from tests.support.processes import eventually, state
+from tests.support.scenario import config, heat, spawn
 from tests.support.terminal import Tmux, kill_marked, marked
 
-PACKAGE = "devices/platform/coretemp.0/hwmon/hwmon0/temp1_input"
 SERIES = 'cpu_temperature_celsius{chip="platform_coretemp_0",sensor="Package id 0"}'
 REASON = f"cpu-hot: {SERIES} = 95 (above 80)"
 WHERE = "http://127.0.0.1:9474"
@@ -485,44 +486,26 @@ def test_the_live_view_ends_when_its_terminal_hangs_up() -> None:
 # ---- the verb, against a real daemon ---------------------------------------------
 
 
-CPU_HOT = {"name": "cpu-hot", "metric": "cpu_temperature_celsius",
-           "match": {"chip": "platform_coretemp_0", "sensor": "Package id 0"},
-           "above": 80.0, "for": 0, "clear_below": 70.0, "clear_for": 0, "action": "pause"}
-
-
-@pytest.fixture
-def busy() -> Iterator[Callable[[], int]]:
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start() -> int:
-        started.append(busy_child())
-        return started[-1].pid
-
-    yield start
-    for child in started:
-        stop(child)
-
-
-def governor(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "governor", *args], capture_output=True, text=True, timeout=60,
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **env})
+def paused_trainer(daemon: Callable[..., DaemonProcess], sys_tree: Path, proc_tree: Path,
+                   children: list[subprocess.Popen[bytes]]) -> tuple[
+                       DaemonProcess, int, dict[str, Any]]:
+    """A daemon whose hot package sensor has paused a busy job named trainer."""
+    d = daemon(config(sys_tree, proc_tree, sources={"nvml": "off"}))
+    pid = spawn(children)
+    registered = d.register(name="trainer", pid=pid)
+    heat(sys_tree, 95)
+    eventually(lambda: state(pid) == "T", what="the job is stopped")
+    eventually(lambda: d.job(registered["id"])["state"] == "paused")
+    return d, pid, registered
 
 
 def test_top_once_shows_the_paused_job_and_the_tripped_rule(
         daemon: Callable[..., DaemonProcess], sys_tree: Path, proc_tree: Path,
-        busy: Callable[[], int]) -> None:
-    d = daemon({"daemon": {"interval": 0.1},
-                "sources": {"sysfs_root": str(sys_tree), "procfs_root": str(proc_tree),
-                            "nvml": "off"},
-                "rules": [CPU_HOT]})
-    pid = busy()
-    registered = d.register(name="trainer", pid=pid)
-    (sys_tree / PACKAGE).write_text("95000\n")
-    eventually(lambda: state(pid) == "T", what="the job is stopped")
-    eventually(lambda: d.job(registered["id"])["state"] == "paused")
+        children: list[subprocess.Popen[bytes]]) -> None:
+    d, pid, registered = paused_trainer(daemon, sys_tree, proc_tree, children)
 
-    result = governor("top", "--once", "--config", str(d.config_path), COLUMNS="250")
+    result = governor("top", "--once", "--config", str(d.config_path),
+                      env={"COLUMNS": "250"})
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert line_with(out, "governor top", d.url, "round ")
@@ -551,17 +534,10 @@ def test_top_once_shows_the_paused_job_and_the_tripped_rule(
 
 def test_top_on_a_terminal_of_80x24_shows_the_job_and_ends_with_the_terminal(
         daemon: Callable[..., DaemonProcess], sys_tree: Path, proc_tree: Path,
-        busy: Callable[[], int], terminal: Tmux) -> None:
+        children: list[subprocess.Popen[bytes]], terminal: Tmux) -> None:
     """`governor top` in a real terminal (a tmux pane) of 80x24: the paused job's row is
     on the screen. Closing the terminal hangs it up, and top ends."""
-    d = daemon({"daemon": {"interval": 0.1},
-                "sources": {"sysfs_root": str(sys_tree), "procfs_root": str(proc_tree),
-                            "nvml": "off"},
-                "rules": [CPU_HOT]})
-    pid = busy()
-    registered = d.register(name="trainer", pid=pid)
-    (sys_tree / PACKAGE).write_text("95000\n")
-    eventually(lambda: d.job(registered["id"])["state"] == "paused")
+    d, _, registered = paused_trainer(daemon, sys_tree, proc_tree, children)
 
     mark = f"GOVERNOR_TOP_TEST_{os.getpid()}"
     try:
@@ -573,8 +549,7 @@ def test_top_on_a_terminal_of_80x24_shows_the_job_and_ends_with_the_terminal(
                             screen := terminal.screen("top")):
             assert time.monotonic() < deadline, f"no job row on the screen:\n{screen}"
             time.sleep(0.1)
-        lines = screen.splitlines()
-        assert len(lines) <= 24 and "jobs 1: 1 paused" in lines[0], screen
+        assert "jobs 1: 1 paused" in screen.splitlines()[0], screen
         line_with(screen, registered["id"], "trainer", "paused", "0%", "cpu-hot:")
         line_with(screen, "cpu-hot", "95.0 °C", "tripped")
         assert len(marked(mark)) == 1, "env execs top: one process"

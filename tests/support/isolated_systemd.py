@@ -54,6 +54,13 @@ def why_not() -> str | None:
     return None
 
 
+def children(pid: int) -> list[int]:
+    """A process's children (none once it is gone)."""
+    with contextlib.suppress(OSError):
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return []
+
+
 class CanaryLost(AssertionError):
     """Something emptied the host's /tmp: the isolation failed."""
 
@@ -97,11 +104,10 @@ class IsolatedSystemd:
     def _systemd_pid(self) -> int:
         """The host pid of the namespace's PID 1: unshare's child, once it is systemd."""
         assert self.boot_process is not None
-        children = Path(f"/proc/{self.boot_process.pid}/task/{self.boot_process.pid}/children")
-        with contextlib.suppress(OSError):
-            for pid in children.read_text().split():
+        for pid in children(self.boot_process.pid):
+            with contextlib.suppress(OSError):
                 if Path(f"/proc/{pid}/comm").read_text().strip() == "systemd":
-                    return int(pid)
+                    return pid
         return 0
 
     def _running(self, pid: int) -> bool:
@@ -203,13 +209,12 @@ class IsolatedSystemd:
                                   start_new_session=True)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            children = Path(f"/proc/{waiter.pid}/task/{waiter.pid}/children")
-            with contextlib.suppress(OSError):
-                for pid in children.read_text().split():
-                    inner = self.inner_pid(int(pid))
+            for pid in children(waiter.pid):
+                inner = self.inner_pid(pid)
+                with contextlib.suppress(OSError):
                     exe = Path(f"/proc/{pid}/exe").resolve().name
                     if inner is not None and exe not in ("nsenter", "setpriv"):
-                        return waiter, int(pid), inner
+                        return waiter, pid, inner
             time.sleep(0.02)
         waiter.kill()
         raise AssertionError(f"no process started inside for {argv}")
