@@ -357,6 +357,21 @@ class RuleConfig(_Section):
         return self.threshold if value is None else value
 
 
+class SlurmConfig(_Section):
+    """`[slurm]` (CONTRACT section 7): the Slurm jobs on this node, found and governed."""
+
+    #: every Slurm job running on this node is a job, bound to the GPUs Slurm gave it
+    discover: bool = False
+    #: how a pause holds a Slurm job: "suspend" (scontrol suspend: the whole job, on every
+    #: node), or "signal" / "cgroup" (this node's processes, or the job's cgroup, only)
+    hold: Literal["suspend", "signal", "cgroup"] = "suspend"
+    #: the slurm.conf to use; "" = $SLURM_CONF, else Slurm's default
+    conf: str = ""
+    default_priority: int = 0
+    qos_priority: dict[str, int] = Field(default_factory=dict)
+    partition_priority: dict[str, int] = Field(default_factory=dict)
+
+
 class Config(_Section):
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
@@ -364,6 +379,7 @@ class Config(_Section):
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
     rules: list[RuleConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")

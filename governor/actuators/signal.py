@@ -32,7 +32,7 @@ import psutil
 from governor.actuators.base import ActuatorError, JournalEntry, hold_key
 from governor.control.laws import DutyWindow, retarget_duty, steer_duty
 from governor.host import procfs
-from governor.host.cgroupfs import cgroup2_mount
+from governor.host.cgroupfs import cgroup2_mount, subtree_pids
 from governor.host.procfs import ancestors, is_kernel_thread
 from governor.jobs.model import Action, Directive, Job, Mode
 from governor.jobs.process import ProcessIdentity, identify, is_alive, send_signal, tree
@@ -535,10 +535,9 @@ def _cgroup_dir(path: str) -> Path:
 
 
 def _cgroup_members(cgroup_dir: Path) -> list[ProcessIdentity]:
-    try:
-        pids = [int(line) for line in (cgroup_dir / "cgroup.procs").read_text().split()]
-    except (OSError, ValueError):
-        return []
+    """The processes of the cgroup and of the cgroups below it (a Slurm job's cgroup
+    holds its processes in one cgroup per step)."""
+    pids = subtree_pids(cgroup_dir)
     found = (identify(pid) for pid in pids if not is_kernel_thread(pid))
     return [ident for ident in found if ident is not None]
 

@@ -3,6 +3,7 @@ here only) and the cgroups of a process (from /proc/PID/cgroup)."""
 
 from __future__ import annotations
 
+import os
 import posixpath
 import re
 from dataclasses import dataclass
@@ -119,3 +120,18 @@ def memberships(source: Path) -> dict[str, str]:
 def process_cgroups(pid: int) -> dict[str, str]:
     """The cgroups of a process by hierarchy name; empty when it is gone."""
     return memberships(Path(f"/proc/{pid}/cgroup"))
+
+
+def subtree_pids(directory: Path) -> list[int]:
+    """The processes in a cgroup and every cgroup below it (a v1 job cgroup holds its
+    processes in step cgroups under it); [] when it is gone."""
+    pids: list[int] = []
+    for root, _dirs, files in os.walk(directory):
+        if "cgroup.procs" not in files:
+            continue
+        try:
+            text = Path(root, "cgroup.procs").read_text()
+        except OSError:
+            continue
+        pids.extend(int(line) for line in text.split() if line.isdigit())
+    return pids

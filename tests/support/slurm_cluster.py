@@ -175,8 +175,8 @@ class SlurmCluster:
 
     def logs(self) -> str:
         out = []
-        for path in sorted((self.dir / "log").glob("*")):
-            out.append(f"--- {path.name}\n" + path.read_text(errors="replace")[-3000:])
+        for path in sorted((self.dir / "log").glob("*.log")):
+            out.append(f"--- {path.name}\n" + path.read_text(errors="replace")[-1500:])
         return "\n".join(out)
 
     # ---- using it ------------------------------------------------------------------

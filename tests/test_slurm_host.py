@@ -1,0 +1,66 @@
+"""Reading what Slurm says: `scontrol show job -d`, host lists, slurm.conf and the spool.
+
+These are the parsers the Slurm job source and the suspend mode use; the real Slurm
+tests (test_slurm.py) run them against scontrol itself."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from governor.host import slurm
+
+FIXTURES = Path(__file__).parent / "fixtures" / "slurm"
+
+
+def test_show_job_gives_name_owner_qos_partition_and_gpus_per_node() -> None:
+    job = slurm.parse_show_job((FIXTURES / "show_job_two_nodes.txt").read_text())
+    assert job is not None
+    assert (job.job_id, job.name, job.user, job.uid) == ("2", "train resnet (sweep 4)",
+                                                         "alice", 1001)
+    assert (job.qos, job.partition, job.state) == ("high", "gpu", "RUNNING")
+    assert job.gpus == {"gpu07": (1,), "gpu08": (1,), "cpu1": ()}
+
+
+def test_unset_qos_is_empty_and_several_gpus_expand() -> None:
+    text = ("JobId=7 JobName=x\n   UserId=root(0) GroupId=root(0)\n"
+            "   Priority=1 Nice=0 Account=(null) QOS=(null)\n"
+            "   JobState=SUSPENDED Reason=None\n   Partition=debug AllocNode:Sid=h:1\n"
+            "     Nodes=node1 CPU_IDs=0-1 Mem=0 GRES=gpu:4(IDX:0-1,3)\n")
+    job = slurm.parse_show_job(text)
+    assert job is not None
+    assert (job.qos, job.state, job.gpus) == ("", "SUSPENDED", {"node1": (0, 1, 3)})
+    assert slurm.parse_show_job("slurm_load_jobs error: Invalid job id specified") is None
+
+
+def test_host_lists_expand_as_slurm_does() -> None:
+    assert slurm.expand_hostlist("node[1-3,7],gpu01") == ["node1", "node2", "node3",
+                                                          "node7", "gpu01"]
+    assert slurm.expand_hostlist("n[01-02]x") == ["n01x", "n02x"]
+    assert slurm.expand_ranges("0-2,5") == [0, 1, 2, 5]
+
+
+def test_the_spool_of_each_slurmd_on_the_host_and_the_steps_in_it(tmp_path: Path) -> None:
+    conf = tmp_path / "slurm.conf"
+    conf.write_text(f"# a comment\nSlurmdSpoolDir={tmp_path}/spool/%n  # each node's\n"
+                    "NodeName=a,b CPUs=2\n")
+    for node in ("a", "b"):
+        (tmp_path / "spool" / node).mkdir(parents=True)
+    site = slurm.SlurmSite(str(conf))
+    spools = slurm.spool_dirs(site)
+    assert spools == [f"{tmp_path}/spool/a", f"{tmp_path}/spool/b"]
+    for name in ("a_12.4294967291", "a_12.0", "b_12.0", "b_9.4294967291"):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(str(tmp_path / "spool" / name[0] / name))
+    (tmp_path / "spool" / "a" / "job00012").mkdir()
+    (tmp_path / "spool" / "a" / "hwloc_topo_12.4294967291.xml").write_text("")
+    steps = slurm.running_steps(spools)
+    assert {(s.node, s.job_id, s.step_id) for s in steps} == {
+        ("a", "12", "4294967291"), ("a", "12", "0"), ("b", "12", "0"),
+        ("b", "9", "4294967291")}
+    assert slurm.running_steps([str(tmp_path / "nowhere")]) == frozenset()
+
+
+def test_a_missing_conf_falls_back_to_slurms_default_spool(tmp_path: Path) -> None:
+    site = slurm.SlurmSite(str(tmp_path / "absent.conf"))
+    assert slurm.spool_dirs(site) == [slurm.DEFAULT_SPOOL]
