@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from governor.config import SlurmConfig
+from governor.config import Config, SlurmConfig
 from governor.host import cgroupfs
 from governor.host import slurm as host
 from governor.jobs.model import Mode
@@ -124,3 +124,8 @@ def job_cgroup(job_id: str, pids: Iterable[int]) -> str | None:
                 if Path(directory, "cgroup.procs").is_file():
                     return str(directory)
     return None
+
+
+def from_config(config: Config) -> SlurmSource:
+    """The Slurm source's entry in governor/jobs/sources/__init__.py."""
+    return SlurmSource(config.slurm)

@@ -1,0 +1,71 @@
+"""The polled job sources, joined to the controller: once a round, before the round is
+evaluated, what each source found started is registered and what ended is unregistered,
+so a job found this round is governed by this round's rules.
+
+A registration the controller refuses is logged once and asked for again at the next
+poll (the job's cgroup may not exist yet); a job unregistered by hand stays unregistered
+while it runs. A source that fails is reported, never fatal: its jobs stay as they were.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from governor.control.controller import Controller
+from governor.jobs.errors import RegistrationError
+from governor.jobs.registry import Caller
+from governor.jobs.sources.base import JobSource
+from governor.snapshot import Snapshot
+
+log = logging.getLogger(__name__)
+
+
+class SourceSync:
+    def __init__(self, controller: Controller, sources: Sequence[JobSource]):
+        self.controller = controller
+        self.sources = list(sources)
+        #: (source, scheduler id) -> the last complaint logged, so each is logged once
+        self._complaints: dict[tuple[str, str], str] = {}
+        self._problems: dict[str, tuple[str, ...]] = {}
+
+    def on_round(self, _snapshot: Snapshot | None = None) -> None:
+        for source in self.sources:
+            try:
+                changes = source.poll()
+            except Exception:
+                log.exception("job source %s failed; its jobs are kept as they are",
+                              source.name)
+                continue
+            caller = Caller(None, source.name)
+            for scheduler_id in changes.ended:
+                self._complaints.pop((source.name, scheduler_id), None)
+                for job_id in self.controller.scheduled(source.name, scheduler_id):
+                    try:
+                        self.controller.unregister(job_id, caller)
+                    except RegistrationError as exc:
+                        log.info("%s job %s: %s", source.name, scheduler_id, exc)
+            for request in changes.started:
+                scheduler_id = str(request.scheduler_id)
+                if self.controller.scheduled(source.name, scheduler_id):
+                    continue  # registered already (by the prolog, through the API)
+                try:
+                    self.controller.register(request, caller)
+                except RegistrationError as exc:
+                    key = (source.name, scheduler_id)
+                    if self._complaints.get(key) != str(exc):
+                        log.warning("%s job %s (%s) cannot be governed: %s", source.name,
+                                    scheduler_id, request.name, exc)
+                        self._complaints[key] = str(exc)
+                    source.retry(scheduler_id)
+            if changes.problems != self._problems.get(source.name, ()):
+                for problem in changes.problems:
+                    log.warning("job source %s: %s", source.name, problem)
+                self._problems[source.name] = changes.problems
+
+    def close(self) -> None:
+        for source in self.sources:
+            try:
+                source.close()
+            except Exception:
+                log.exception("job source %s failed to close", source.name)
