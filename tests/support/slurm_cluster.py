@@ -59,7 +59,8 @@ def _binary(name: str) -> str:
 
 class SlurmCluster:
     def __init__(self, workdir: Path, nodes: Sequence[str] = ("node1",), *, gpus: int = 2,
-                 cpus: int = 64):
+                 cpus: int = 64, task_prolog: Path | None = None,
+                 task_epilog: Path | None = None, slurmd_env: dict[str, str] | None = None):
         self.dir = workdir
         self.nodes = tuple(nodes)
         self.gpus = gpus
@@ -68,6 +69,9 @@ class SlurmCluster:
         self.munge_socket = workdir / "munge" / "munge.socket"
         self._procs: list[subprocess.Popen[bytes]] = []
         self.started = False
+        self.task_prolog, self.task_epilog = task_prolog, task_epilog
+        #: more environment for slurmd, which its prologs inherit
+        self.slurmd_env = dict(slurmd_env or {})
 
     # ---- set-up --------------------------------------------------------------------
 
@@ -128,6 +132,8 @@ class SlurmCluster:
             *node_lines,
             f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES "
             "MaxTime=INFINITE State=UP",
+            *([f"TaskProlog={self.task_prolog}"] if self.task_prolog else []),
+            *([f"TaskEpilog={self.task_epilog}"] if self.task_epilog else []),
             f"PartitionName=urgent Nodes={','.join(self.nodes)} MaxTime=INFINITE State=UP",
             "",
         ]))
@@ -135,10 +141,11 @@ class SlurmCluster:
         (d / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\nConstrainCores=no\n"
                                        "ConstrainDevices=no\nConstrainRAMSpace=no\n")
 
-    def _spawn(self, argv: list[str], log_name: str) -> None:
+    def _spawn(self, argv: list[str], log_name: str, env: dict[str, str] | None = None) -> None:
         log = open(self.dir / "log" / log_name, "ab")  # noqa: SIM115 - kept by Popen
         with log:
-            self._procs.append(subprocess.Popen(argv, env=self.env, stdout=log,
+            self._procs.append(subprocess.Popen(argv, env={**self.env, **(env or {})},
+                                                stdout=log,
                                                 stderr=subprocess.STDOUT,
                                                 start_new_session=True))
 
@@ -151,7 +158,8 @@ class SlurmCluster:
         self._wait(lambda: self.munge_socket.exists(), timeout, "munged's socket")
         self._spawn([_binary("slurmctld"), "-D"], "slurmctld.out")
         for node in self.nodes:
-            self._spawn([_binary("slurmd"), "-D", "-N", node], f"slurmd-{node}.out")
+            self._spawn([_binary("slurmd"), "-D", "-N", node], f"slurmd-{node}.out",
+                        self.slurmd_env)
         self.started = True
         self._wait(self._all_idle, timeout, "every node idle in sinfo")
         return self

@@ -1,0 +1,278 @@
+"""Slurm jobs governed against a real Slurm: munged, slurmctld and two slurmd on localhost
+(tests/support/slurm_cluster.py), the daemon discovering jobs in slurmd's spool, holding
+them with `scontrol suspend` or signals, and the guardian resuming what it suspended.
+
+GPUs are GRES on each node, and the daemon's NVML is the fake one with two GPUs, so "GPU
+0 of node1" is both what Slurm allocated and what the daemon samples. One cluster serves
+the whole module; each test cancels its jobs.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import NvmlStateFile
+from tests.support.daemon import REPO, DaemonProcess
+from tests.support.fake_nvml import h100
+from tests.support.slurm_cluster import SlurmCluster, slurm_missing
+
+pytestmark = pytest.mark.skipif(slurm_missing() is not None,
+                                reason=str(slurm_missing()))
+
+Start = Callable[..., DaemonProcess]
+SPIN = "python3 -c 'while True: pass'"
+
+
+PROLOG = REPO / "deploy" / "slurm" / "task_prolog.sh"
+EPILOG = REPO / "deploy" / "slurm" / "task_epilog.sh"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """Two nodes, each with two GPUs, and the task prolog and epilog installed. They
+    reach the daemon the config `prolog.toml` names, which only the prolog's test writes:
+    for the others they find no daemon and let the job run, as on a node without one."""
+    workdir = tmp_path_factory.mktemp("slurm")
+    env = {"GOVERNOR": str(Path(sys.executable).parent / "governor"),
+           "GOVERNOR_CONFIG": str(workdir / "prolog.toml")}
+    with SlurmCluster(workdir, ("node1", "node2"), task_prolog=PROLOG, task_epilog=EPILOG,
+                      slurmd_env=env) as running:
+        yield running
+
+
+@pytest.fixture
+def slurm(cluster: SlurmCluster) -> Iterator[SlurmCluster]:
+    """The module's cluster, with every job this test submitted cancelled afterwards."""
+    yield cluster
+    for job in cluster.run("squeue", "-h", "-o", "%i", check=False).stdout.split():
+        cluster.run("scontrol", "resume", job, check=False)
+        cluster.run("scancel", "--full", job, check=False)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and cluster.run("squeue", "-h", check=False).stdout:
+        time.sleep(0.2)
+
+
+def cool() -> dict[str, Any]:
+    return {"gpus": [h100(0, temperature=60), h100(1, temperature=60)]}
+
+
+def config(slurm: SlurmCluster, **settings: Any) -> dict[str, Any]:
+    rule = {"name": "gpu-hot", "metric": "gpu_temperature_celsius", "above": 85.0,
+            "for": 0, "clear_below": 75.0, "action": "pause"}
+    return {"daemon": {"interval": 0.25},
+            "slurm": {"discover": True, "conf": str(slurm.conf), "nodes": ["node1"],
+                      "partition_priority": {"urgent": 50}, "qos_priority": {},
+                      "default_priority": 5, **settings},
+            "rules": [rule]}
+
+
+def slurm_jobs(d: DaemonProcess) -> dict[str, dict[str, Any]]:
+    jobs = d.get("/v1/jobs").json()["jobs"]
+    return {j["scheduler_id"]: j for j in jobs if j.get("source") == "slurm"}
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str, d: DaemonProcess) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"no {what} within {timeout} s\n{d.log()[-4000:]}")
+
+
+def states(pids: list[int]) -> set[str]:
+    found = set()
+    for pid in pids:
+        try:
+            text = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        found.add(text.rsplit(")", 1)[1].split()[0])
+    return found
+
+
+def test_a_batch_job_becomes_a_governor_job_and_goes_when_it_ends(
+        slurm: SlurmCluster, daemon: Start, nvml_state: NvmlStateFile) -> None:
+    nvml_state.write(cool())
+    d = daemon(config(slurm), fake_nvml_state=nvml_state.path)
+    slurm.sbatch("-w", "node1", "--gres=gpu:1", "-J", "first", wrap="sleep 1000")
+    job_id = slurm.sbatch("-w", "node1", "--gres=gpu:1", "-p", "urgent",
+                          "-J", "train resnet", wrap="sleep 1000")
+    slurm.wait_state(job_id, "R")
+    started = time.monotonic()
+    job = wait_for(lambda: slurm_jobs(d).get(job_id), 2.0, "governor job", d)
+    assert time.monotonic() - started < 2.0
+    assert (job["name"], job["user"], job["priority"], job["devices"]) == (
+        "train resnet", "root", 50, ["gpu1"])
+    assert job["mode"] == "suspend" and job["cgroup"].endswith(f"/job_{job_id}")
+    metrics = d.metrics()
+    assert (f'governor_job_info{{id="{job["id"]}",job="train resnet",scheduler_id="{job_id}",'
+            'source="slurm",user="root"} 1.0') in metrics
+    listed = d.cli("jobs").stdout
+    assert job_id in listed and "slurm" in listed
+
+    slurm.run("scancel", job_id)
+    gone_at = time.monotonic()
+    wait_for(lambda: job_id not in slurm_jobs(d), 2.0, "unregistration after scancel", d)
+    assert time.monotonic() - gone_at < 2.0
+
+
+def test_a_hot_gpu_suspends_the_job_on_it_and_only_that_one(
+        slurm: SlurmCluster, daemon: Start, nvml_state: NvmlStateFile) -> None:
+    gpus = cool()
+    nvml_state.write(gpus)
+    d = daemon(config(slurm), fake_nvml_state=nvml_state.path)
+    on0 = slurm.sbatch("-w", "node1", "--gres=gpu:1", "-J", "on0", wrap=SPIN)
+    on1 = slurm.sbatch("-w", "node1", "--gres=gpu:1", "-J", "on1", wrap=SPIN)
+    slurm.wait_state(on0, "R")
+    slurm.wait_state(on1, "R")
+    wait_for(lambda: len(slurm_jobs(d)) == 2, 3.0, "both jobs registered", d)
+    hot = 0 if slurm_jobs(d)[on0]["devices"] == ["gpu0"] else 1
+    gpus["gpus"][hot]["temperature"] = 95
+    nvml_state.write(gpus)
+    slurm.wait_state(on0, "S", timeout=5)
+    assert slurm.state(on1) == "R"
+    assert slurm_jobs(d)[on0]["state"] == "paused"
+    assert "gpu-hot" in " ".join(slurm_jobs(d)[on0]["reasons"])
+
+    gpus["gpus"][hot]["temperature"] = 60
+    nvml_state.write(gpus)
+    slurm.wait_state(on0, "R", timeout=5)
+    assert slurm_jobs(d)[on0]["state"] == "running"
+    assert states(slurm.pids(on0)) & {"R"}, "its processes run again"
+
+
+def test_signal_hold_stops_this_nodes_processes_and_slurm_still_says_running(
+        slurm: SlurmCluster, daemon: Start, nvml_state: NvmlStateFile) -> None:
+    gpus = cool()
+    nvml_state.write(gpus)
+    d = daemon(config(slurm, hold="signal"), fake_nvml_state=nvml_state.path)
+    job_id = slurm.sbatch("-w", "node1", "--gres=gpu:1", "-J", "sig", wrap=SPIN)
+    slurm.wait_state(job_id, "R")
+    job = wait_for(lambda: slurm_jobs(d).get(job_id), 3.0, "governor job", d)
+    assert job["mode"] == "signal"
+    gpus["gpus"][int(job["devices"][0].removeprefix("gpu"))]["temperature"] = 95
+    nvml_state.write(gpus)
+    wait_for(lambda: states(slurm.pids(job_id)) == {"T"}, 5.0, "every process stopped", d)
+    assert slurm.state(job_id) == "R"
+    gpus = cool()
+    nvml_state.write(gpus)
+    wait_for(lambda: "T" not in states(slurm.pids(job_id)), 5.0, "processes continued", d)
+
+
+def test_kill_9_resumes_what_governor_suspended_and_not_what_an_admin_did(
+        slurm: SlurmCluster, daemon: Start, nvml_state: NvmlStateFile) -> None:
+    gpus = cool()
+    nvml_state.write(gpus)
+    d = daemon(config(slurm), fake_nvml_state=nvml_state.path)
+    ours = slurm.sbatch("-w", "node1", "--gres=gpu:1", "-J", "ours", wrap=SPIN)
+    admins = slurm.sbatch("-w", "node1", "--gres=gpu:1", "-J", "admins", wrap=SPIN)
+    slurm.wait_state(ours, "R")
+    slurm.wait_state(admins, "R")
+    wait_for(lambda: len(slurm_jobs(d)) == 2, 3.0, "both jobs registered", d)
+    slurm.run("scontrol", "suspend", admins)
+    slurm.wait_state(admins, "S")
+    for gpu in gpus["gpus"]:
+        gpu["temperature"] = 95
+    nvml_state.write(gpus)
+    slurm.wait_state(ours, "S", timeout=5)
+    time.sleep(1)
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait()
+    killed = time.monotonic()
+    slurm.wait_state(ours, "R", timeout=2)
+    assert time.monotonic() - killed < 2.0
+    time.sleep(1)
+    assert slurm.state(admins) == "S", "an administrator's suspend is not governor's to undo"
+
+
+def test_an_administrators_resume_is_noticed_audited_and_not_fought(
+        slurm: SlurmCluster, daemon: Start, nvml_state: NvmlStateFile) -> None:
+    gpus = cool()
+    nvml_state.write(gpus)
+    d = daemon(config(slurm), fake_nvml_state=nvml_state.path)
+    job_id = slurm.sbatch("-w", "node1", "--gres=gpu:1", "-J", "fought", wrap=SPIN)
+    slurm.wait_state(job_id, "R")
+    job = wait_for(lambda: slurm_jobs(d).get(job_id), 3.0, "governor job", d)
+    gpus["gpus"][int(job["devices"][0].removeprefix("gpu"))]["temperature"] = 95
+    nvml_state.write(gpus)
+    slurm.wait_state(job_id, "S", timeout=5)
+    wait_for(lambda: states(slurm.pids(job_id)) <= {"T", "D"}, 5.0, "suspended processes", d)
+    d.wait_rounds(2)
+    slurm.run("scontrol", "resume", job_id)
+
+    def audited() -> list[dict[str, Any]]:
+        events = d.get("/v1/events").json()["events"]
+        return [e for e in events if e["what"] == "outside-resume"]
+    event = wait_for(audited, 3.0, "an outside-resume audit event", d)[0]
+    assert event["job"]["id"] == job["id"]
+    assert 'governor_outside_resumes_total{source="slurm"} 1.0' in d.metrics()
+    d.wait_rounds(6)
+    assert slurm.state(job_id) == "R", "governor does not suspend it again while it holds"
+    assert "slurm:" not in (Path(d.workdir / "state" / "journal.json").read_text()
+                            if (d.workdir / "state" / "journal.json").exists() else "")
+
+    gpus = cool()
+    nvml_state.write(gpus)
+    wait_for(lambda: slurm_jobs(d)[job_id]["state"] == "running", 5.0, "rule cleared", d)
+    gpus["gpus"][int(job["devices"][0].removeprefix("gpu"))]["temperature"] = 95
+    nvml_state.write(gpus)
+    slurm.wait_state(job_id, "S", timeout=5)
+
+
+def test_new_steps_stay_one_job_and_their_processes_are_held(
+        slurm: SlurmCluster, daemon: Start, nvml_state: NvmlStateFile) -> None:
+    gpus = cool()
+    nvml_state.write(gpus)
+    d = daemon(config(slurm, hold="signal"), fake_nvml_state=nvml_state.path)
+    script = "sleep 2; srun --overlap sleep 1000 & srun --overlap sleep 1000 & wait"
+    job_id = slurm.sbatch("-w", "node1", "--gres=gpu:1", "-n", "1", "-J", "steps",
+                          wrap=script)
+    slurm.wait_state(job_id, "R")
+    job = wait_for(lambda: slurm_jobs(d).get(job_id), 3.0, "governor job", d)
+    wait_for(lambda: len(slurm.pids(job_id)) >= 4, 10.0, "the steps' processes", d)
+    d.wait_rounds(4)
+    assert list(slurm_jobs(d)) == [job_id], "still one governor job"
+    gpus["gpus"][int(job["devices"][0].removeprefix("gpu"))]["temperature"] = 95
+    nvml_state.write(gpus)
+    wait_for(lambda: states(slurm.pids(job_id)) == {"T"}, 5.0,
+             "every step's processes stopped", d)
+
+
+def test_the_task_prolog_and_epilog_register_and_unregister_a_job(
+        slurm: SlurmCluster, daemon: Start, nvml_state: NvmlStateFile) -> None:
+    nvml_state.write(cool())
+    socket_path = slurm.dir / "run" / "governor.sock"
+    d = daemon({"daemon": {"interval": 0.25}, "api": {"socket": str(socket_path)}},
+               fake_nvml_state=nvml_state.path)
+    (slurm.dir / "prolog.toml").write_text(d.config_path.read_text())
+    try:
+        job_id = slurm.sbatch("-w", "node1", "--gres=gpu:1", "-J", "prologged",
+                              wrap="echo registered as $GOVERNOR_JOB_ID; " + SPIN)
+        slurm.wait_state(job_id, "R")
+
+        def registered() -> dict[str, Any] | None:
+            jobs = [j for j in d.get("/v1/jobs").json()["jobs"]
+                    if j.get("scheduler_id") == job_id]
+            return jobs[0] if jobs else None
+        job = wait_for(registered, 10.0, "the prolog's registration", d)
+        assert (job["source"], job["name"], job["mode"]) == ("slurm", "prologged", "suspend")
+        assert job["pid"] in slurm.pids(job_id)
+        assert len(job["devices"]) == 1 and job["devices"][0] in ("gpu0", "gpu1")
+        out = slurm.dir / "log" / f"job-{job_id}.out"
+        wait_for(lambda: job["id"] in out.read_text(), 5.0, "GOVERNOR_JOB_ID in the job", d)
+
+        slurm.run("scancel", job_id)
+        wait_for(lambda: registered() is None or registered()["state"] == "gone", 10.0,
+                 "the epilog's unregistration", d)
+    finally:
+        (slurm.dir / "prolog.toml").unlink()
