@@ -50,11 +50,11 @@ _LABELS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {}
 
 def reading(metric: str, value: float, **labels: str) -> Reading:
     """A reading whose labels are checked against the catalog and put in its order."""
-    try:
-        names, allowed = _LABELS[metric]
-    except KeyError:
+    entry = _LABELS.get(metric)
+    if entry is None:
         spec = SAMPLED[metric]  # KeyError for a metric the catalog does not know, as before
-        names, allowed = _LABELS[metric] = (spec.labels, frozenset(spec.labels))
+        entry = _LABELS[metric] = (spec.labels, frozenset(spec.labels))
+    names, allowed = entry
     if labels.keys() != allowed:
         raise ValueError(f"{metric} takes labels {names}, got {sorted(labels)}")
     return Reading(metric, tuple([(name, labels[name]) for name in names]), float(value))
