@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from governor.cli.status_model import Status
+from governor.cli.status_model import Job, RuleSeries, Status
 
 Row = tuple[str, ...]
 
@@ -138,36 +138,38 @@ def render(snapshot: Mapping[str, Any] | Status) -> str:
     return "\n".join(out)
 
 
-def render_rules(rules: list[dict[str, Any]]) -> str:
+def render_rules(rules: Iterable[RuleSeries]) -> str:
+    """A row per rule series: its state (and why it may not hold), value and action."""
     rows: list[Row] = [("rule", "series", "state", "value", "action")]
     for r in rules:
-        state = str(r["state"])
-        if r.get("clearing"):
+        state = r.state
+        if r.clearing:
             state += " (clearing)"
-        if r.get("missing"):
+        if r.missing:
             state += " (missing)"
-        if r.get("enforceable") is False:
-            state += f" (not enforceable: {r.get('not_enforceable_because')})"
-        value = "-" if r.get("value") is None else f"{r['value']:g}"
-        rows.append((str(r["name"]), str(r["series"] or "(no series yet)"), state, value,
-                     str(r.get("action", ""))))
+        if not r.enforceable:
+            state += f" (not enforceable: {r.not_enforceable_because})"
+        value = "-" if r.value is None else f"{r.value:g}"
+        rows.append((r.name, r.series or "(no series yet)", state, value, r.action or ""))
     return "\n".join(table(rows, indent=""))
 
 
-def render_jobs(jobs: list[dict[str, Any]]) -> str:
+def render_jobs(jobs: Iterable[Job]) -> str:
+    """A row per job: how it is held and why."""
+    jobs = list(jobs)
     if not jobs:
         return "no jobs"
     rows: list[Row] = [("id", "name", "pid", "mode", "devices", "prio", "state", "speed",
                         "reasons")]
     for j in jobs:
-        state = str(j["state"]) + (" (operator)" if j.get("held_by_operator") else "")
-        reasons = "; ".join(j.get("reasons") or [])
-        if j.get("error"):
-            reasons = f"ERROR: {j['error']}" + (f"; {reasons}" if reasons else "")
+        state = j.state + (" (operator)" if j.held_by_operator else "")
+        reasons = "; ".join(j.reasons)
+        if j.error:
+            reasons = f"ERROR: {j.error}" + (f"; {reasons}" if reasons else "")
         rows.append((
-            str(j["id"]), str(j["name"]), "-" if j.get("pid") is None else str(j["pid"]),
-            str(j["mode"]), ",".join(j.get("devices") or []) or "-", str(j["priority"]),
-            state, f"{j['speed']:g}", reasons,
+            j.id, j.name, "-" if j.pid is None else str(j.pid), j.mode or "-",
+            ",".join(j.devices) or "-", j.priority, state,
+            "-" if j.speed is None else f"{j.speed:g}", reasons,
         ))
     return "\n".join(table(rows, indent=""))
 
