@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import pytest
+from rich.console import Console
 
+from governor.cli import report, top
 from governor.cli.status_model import Job, Readings, RuleSeries, Sampler, Status
 
 
@@ -127,3 +130,19 @@ def test_a_reading_without_its_value_does_not_parse() -> None:
     """The keys every renderer indexed directly are still required."""
     with pytest.raises(KeyError):
         Status.parse({"readings": [{"metric": "memory_used_ratio", "labels": {}}]})
+
+
+def test_both_renderers_draw_the_json_and_its_model_alike() -> None:
+    """`governor status` parses once and hands the model on; `top` parses the poller's
+    JSON itself: either way the same text."""
+    data = status_json()
+    model = Status.parse(data)
+    assert report.render(data) == report.render(model)
+    assert "  cpu1         100.0%" in report.render(model).splitlines()
+
+    def drawn(status: dict[str, Any] | Status) -> str:
+        console = Console(record=True, width=160, file=io.StringIO())
+        console.print(top.render(status, where="here", width=160))
+        return console.export_text()
+    assert drawn(data) == drawn(model)
+    assert "audit log /var/lib/governor/audit.jsonl: 3 write errors" in drawn(model)

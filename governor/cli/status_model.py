@@ -160,8 +160,9 @@ class RuleSeries:
     @property
     def key(self) -> SeriesKey | None:
         """The reading it watches; None until it has a series and a metric."""
-        return series_key(self.metric, self.labels) if self.series is not None \
-            and self.metric else None
+        if self.series is None or not self.metric:
+            return None
+        return series_key(self.metric, self.labels)
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,8 @@ It reads nothing but the REST API, and reads need no token, so any user who can 
 the daemon can watch it. Drawing is split from fetching: `render` is a pure function
 from the status JSON to a rich renderable (tests feed it hand-made dicts, no terminal
 needed), `StatusPoller` fetches once per daemon round, and `run_live` joins the two.
+`render` parses the JSON once into the status model `governor status` draws too
+(status_model.py); the poller keeps the raw JSON, to tell a new round from the last.
 """
 
 from __future__ import annotations
