@@ -18,14 +18,22 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from dataclasses import dataclass, field
 from typing import Any, overload
 
-from governor.actuators.base import Actuator, ActuatorError
+from governor.actuators.base import Actuator, ActuatorError, ProtectedProcessError
 from governor.actuators.gpu_power import PowerCapper
 from governor.client.progress import Progress, ProgressReport
 from governor.config import Config, RuleConfig
 from governor.jobs import process
+from governor.jobs.errors import (
+    Conflict,
+    NoSuchJob,
+    NotPermitted,
+    NotRecorded,
+    RegistrationError,
+    Unacceptable,
+)
 from governor.jobs.exits import ExitWatch
 from governor.jobs.model import RUN, Action, Directive, Job, Mode
-from governor.jobs.registry import Caller, JobRegistry, JobRequest, RegistrationError
+from governor.jobs.registry import Caller, JobRegistry, JobRequest
 from governor.policy.directives import OPERATOR, PowerCap, decide, rule_states_view
 from governor.policy.evidence import readings as readings_of
 from governor.policy.rules import Phase, RuleStates, Transition, carry_over, evaluate_rules
@@ -162,12 +170,11 @@ class Controller:
             job = self.registry.admit(request, caller, self._wall())
             why = self._unavailable_modes.get(job.mode)
             if why is not None:
-                raise RegistrationError(422, f"{job.mode.value} mode is not available here: "
-                                             f"{why}")
+                raise Unacceptable(f"{job.mode.value} mode is not available here: {why}")
             try:
                 self._actuators[job.mode].attach(job)
             except ActuatorError as exc:
-                raise RegistrationError(exc.status, str(exc)) from None
+                raise _refusal(exc) from None
             self._check_cgroup_free(job)
             self._watch_exit(job)
             try:
@@ -175,9 +182,8 @@ class Controller:
             except OSError as exc:
                 self._exits.forget(job.id)
                 self._actuators[job.mode].detach(job)
-                raise RegistrationError(
-                    507, f"The job was not registered: the journal cannot be written "
-                         f"({exc.strerror}).") from None
+                raise NotRecorded(f"The job was not registered: the journal cannot be "
+                                  f"written ({exc.strerror}).") from None
             self.registry.add(job)
             _action_line("register", job, by=str(caller))
             self._emit("register", str(caller), job, devices=list(job.devices),
@@ -232,8 +238,8 @@ class Controller:
         for other in self.registry.all():
             if other.gone_at is None and other.cgroup == job.cgroup:
                 self._actuators[job.mode].detach(job)
-                raise RegistrationError(409, f"Cgroup {job.cgroup} is already registered as "
-                                             f"job {other.id} ({other.name}).")
+                raise Conflict(f"Cgroup {job.cgroup} is already registered as "
+                               f"job {other.id} ({other.name}).")
 
     def unregister(self, job_id: str, caller: Caller) -> None:
         with self._lock, self._refusals("unregister", caller, self._ref(job_id)):
@@ -260,7 +266,7 @@ class Controller:
         with self._lock, self._refusals(what, caller, self._ref(job_id)):
             job = self._owned(job_id, caller)
             if job.gone_at is not None:
-                raise RegistrationError(409, f"Job {job.id} ({job.name}) has exited.")
+                raise Conflict(f"Job {job.id} ({job.name}) has exited.")
             job.held_by_operator = held
             self._operator[job.id] = str(caller)
             self._journal.put_job(job.id, self._record(job))
@@ -328,12 +334,12 @@ class Controller:
         for job in self.view.jobs:
             if job["id"] == job_id:
                 return job
-        raise RegistrationError(404, f"There is no job {job_id!r}.")
+        raise NoSuchJob(f"There is no job {job_id!r}.")
 
     def directive(self, job_id: str) -> tuple[dict[str, Any], int]:
         found = self.view.directives.get(job_id)
         if found is None:
-            raise RegistrationError(404, f"There is no job {job_id!r}.")
+            raise NoSuchJob(f"There is no job {job_id!r}.")
         return found
 
     def actuator(self, mode: Mode) -> Actuator | None:
@@ -347,8 +353,8 @@ class Controller:
     def _owned(self, job_id: str, caller: Caller) -> Job:
         job = self.registry.get(job_id)
         if caller.restricted and job.owner_uid != caller.uid:
-            raise RegistrationError(403, f"Job {job_id} is not yours; only root may govern "
-                                         "another user's job.")
+            raise NotPermitted(f"Job {job_id} is not yours; only root may govern "
+                               "another user's job.")
         return job
 
     def _enforce(self) -> None:
@@ -431,19 +437,21 @@ class Controller:
 
     @contextlib.contextmanager
     def _refusals(self, what: str, caller: Caller, job: dict[str, Any]) -> Iterator[None]:
-        """A refused request is recorded too (as "<what>-refused") before it is answered."""
+        """A refused request is recorded too (as "<what>-refused") before it is answered.
+        The event's last key, "refusal", is the kind of refusal (a RegistrationError
+        class); the audit sink's owner turns it into what the log says of it."""
         try:
             yield
         except RegistrationError as exc:
             self._emit(f"{what}-refused", str(caller), job, reasons=[exc.message],
-                       status=exc.status)
+                       refusal=type(exc))
             raise
 
     def _ref(self, job_id: str) -> dict[str, Any]:
         """The job as an audit event names it; just the id asked for if there is none."""
         try:
             return _job_ref(self.registry.get(job_id))
-        except RegistrationError:
+        except NoSuchJob:
             return {"id": job_id, "name": None, "pid": None, "mode": None}
 
     def _count(self, action: str, rules: tuple[str, ...]) -> None:
@@ -579,6 +587,13 @@ def _job_from_record(job_id: str, record: Mapping[str, Any]) -> Job:
         restricted_uid=record.get("restricted_uid"),
         saved=dict(record.get("saved") or {}),
     )
+
+
+def _refusal(exc: ActuatorError) -> RegistrationError:
+    """A registration refused because the actuator cannot hold the job."""
+    if isinstance(exc, ProtectedProcessError):
+        return NotPermitted(str(exc))
+    return Unacceptable(str(exc))
 
 
 def _job_ref(job: Job) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from governor.actuators.gpu_power import PowerCapper
 from governor.actuators.modes import MODES, ModeContext
 from governor.api.app import create_app
 from governor.api.auth import Authenticator, PeerCredProtocol, ensure_token
+from governor.api.errors import status_of
 from governor.api.hosts import default_allowed_hosts
 from governor.config import ApiConfig, Config, ConfigError, is_loopback, load_config
 from governor.control.controller import Controller
@@ -279,8 +280,16 @@ class Daemon:
         return Controller(
             config, self.journal, actuators, power, unavailable_modes=unavailable,
             power_unavailable=power_unavailable, on_action=self.metrics.count_action,
-            audit=self.audit.append,
+            audit=self._audit_control,
         )
+
+    def _audit_control(self, event: dict[str, Any]) -> None:
+        """The controller's audit sink: a refused request's kind of refusal is written as
+        the HTTP status the API answered it with, in the same place."""
+        if "refusal" in event:
+            event = dict(("status", status_of(value)) if key == "refusal" else (key, value)
+                         for key, value in event.items())
+        self.audit.append(event)
 
     # --- what the API reads (DaemonView) ---
 
