@@ -178,7 +178,7 @@ class Controller:
             self._check_cgroup_free(job)
             self._watch_exit(job)
             try:
-                self._journal.put_job(job.id, self._record(job))
+                self._journal.put_job(job.id, job.to_record())
             except OSError as exc:
                 self._exits.forget(job.id)
                 self._actuators[job.mode].detach(job)
@@ -198,7 +198,7 @@ class Controller:
         with self._lock:
             for job_id, record in records.items():
                 try:
-                    job = _job_from_record(job_id, record)
+                    job = Job.from_record(job_id, record)
                 except (KeyError, TypeError, ValueError) as exc:
                     forgotten.append(f"job {job_id}: unreadable record ({exc!r})")
                     self._journal.drop_job(job_id)
@@ -210,7 +210,7 @@ class Controller:
                     continue
                 self.registry.add(job)
                 self._watch_exit(job)
-                self._journal.put_job(job.id, self._record(job))
+                self._journal.put_job(job.id, job.to_record())
                 _action_line("adopt", job, by="restart")
             self._enforce()
         for line in forgotten:
@@ -269,7 +269,7 @@ class Controller:
                 raise Conflict(f"Job {job.id} ({job.name}) has exited.")
             job.held_by_operator = held
             self._operator[job.id] = str(caller)
-            self._journal.put_job(job.id, self._record(job))
+            self._journal.put_job(job.id, job.to_record())
             self._emit(what, str(caller), job, reasons=[
                 "held by the operator until resumed" if held
                 else "operator hold lifted; rules still apply"])
@@ -522,10 +522,6 @@ class Controller:
                 log.warning("rule %s (power_cap) is not enforceable: %s", rule.name,
                             self._power_unavailable)
 
-    def _record(self, job: Job) -> dict[str, Any]:
-        return {**job.as_dict(), "devices": list(job.devices),
-                "restricted_uid": job.restricted_uid, "saved": job.saved}
-
     def _rules_view(self) -> Callable[[], list[dict[str, Any]]]:
         """What /v1/rules will say of this moment, made when first read."""
         rules, states = list(self._rules), self._states
@@ -570,23 +566,6 @@ class Controller:
     @property
     def power_caps(self) -> dict[str, float]:
         return dict(self.view.power_caps)
-
-
-def _job_from_record(job_id: str, record: Mapping[str, Any]) -> Job:
-    pid = record.get("pid")
-    started = record.get("pid_started_at")
-    return Job(
-        id=job_id, name=str(record["name"]), mode=Mode(record["mode"]),
-        pid=int(pid) if pid is not None else None,
-        pid_started_at=float(started) if started is not None else None,
-        cgroup=record.get("cgroup"), devices=tuple(str(d) for d in record.get("devices", ())),
-        priority=int(record.get("priority", 0)),
-        registered_at=float(record["registered_at"]),
-        owner_uid=record.get("owner_uid"),
-        held_by_operator=bool(record.get("held_by_operator", False)),
-        restricted_uid=record.get("restricted_uid"),
-        saved=dict(record.get("saved") or {}),
-    )
 
 
 def _refusal(exc: ActuatorError) -> RegistrationError:
