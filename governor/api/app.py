@@ -93,7 +93,7 @@ def create_app(daemon: DaemonView, authenticate: Authenticator,
         if snapshot is not None:
             body.update(snapshot.as_dict())
         body["rules"] = list(view.rules)
-        body["jobs"] = list(view.jobs)
+        body["jobs"] = [job.as_json() for job in view.jobs]
         body["power_caps"] = daemon.controller.power_caps
         body["audit"] = daemon.audit.status()
         return models.AsBuilt(body)

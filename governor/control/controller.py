@@ -12,9 +12,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, overload
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from governor.actuators.base import Actuator, ActuatorError, ProtectedProcessError
 from governor.actuators.gpu_power import PowerCapper
@@ -29,6 +28,7 @@ from governor.control.events import (
     power_line,
     requested,
 )
+from governor.control.view import ControlView, DirectiveView, JobView, LazyRules
 from governor.jobs import process
 from governor.jobs.errors import (
     Conflict,
@@ -51,52 +51,6 @@ log = logging.getLogger(__name__)
 
 #: (job id, directive version), called on the controller's thread after a change
 DirectiveListener = Callable[[str, int], None]
-class LazyRules(Sequence[dict[str, Any]]):
-    """/v1/rules's entries, made on first read. Every round publishes a new view, and a
-    round is more frequent than a scrape or a `governor top` refresh: most views are never
-    read. The states it is made from are replaced each round, never changed, so making it
-    later, on another thread, gives what making it at once would."""
-
-    def __init__(self, make: Callable[[], list[dict[str, Any]]]):
-        self._make: Callable[[], list[dict[str, Any]]] | None = make
-        self._entries: tuple[dict[str, Any], ...] = ()
-        self._lock = threading.Lock()
-
-    def _made(self) -> tuple[dict[str, Any], ...]:
-        if self._make is not None:
-            with self._lock:
-                if self._make is not None:
-                    self._entries, self._make = tuple(self._make()), None
-        return self._entries
-
-    @overload
-    def __getitem__(self, index: int) -> dict[str, Any]: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[dict[str, Any]]: ...
-
-    def __getitem__(self, index: int | slice) -> dict[str, Any] | Sequence[dict[str, Any]]:
-        return self._made()[index]
-
-    def __len__(self) -> int:
-        return len(self._made())
-
-
-@dataclass(frozen=True)
-class ControlView:
-    """What the API and the metrics read: a copy, made after every change."""
-
-    jobs: tuple[dict[str, Any], ...] = ()
-    rules: Sequence[dict[str, Any]] = ()
-    #: job id -> (directive as JSON, version)
-    directives: Mapping[str, tuple[dict[str, Any], int]] = field(default_factory=dict)
-    #: GPU index -> the power cap in force, in watts
-    power_caps: Mapping[str, float] = field(default_factory=dict)
-    #: job id -> the names of the rules holding the job ("operator" for an operator
-    #: hold); the reasons carry readings, too changeable for a metric label
-    held_by: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-
-
 class Controller:
     def __init__(
         self,
@@ -326,13 +280,13 @@ class Controller:
 
     # ---- reading -------------------------------------------------------------------------
 
-    def job(self, job_id: str) -> dict[str, Any]:
+    def job(self, job_id: str) -> JobView:
         for job in self.view.jobs:
-            if job["id"] == job_id:
+            if job.id == job_id:
                 return job
         raise NoSuchJob(f"There is no job {job_id!r}.")
 
-    def directive(self, job_id: str) -> tuple[dict[str, Any], int]:
+    def directive(self, job_id: str) -> DirectiveView:
         found = self.view.directives.get(job_id)
         if found is None:
             raise NoSuchJob(f"There is no job {job_id!r}.")
@@ -492,16 +446,11 @@ class Controller:
     def _publish(self) -> None:
         rules = LazyRules(self._rules_view())
         jobs = []
-        directives: dict[str, tuple[dict[str, Any], int]] = {}
+        directives: dict[str, DirectiveView] = {}
         held_by: dict[str, tuple[str, ...]] = {}
         for job in self.registry.all():
-            entry = job.as_dict()
-            if "error" in job.extra:
-                entry["error"] = job.extra["error"]
-            if job.progress is not None:
-                entry["progress"] = job.progress.as_dict()
-            jobs.append(entry)
-            directives[job.id] = (job.directive.as_dict(), job.directive_version)
+            jobs.append(JobView.of(job))
+            directives[job.id] = DirectiveView(job.directive, job.directive_version)
             held_by[job.id] = job.directive.rules
         caps = self._power.capped if self._power is not None else {}
         self.view = ControlView(tuple(jobs), rules, directives, caps, held_by)

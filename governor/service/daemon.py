@@ -234,7 +234,7 @@ class Daemon:
         self.controller.adopt(self.journal.jobs())
         cgroups = self.controller.actuator(Mode.CGROUP)
         if isinstance(cgroups, CgroupActuator):
-            cgroups.sweep(job["id"] for job in self.controller.view.jobs)
+            cgroups.sweep(job.id for job in self.controller.view.jobs)
         self.loop.add_hook(self._keep_guardian)
         self.loop.add_hook(self.controller.on_snapshot)
         self.loop.add_hook(self._tell_systemd)
@@ -247,8 +247,8 @@ class Daemon:
         controller: Controller | None = getattr(self, "controller", None)
         if controller is None:
             return []
-        return [(int(job["pid"]), list(job["devices"])) for job in controller.view.jobs
-                if job["pid"] is not None and job["state"] != "gone"]
+        return [(job.pid, list(job.devices)) for job in controller.view.jobs
+                if job.pid is not None and job.state != "gone"]
 
     def _protect_guardian(self) -> None:
         if self.guardian.pid is not None:
@@ -370,7 +370,7 @@ class Daemon:
         snapshot = self.store.latest
         gpus = 0 if snapshot is None else sum(1 for _ in snapshot.of("gpu_info"))
         view = self.controller.view
-        line = summary(gpus, list(view.jobs), list(view.rules))
+        line = summary(gpus, [job.state for job in view.jobs], list(view.rules))
         if self._reload_failure is not None:
             line += f"; reload failed, running the previous config: {self._reload_failure}"
         return line
