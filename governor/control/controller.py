@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 #: (job id, directive version), called on the controller's thread after a change
 DirectiveListener = Callable[[str, int], None]
+
+
 class Controller:
     def __init__(
         self,
