@@ -1,13 +1,23 @@
 """Every metric governor samples: its name, help text and label names.
 
-One table is the single source of truth: samplers create readings against it, the
-Prometheus collector renders from it, and the config validator checks a rule's
-`metric` against it, so a typo in a rule is caught at load time, not at 3 a.m.
+Each sampler declares the metrics it produces beside its code (a module-level `METRICS`
+in governor/sampling/<source>.py), and the sampler table in governor/sampling/registry.py
+names where each declaration is. `SAMPLED` is those declarations put together, the single
+source of truth for the rest of the daemon: samplers create readings against it, the
+Prometheus collector renders from it, and the config validator checks a rule's `metric`
+against it, so a typo in a rule is caught at load time, not at 3 a.m.
 Names here carry no `governor_` prefix: that is how rules refer to them.
+
+`MetricSpec` lives here, in a module that imports nothing of governor's, so that the
+sampler modules can declare their metrics with it while `snapshot.py`, which they import,
+reads the catalog. `SAMPLED` is assembled on first use, not at import: assembling imports
+the sampler modules, which import `snapshot.py`, which imports this module; and
+`import governor.config` (the CLI's) stays as cheap as it was.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 PREFIX = "governor_"
@@ -23,71 +33,56 @@ class MetricSpec:
     device_label: str | None = None
 
 
-_SPECS = (
-    MetricSpec("cpu_utilization_ratio", "Share of time each CPU core was busy.", ("cpu",)),
-    MetricSpec(
-        "cpu_temperature_celsius",
-        "CPU temperature sensors: coretemp, k10temp, zenpower chips and CPU thermal zones.",
-        ("chip", "sensor"),
-    ),
-    MetricSpec(
-        "hwmon_temperature_celsius",
-        "Every other hwmon temperature and thermal zone (NVMe, ACPI, board, Wi-Fi...).",
-        ("chip", "sensor"),
-    ),
-    MetricSpec("memory_used_ratio", "Share of memory in use (1 - MemAvailable/MemTotal).", ()),
-    MetricSpec(
-        "pressure_stall_ratio",
-        "Pressure stall information: share of time stalled, averaged over 10 s (PSI avg10/100).",
-        ("resource", "kind"),
-    ),
-    MetricSpec(
-        "load_average_tasks",
-        "Load average: runnable and uninterruptible tasks, averaged over the window.",
-        ("window",),
-    ),
-    MetricSpec("gpu_info", "NVIDIA GPU identity; value 1.", ("gpu", "uuid", "name"), "gpu"),
-    MetricSpec("gpu_utilization_ratio", "Share of time the GPU was busy.", ("gpu",), "gpu"),
-    MetricSpec("gpu_temperature_celsius", "GPU core temperature.", ("gpu",), "gpu"),
-    MetricSpec("gpu_power_watts", "GPU power draw.", ("gpu",), "gpu"),
-    MetricSpec("gpu_power_limit_watts", "GPU enforced power limit.", ("gpu",), "gpu"),
-    MetricSpec("gpu_memory_used_bytes", "GPU memory in use.", ("gpu",), "gpu"),
-    MetricSpec("gpu_memory_total_bytes", "GPU memory installed.", ("gpu",), "gpu"),
-    MetricSpec("gpu_sm_clock_hertz", "GPU streaming-multiprocessor clock.", ("gpu",), "gpu"),
-    MetricSpec(
-        "gpu_clock_event_active",
-        "1 while NVML reports this clock event (throttle) reason for the GPU, else 0.",
-        ("gpu", "reason"),
-        "gpu",
-    ),
-    MetricSpec(
-        "accelerator_utilization_ratio",
-        "Share of time an accelerator (amdgpu, NPUs under /sys/class/accel) was busy.",
-        ("device", "driver"),
-        "device",
-    ),
-    MetricSpec(
-        "accelerator_temperature_celsius",
-        "Accelerator temperature sensors (amdgpu edge, junction, mem...).",
-        ("device", "driver", "sensor"),
-        "device",
-    ),
-    MetricSpec(
-        "accelerator_power_watts", "Accelerator power draw.", ("device", "driver"), "device"
-    ),
-    MetricSpec(
-        "accelerator_memory_used_bytes",
-        "Accelerator memory in use (amdgpu VRAM).",
-        ("device", "driver"),
-        "device",
-    ),
-    MetricSpec(
-        "accelerator_memory_total_bytes",
-        "Accelerator memory installed (amdgpu VRAM).",
-        ("device", "driver"),
-        "device",
-    ),
-)
+#: Families the exposition has always listed first, in this order; every other metric
+#: follows in the sampler table's order. Only so that the exposition stays byte-identical
+#: to the one dashboards and tests/golden/metrics.prom were made against, in which the
+#: CPU sampler's utilization came before the hwmon temperatures and its other metrics
+#: after them. A new sampler's metrics need no entry here.
+EXPOSED_FIRST = ("cpu_utilization_ratio", "cpu_temperature_celsius", "hwmon_temperature_celsius")
 
-#: readings samplers may produce, by name without the prefix
-SAMPLED: dict[str, MetricSpec] = {spec.name: spec for spec in _SPECS}
+
+def assemble(declared: tuple[MetricSpec, ...]) -> dict[str, MetricSpec]:
+    """The catalog, by name, in exposition order: `EXPOSED_FIRST`, then `declared`'s order
+    (the sampler table's). Raises ValueError for a name in EXPOSED_FIRST that no sampler
+    declares, so a removed metric cannot leave the order silently stale."""
+    by_name = {spec.name: spec for spec in declared}
+    missing = [name for name in EXPOSED_FIRST if name not in by_name]
+    if missing:
+        raise ValueError(f"EXPOSED_FIRST names metrics no sampler declares: {missing}")
+    return {name: by_name[name] for name in (*EXPOSED_FIRST, *by_name)}
+
+
+class _Catalog(Mapping[str, MetricSpec]):
+    """A read-only mapping that assembles the catalog from the sampler table the first
+    time it is read (see the module's docstring for why not at import)."""
+
+    __slots__ = ("_specs",)
+
+    def __init__(self) -> None:
+        self._specs: dict[str, MetricSpec] | None = None
+
+    def _table(self) -> dict[str, MetricSpec]:
+        specs = self._specs
+        if specs is None:
+            # here, not at the top: the sampler modules import snapshot.py, which imports
+            # this module (two threads racing build the same table; either one is kept)
+            from governor.sampling.registry import declared_metrics
+
+            specs = self._specs = assemble(declared_metrics())
+        return specs
+
+    def __getitem__(self, name: str) -> MetricSpec:
+        return self._table()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._table()
+
+
+#: readings samplers may produce, by name without the prefix, in exposition order
+SAMPLED: Mapping[str, MetricSpec] = _Catalog()

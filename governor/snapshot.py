@@ -42,13 +42,19 @@ class Reading:
 
 
 #: metric -> its labels in catalog order, and as a set (a sampler makes ~200 readings a
-#: round: checked against a set made once, not two made per reading)
-_LABELS = {metric: (spec.labels, frozenset(spec.labels)) for metric, spec in SAMPLED.items()}
+#: round: checked against a set made once, not two made per reading). Filled on first
+#: use of each metric, not at import: the catalog is assembled from the sampler modules,
+#: and they import this one.
+_LABELS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {}
 
 
 def reading(metric: str, value: float, **labels: str) -> Reading:
     """A reading whose labels are checked against the catalog and put in its order."""
-    names, allowed = _LABELS[metric]
+    entry = _LABELS.get(metric)
+    if entry is None:
+        spec = SAMPLED[metric]  # KeyError for a metric the catalog does not know, as before
+        entry = _LABELS[metric] = (spec.labels, frozenset(spec.labels))
+    names, allowed = entry
     if labels.keys() != allowed:
         raise ValueError(f"{metric} takes labels {names}, got {sorted(labels)}")
     return Reading(metric, tuple([(name, labels[name]) for name in names]), float(value))

@@ -61,3 +61,15 @@ def test_no_test_module_imports_another() -> None:
               for path in sorted((REPO / "tests").glob("test_*.py"))
               for module in sorted(imports(path)) if module.startswith("tests.test_")]
     assert not broken, "\n".join(broken)
+
+
+def test_the_status_model_is_the_standard_library_only() -> None:
+    """`governor status` and `governor top` draw one model of the status JSON; it must not
+    reach for the daemon's side (its pydantic models, fastapi) to describe what came over
+    HTTP."""
+    import sys
+
+    path = PACKAGE / "cli" / "status_model.py"
+    broken = [module for module in sorted(imports(path))
+              if module.split(".")[0] not in sys.stdlib_module_names | {"__future__"}]
+    assert not broken, f"{path.relative_to(REPO)} imports {broken}"

@@ -12,7 +12,8 @@ import pytest
 
 from governor.catalog import PREFIX, SAMPLED
 from governor.config import RuleConfig
-from governor.control.controller import ControlView
+from governor.control.view import ControlView, JobView
+from governor.jobs.model import Mode
 from governor.policy.directives import rule_states_view
 from governor.service.metrics import DaemonMetrics
 from governor.snapshot import SamplerHealth, SamplerState, Snapshot, SnapshotStore, reading
@@ -81,11 +82,19 @@ def controller_with(rules: list[RuleConfig], jobs: list[dict[str, Any]] | None =
     the rules' entries as /v1/rules has them."""
     jobs = jobs or []
     view = ControlView(
-        jobs=tuple({k: v for k, v in j.items() if k != "held_by"} for j in jobs),
+        jobs=tuple(job_view(**{k: v for k, v in j.items() if k != "held_by"}) for j in jobs),
         rules=tuple(rule_states_view(rules, {}, 0.0)),
         held_by={j["id"]: j["held_by"] for j in jobs},
     )
     return SimpleNamespace(view=view, power_caps=power_caps or {})
+
+
+def job_view(id: str, name: str, state: str, speed: float) -> JobView:
+    """A job of the view, with what the metrics read (the rest: a cooperative job's)."""
+    return JobView(id=id, name=name, pid=None, pid_started_at=None, cgroup=None,
+                   mode=Mode.COOPERATIVE, devices=(), devices_from=None, priority=0,
+                   state=state, speed=speed, reasons=(), held_by_operator=False,
+                   registered_at=0.0, owner_uid=None, gone_at=None)
 
 
 def names(exposition: str) -> list[str]:
@@ -190,10 +199,10 @@ def test_the_cache_follows_the_controllers_view() -> None:
     store = SnapshotStore()
     metrics = DaemonMetrics(store)
     job = {"id": "abc", "name": "trainer", "state": "running", "speed": 1.0}
-    controller = SimpleNamespace(view=ControlView(jobs=(job,)), power_caps={})
+    controller = SimpleNamespace(view=ControlView(jobs=(job_view(**job),)), power_caps={})
     metrics.watch(controller)  # type: ignore[arg-type]
     assert 'governor_job_paused{id="abc",job="trainer"} 0.0' in metrics.render().decode()
-    controller.view = ControlView(jobs=({**job, "state": "paused", "speed": 0.0},))
+    controller.view = ControlView(jobs=(job_view(**{**job, "state": "paused", "speed": 0.0}),))
     assert 'governor_job_paused{id="abc",job="trainer"} 1.0' in metrics.render().decode()
     controller.power_caps = {"0": 250.0}
     assert 'governor_gpu_power_cap_watts{gpu="0"} 250.0' in metrics.render().decode()

@@ -11,10 +11,12 @@ import pytest
 from governor.actuators import modes
 from governor.actuators.modes import MODE_NAMES, MODES, resolve
 from governor.api import models
+from governor.api.errors import status_of
 from governor.api.jobs import JobIn
 from governor.cli.main import build_parser
+from governor.jobs.errors import RegistrationError, Unacceptable
 from governor.jobs.model import Mode
-from governor.jobs.registry import JobRequest, RegistrationError, resolve_mode
+from governor.jobs.registry import JobRequest, resolve_mode
 from governor.safety.release import UNDOERS
 
 
@@ -63,4 +65,5 @@ def test_a_mode_refuses_what_it_cannot_hold(mode: Mode, pid: int | None, cgroup:
                                             message: str) -> None:
     with pytest.raises(RegistrationError) as refused:
         resolve_mode(JobRequest("j", pid=pid, cgroup=cgroup, mode=mode))
-    assert (refused.value.status, refused.value.message) == (422, message)
+    assert (type(refused.value), refused.value.message) == (Unacceptable, message)
+    assert status_of(refused.value) == 422

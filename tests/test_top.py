@@ -21,6 +21,7 @@ from rich.console import Console, RenderableType
 from rich.segment import Segment
 
 from governor.cli import top
+from governor.cli.status_model import Status
 from governor.cli.top import KeyReader, StatusPoller, TerminalGone, live_top, render, run_live
 from governor.client import ApiClient, ClientError
 from governor.config import load_config
@@ -308,12 +309,11 @@ def test_tiny_terminals_get_what_fits(size: tuple[int, int]) -> None:
 def test_the_lines_a_part_is_told_to_take_are_the_lines_it_draws(width: int) -> None:
     """Fitting counts the lines of one-line rows instead of drawing them: the counts
     must be right, or the bottom of the frame would be cut."""
-    status = a_big_node()
+    status = Status.parse(a_big_node())
     frame = top._Frame(width, fitted=True)
-    readings = top._Readings(status)
     parts = [top._problems(status, frame), top._series(status, frame),
-             top._gpus(status, readings, frame), top._accelerators(readings, frame),
-             top._host(readings, frame), top._rules(status, frame),
+             top._gpus(status, frame), top._accelerators(status, frame),
+             top._host(status, frame), top._rules(status, frame),
              top._paragraph(top.TIER_REST, top._samplers(status), frame)]
     for part in parts:
         for count in range(len(part.rows) + 1):

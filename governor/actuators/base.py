@@ -15,13 +15,12 @@ from governor.jobs.model import Directive, Job, Mode
 
 
 class ActuatorError(Exception):
-    """This job cannot be held this way; the message is one sentence for the caller, and
-    `status` the HTTP status a registration refused for it gets (403: a protected
-    process inside)."""
+    """This job cannot be held this way; the message is one sentence for the caller."""
 
-    def __init__(self, message: str, status: int = 422):
-        super().__init__(message)
-        self.status = status
+
+class ProtectedProcessError(ActuatorError):
+    """This job cannot be held because it holds a process that must never be held (init,
+    the governor, one of its ancestors, a kernel thread)."""
 
 
 class Actuator(Protocol):

@@ -26,7 +26,12 @@ from typing import TYPE_CHECKING, Literal
 
 import psutil
 
-from governor.actuators.base import ActuatorError, JournalEntry, hold_key
+from governor.actuators.base import (
+    ActuatorError,
+    JournalEntry,
+    ProtectedProcessError,
+    hold_key,
+)
 from governor.control.laws import MIN_QUOTA_US, QuotaState, learn_demand, next_quota
 from governor.host.cgroupfs import (
     MOUNTINFO,
@@ -187,9 +192,9 @@ class CgroupActuator:
         action = directive.action
         if action is not Action.RUN and (pid := self._protected_inside(held.freeze)):
             self._release(job, held)
-            raise ActuatorError(f"cgroup {held.freeze} now holds pid {pid} (init, the "
-                                "governor, one of its ancestors or a kernel thread): not "
-                                "holding it", status=403)
+            raise ProtectedProcessError(f"cgroup {held.freeze} now holds pid {pid} (init, "
+                                        "the governor, one of its ancestors or a kernel "
+                                        "thread): not holding it")
         if action is Action.SLOW and held.quota is None:
             self._warn(held, f"job {job.id}: no CPU quota can be set on its cgroup, so it "
                              "is paused instead of slowed")
@@ -248,9 +253,9 @@ class CgroupActuator:
         else:
             raise ActuatorError(f"job {job.id} names neither a process nor a cgroup")
         if pid := self._protected_inside(held.freeze):
-            raise ActuatorError(f"cgroup {held.freeze} holds pid {pid}, which is init, the "
-                                "governor, one of its ancestors or a kernel thread",
-                                status=403)
+            raise ProtectedProcessError(f"cgroup {held.freeze} holds pid {pid}, which is "
+                                        "init, the governor, one of its ancestors or a "
+                                        "kernel thread")
         self._adopt(job, held)
         held.last_usage, held.last_time = self._usage(held), time.monotonic()
         job.extra[EXTRA_KEY] = held

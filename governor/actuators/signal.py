@@ -29,7 +29,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import psutil
 
-from governor.actuators.base import ActuatorError, JournalEntry, hold_key
+from governor.actuators.base import (
+    ActuatorError,
+    JournalEntry,
+    ProtectedProcessError,
+    hold_key,
+)
 from governor.control.laws import DutyWindow, retarget_duty, steer_duty
 from governor.host import procfs
 from governor.host.cgroupfs import cgroup2_mount, subtree_pids
@@ -362,8 +367,8 @@ class SignalActuator:
         pid = job.pid
         assert pid is not None
         if pid in self._protected or pid in set(self._also_protected()):
-            raise ActuatorError(f"pid {pid} is init, the governor or one of its ancestors",
-                                status=403)
+            raise ProtectedProcessError(f"pid {pid} is init, the governor or one of its "
+                                        "ancestors")
         current = identify(pid)
         if current is None:
             raise ActuatorError(f"process {pid} has exited")

@@ -4,7 +4,7 @@ Host header check; its OpenAPI document states every status a route can answer."
 from collections.abc import Iterable
 from typing import Annotated, Any, Protocol
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -12,13 +12,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from governor import __version__
 from governor.api import models
 from governor.api.auth import Authenticator
-from governor.api.errors import ApiError, error_response, install_error_handlers
+from governor.api.errors import ApiError, install_error_handlers
 from governor.api.hosts import HostCheck, default_allowed_hosts
 from governor.api.jobs import TOKEN, errors, job_router
 from governor.api.scrape import MetricsFastPath
 from governor.config import ConfigError
 from governor.control.controller import Controller
-from governor.jobs.registry import Caller, RegistrationError
+from governor.jobs.registry import Caller
 from governor.service.audit import AuditLog
 from governor.snapshot import Snapshot
 
@@ -62,10 +62,6 @@ def create_app(daemon: DaemonView, authenticate: Authenticator,
         allowed=default_allowed_hosts("localhost") if allowed_hosts is None else allowed_hosts,
     )
 
-    @app.exception_handler(RegistrationError)
-    async def _registration(_: Request, exc: RegistrationError) -> JSONResponse:
-        return error_response(exc.status, exc.message)
-
     @app.get("/healthz", summary="200 while the sampling loop keeps its cadence, else 503",
              response_model=models.Healthy, responses={
                  **errors(),
@@ -97,7 +93,7 @@ def create_app(daemon: DaemonView, authenticate: Authenticator,
         if snapshot is not None:
             body.update(snapshot.as_dict())
         body["rules"] = list(view.rules)
-        body["jobs"] = list(view.jobs)
+        body["jobs"] = [job.as_json() for job in view.jobs]
         body["power_caps"] = daemon.controller.power_caps
         body["audit"] = daemon.audit.status()
         return models.AsBuilt(body)

@@ -1,4 +1,9 @@
-"""Every error is `{"error": "<one sentence>"}` with a 4xx, never a 5xx for bad input."""
+"""Every error is `{"error": "<one sentence>"}` with a 4xx, never a 5xx for bad input.
+
+The one place a kind of refusal (governor/jobs/errors.py) becomes an HTTP status: the
+REST API answers with it, and the audit log's "<what>-refused" events record it as
+`status`.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from governor.jobs.errors import (
+    Conflict,
+    NoSuchJob,
+    NotPermitted,
+    NotRecorded,
+    RegistrationError,
+    Unacceptable,
+)
+
 log = logging.getLogger(__name__)
 
 
@@ -18,6 +32,23 @@ class ApiError(Exception):
         self.status = status
         self.message = message
         super().__init__(message)
+
+
+#: the HTTP status of each kind of refusal; a kind not listed takes its nearest listed base
+STATUS: dict[type[RegistrationError], int] = {
+    RegistrationError: 422,
+    NoSuchJob: 404,
+    NotPermitted: 403,
+    Conflict: 409,
+    Unacceptable: 422,
+    NotRecorded: 507,
+}
+
+
+def status_of(refusal: RegistrationError | type[RegistrationError]) -> int:
+    """The HTTP status of a refusal, or of a kind of refusal."""
+    kind = refusal if isinstance(refusal, type) else type(refusal)
+    return next(STATUS[k] for k in kind.__mro__ if k in STATUS)
 
 
 def error_response(
@@ -37,6 +68,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc.status, exc.message)
+
+    @app.exception_handler(RegistrationError)
+    async def _refused(_: Request, exc: RegistrationError) -> JSONResponse:
+        return error_response(status_of(exc), exc.message)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

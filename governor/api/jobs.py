@@ -128,7 +128,7 @@ def job_router(controller: Controller, authenticate: Callable[..., Caller]) -> A
     @router.get("/jobs", summary="The registered jobs", response_model=list[models.Job],
                 responses=errors())
     async def jobs() -> models.AsBuilt:
-        return models.AsBuilt(list(controller.view.jobs))
+        return models.AsBuilt([job.as_json() for job in controller.view.jobs])
 
     @router.post("/jobs", status_code=201, summary="Register a job", response_model=models.Job,
                  responses=errors(400, 401, 403, 409, 422), openapi_extra=TOKEN)
@@ -143,7 +143,7 @@ def job_router(controller: Controller, authenticate: Callable[..., Caller]) -> A
     @router.get("/jobs/{job_id}", summary="One job", response_model=models.Job,
                 responses=errors(404))
     async def job(job_id: str) -> models.AsBuilt:
-        return models.AsBuilt(controller.job(job_id))
+        return models.AsBuilt(controller.job(job_id).as_json())
 
     @router.delete("/jobs/{job_id}", status_code=204, response_class=Response,
                    summary="Forget a job, resuming it first", responses=errors(401, 403, 404),
@@ -188,21 +188,22 @@ def job_router(controller: Controller, authenticate: Callable[..., Caller]) -> A
             ge=0, le=MAX_COUNT, description="progress: pauses and slows put off inside "
                                             "critical sections")] = None,
     ) -> models.AsBuilt:
-        body, version = controller.directive(job_id)
+        found = controller.directive(job_id)
         report = progress_report(steps, step_seconds, step_buckets, deferrals)
         if not report.empty:
             # in the thread pool: the controller's lock may be held by a slow freeze
             await asyncio.to_thread(controller.report_progress, job_id, report)
         if wait > 0:
-            baseline = version if since is None else since
+            baseline = found.version if since is None else since
 
             def changed() -> bool:
-                found = controller.view.directives.get(job_id)
-                return found is None or found[1] != baseline
+                now = controller.view.directives.get(job_id)
+                return now is None or now.version != baseline
 
             await watch.until(changed, wait)
-            body, version = controller.directive(job_id)
-        return models.AsBuilt({**body, "version": version, "max_defer": controller.max_defer})
+            found = controller.directive(job_id)
+        return models.AsBuilt({**found.as_json(), "version": found.version,
+                               "max_defer": controller.max_defer})
 
     @router.get("/rules", summary="Every rule's series and their state",
                 response_model=list[models.RuleSeries], responses=errors())

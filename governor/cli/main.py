@@ -139,6 +139,7 @@ def _client(args: argparse.Namespace) -> ApiClient:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from governor.cli.report import render, render_jobs, render_rules
+    from governor.cli.status_model import Status
 
     with _client(args) as client:
         status = client.status()
@@ -146,18 +147,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         json.dump(status, sys.stdout, indent=2)
         print()
         return 0
-    print(render(status))
+    model = Status.parse(status)
+    print(render(model))
     print()
     print("Rules")
-    print(render_rules(status.get("rules", [])))
+    print(render_rules(model.rules))
     print()
     print("Jobs")
-    print(render_jobs(status.get("jobs", [])))
+    print(render_jobs(model.jobs))
     return 0
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     from governor.cli.report import render_jobs
+    from governor.cli.status_model import Job
 
     with _client(args) as client:
         jobs = client.jobs()
@@ -165,7 +168,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         json.dump(jobs, sys.stdout, indent=2)
         print()
     else:
-        print(render_jobs(jobs))
+        print(render_jobs(Job.parse(j) for j in jobs))
     return 0
 
 

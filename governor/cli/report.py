@@ -1,15 +1,17 @@
 """A snapshot as a readable table, like `sensors` and `nvidia-smi` side by side.
 
 It works on the JSON form of a snapshot (`Snapshot.as_dict()`, also what /v1/status
-returns), so the CLI prints the same table for a local round and for a running daemon.
+returns), so the CLI prints the same table for a local round and for a running daemon;
+`render` reads it through the status model `governor top` draws too (status_model.py).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
+
+from governor.cli.status_model import Job, RuleSeries, Status
 
 Row = tuple[str, ...]
 
@@ -30,109 +32,96 @@ def pct(value: float | None) -> str:
     return "-" if value is None else f"{value * 100:.1f}%"
 
 
-def _by_metric(readings: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in readings:
-        grouped[r["metric"]].append(r)
-    return grouped
-
-
-def _value(grouped: dict[str, list[dict[str, Any]]], metric: str, **labels: str) -> float | None:
-    for r in grouped.get(metric, []):
-        if all(r["labels"].get(k) == v for k, v in labels.items()):
-            return float(r["value"])
-    return None
-
-
 def _bytes(value: float | None) -> str:
     return "-" if value is None else f"{value / 2**30:.1f} GiB"
 
 
-def render(snapshot: dict[str, Any]) -> str:
-    g = _by_metric(snapshot.get("readings", []))
+def render(snapshot: Mapping[str, Any] | Status) -> str:
+    """The readings by device (CPU, temperatures, NVIDIA GPUs, accelerators) and each
+    sampler's health; a section with no readings is left out."""
+    status = snapshot if isinstance(snapshot, Status) else Status.parse(snapshot)
+    g = status.readings
     out: list[str] = []
 
-    cores = sorted(g.get("cpu_utilization_ratio", []), key=lambda r: int(r["labels"]["cpu"]))
+    cores = sorted(g.of("cpu_utilization_ratio"), key=lambda r: int(r.labels["cpu"]))
     if cores or "memory_used_ratio" in g:
         out.append("CPU")
-        rows: list[Row] = [("cpu" + r["labels"]["cpu"], pct(r["value"])) for r in cores]
-        rows.append(("memory used", pct(_value(g, "memory_used_ratio"))))
-        loads = [_value(g, "load_average_tasks", window=w) for w in ("1m", "5m", "15m")]
+        rows: list[Row] = [("cpu" + r.labels["cpu"], pct(r.value)) for r in cores]
+        rows.append(("memory used", pct(g.value("memory_used_ratio"))))
+        loads = [g.value("load_average_tasks", window=w) for w in ("1m", "5m", "15m")]
         if all(v is not None for v in loads):
             rows.append(("load 1m 5m 15m", " ".join(f"{v:.2f}" for v in loads if v is not None)))
-        for r in g.get("pressure_stall_ratio", []):
-            labels = r["labels"]
-            rows.append((f"pressure {labels['resource']} {labels['kind']}", pct(r["value"])))
+        for r in g.of("pressure_stall_ratio"):
+            rows.append((f"pressure {r.labels['resource']} {r.labels['kind']}", pct(r.value)))
         out += table(rows)
         out.append("")
 
-    temps = [(r, "cpu") for r in g.get("cpu_temperature_celsius", [])]
-    temps += [(r, "") for r in g.get("hwmon_temperature_celsius", [])]
+    temps = [(r, "cpu") for r in g.of("cpu_temperature_celsius")]
+    temps += [(r, "") for r in g.of("hwmon_temperature_celsius")]
     if temps:
         out.append("Temperatures")
         rows = [("chip", "sensor", "°C", "")]
         for r, kind in temps:
-            rows.append((r["labels"]["chip"], r["labels"]["sensor"], f"{r['value']:.1f}", kind))
+            rows.append((r.labels["chip"], r.labels["sensor"], f"{r.value:.1f}", kind))
         out += table(rows)
         out.append("")
 
-    gpus = sorted(g.get("gpu_info", []), key=lambda r: int(r["labels"]["gpu"]))
+    gpus = sorted(g.of("gpu_info"), key=lambda r: int(r.labels["gpu"]))
     if gpus:
         out.append("NVIDIA GPUs")
         rows = [("gpu", "name", "util", "temp", "power / limit", "memory used / total",
                  "SM clock", "clock events")]
         for info in gpus:
-            gpu = info["labels"]["gpu"]
-            temp = _value(g, "gpu_temperature_celsius", gpu=gpu)
-            power = _value(g, "gpu_power_watts", gpu=gpu)
-            limit = _value(g, "gpu_power_limit_watts", gpu=gpu)
-            clock = _value(g, "gpu_sm_clock_hertz", gpu=gpu)
+            gpu = info.labels["gpu"]
+            temp = g.value("gpu_temperature_celsius", gpu=gpu)
+            power = g.value("gpu_power_watts", gpu=gpu)
+            limit = g.value("gpu_power_limit_watts", gpu=gpu)
+            clock = g.value("gpu_sm_clock_hertz", gpu=gpu)
             events = [
-                r["labels"]["reason"] for r in g.get("gpu_clock_event_active", [])
-                if r["labels"]["gpu"] == gpu and r["value"]
+                r.labels["reason"] for r in g.of("gpu_clock_event_active")
+                if r.labels["gpu"] == gpu and r.value
             ]
             rows.append((
                 gpu,
-                info["labels"]["name"] or "?",
-                pct(_value(g, "gpu_utilization_ratio", gpu=gpu)),
+                info.labels["name"] or "?",
+                pct(g.value("gpu_utilization_ratio", gpu=gpu)),
                 "-" if temp is None else f"{temp:.0f} °C",
                 f"{'-' if power is None else f'{power:.0f}'} / "
                 f"{'-' if limit is None else f'{limit:.0f}'} W",
-                f"{_bytes(_value(g, 'gpu_memory_used_bytes', gpu=gpu))} / "
-                f"{_bytes(_value(g, 'gpu_memory_total_bytes', gpu=gpu))}",
+                f"{_bytes(g.value('gpu_memory_used_bytes', gpu=gpu))} / "
+                f"{_bytes(g.value('gpu_memory_total_bytes', gpu=gpu))}",
                 "-" if clock is None else f"{clock / 1e6:.0f} MHz",
                 ", ".join(events) or "none",
             ))
         out += table(rows)
-        pids = snapshot.get("gpu_pids") or {}
-        for gpu, listed in sorted(pids.items()):
+        for gpu, listed in sorted(status.gpu_pids.items()):
             if listed:
                 out.append(f"  gpu {gpu} processes: {', '.join(str(p) for p in listed)}")
         out.append("")
 
     devices = sorted({
-        (r["labels"]["device"], r["labels"]["driver"])
+        (r.labels["device"], r.labels["driver"])
         for metric in ("accelerator_utilization_ratio", "accelerator_temperature_celsius",
                        "accelerator_power_watts", "accelerator_memory_total_bytes")
-        for r in g.get(metric, [])
+        for r in g.of(metric)
     })
     if devices:
         out.append("Accelerators")
         rows = [("device", "driver", "util", "temperatures", "power", "memory used / total")]
         for device, driver in devices:
             temps_text = ", ".join(
-                f"{r['labels']['sensor']} {r['value']:.1f} °C"
-                for r in g.get("accelerator_temperature_celsius", [])
-                if r["labels"]["device"] == device
+                f"{r.labels['sensor']} {r.value:.1f} °C"
+                for r in g.of("accelerator_temperature_celsius")
+                if r.labels["device"] == device
             )
-            power = _value(g, "accelerator_power_watts", device=device)
-            total = _value(g, "accelerator_memory_total_bytes", device=device)
+            power = g.value("accelerator_power_watts", device=device)
+            total = g.value("accelerator_memory_total_bytes", device=device)
             rows.append((
-                device, driver, pct(_value(g, "accelerator_utilization_ratio", device=device)),
+                device, driver, pct(g.value("accelerator_utilization_ratio", device=device)),
                 temps_text or "-",
                 "-" if power is None else f"{power:.1f} W",
                 "-" if total is None else
-                f"{_bytes(_value(g, 'accelerator_memory_used_bytes', device=device))} / "
+                f"{_bytes(g.value('accelerator_memory_used_bytes', device=device))} / "
                 f"{_bytes(total)}",
             ))
         out += table(rows)
@@ -140,45 +129,47 @@ def render(snapshot: dict[str, Any]) -> str:
 
     out.append("Samplers")
     rows = []
-    for s in snapshot.get("samplers", []):
-        detail = s.get("error") or ""
-        if s.get("problems"):
-            detail = "; ".join([detail, *s["problems"]] if detail else s["problems"])
-        rows.append((s["name"], s["state"], f"{s['duration_seconds'] * 1000:.1f} ms", detail))
+    for s in status.samplers:
+        detail = s.error or ""
+        if s.problems:
+            detail = "; ".join([detail, *s.problems] if detail else s.problems)
+        rows.append((s.name, s.state, f"{s.duration_seconds * 1000:.1f} ms", detail))
     out += table(rows)
     return "\n".join(out)
 
 
-def render_rules(rules: list[dict[str, Any]]) -> str:
+def render_rules(rules: Iterable[RuleSeries]) -> str:
+    """A row per rule series: its state (and why it may not hold), value and action."""
     rows: list[Row] = [("rule", "series", "state", "value", "action")]
     for r in rules:
-        state = str(r["state"])
-        if r.get("clearing"):
+        state = r.state
+        if r.clearing:
             state += " (clearing)"
-        if r.get("missing"):
+        if r.missing:
             state += " (missing)"
-        if r.get("enforceable") is False:
-            state += f" (not enforceable: {r.get('not_enforceable_because')})"
-        value = "-" if r.get("value") is None else f"{r['value']:g}"
-        rows.append((str(r["name"]), str(r["series"] or "(no series yet)"), state, value,
-                     str(r.get("action", ""))))
+        if not r.enforceable:
+            state += f" (not enforceable: {r.not_enforceable_because})"
+        value = "-" if r.value is None else f"{r.value:g}"
+        rows.append((r.name, r.series or "(no series yet)", state, value, r.action or ""))
     return "\n".join(table(rows, indent=""))
 
 
-def render_jobs(jobs: list[dict[str, Any]]) -> str:
+def render_jobs(jobs: Iterable[Job]) -> str:
+    """A row per job: how it is held and why."""
+    jobs = list(jobs)
     if not jobs:
         return "no jobs"
     rows: list[Row] = [("id", "name", "pid", "mode", "devices", "prio", "state", "speed",
                         "reasons")]
     for j in jobs:
-        state = str(j["state"]) + (" (operator)" if j.get("held_by_operator") else "")
-        reasons = "; ".join(j.get("reasons") or [])
-        if j.get("error"):
-            reasons = f"ERROR: {j['error']}" + (f"; {reasons}" if reasons else "")
+        state = j.state + (" (operator)" if j.held_by_operator else "")
+        reasons = "; ".join(j.reasons)
+        if j.error:
+            reasons = f"ERROR: {j.error}" + (f"; {reasons}" if reasons else "")
         rows.append((
-            str(j["id"]), str(j["name"]), "-" if j.get("pid") is None else str(j["pid"]),
-            str(j["mode"]), ",".join(j.get("devices") or []) or "-", str(j["priority"]),
-            state, f"{j['speed']:g}", reasons,
+            j.id, j.name, "-" if j.pid is None else str(j.pid), j.mode or "-",
+            ",".join(j.devices) or "-", j.priority, state,
+            "-" if j.speed is None else f"{j.speed:g}", reasons,
         ))
     return "\n".join(table(rows, indent=""))
 

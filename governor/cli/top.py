@@ -4,6 +4,8 @@ It reads nothing but the REST API, and reads need no token, so any user who can 
 the daemon can watch it. Drawing is split from fetching: `render` is a pure function
 from the status JSON to a rich renderable (tests feed it hand-made dicts, no terminal
 needed), `StatusPoller` fetches once per daemon round, and `run_live` joins the two.
+`render` parses the JSON once into the status model `governor status` draws too
+(status_model.py); the poller keeps the raw JSON, to tell a new round from the last.
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
+from governor.cli.status_model import Job, Reading, RuleSeries, Status
 from governor.client import ClientError
 
-Status = Mapping[str, Any]
+#: the status JSON as /v1/status sends it; parsed into a Status once per frame
+StatusJson = Mapping[str, Any]
 T = TypeVar("T")
 
 RULE_STYLE = {"ok": "green", "pending": "yellow", "tripped": "bold red"}
@@ -87,10 +91,6 @@ def fmt_labels(labels: Mapping[str, str]) -> str:
     return ", ".join(f"{k}={v}" for k, v in labels.items()) or "(no labels)"
 
 
-def _key(metric: str, labels: Mapping[str, str]) -> tuple[str, frozenset[tuple[str, str]]]:
-    return metric, frozenset(labels.items())
-
-
 def _worst(states: Sequence[str]) -> str:
     for state in SEVERITY:
         if state in states:
@@ -101,40 +101,20 @@ def _worst(states: Sequence[str]) -> str:
 # ---- the frame -------------------------------------------------------------------
 
 
-class _Readings:
-    """The readings of one status, looked up by metric and labels, each knowing the rule
-    series that watch it, so a main reading is coloured the way its rule sees it."""
-
-    def __init__(self, status: Status):
-        self.by_metric: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
-        for r in status.get("readings") or []:
-            self.by_metric[r["metric"]].append(r)
-        self.watched: dict[tuple[str, frozenset[tuple[str, str]]], list[Mapping[str, Any]]] = (
-            defaultdict(list))
-        for rule in status.get("rules") or []:
-            if rule.get("series") is not None and rule.get("metric"):
-                self.watched[_key(rule["metric"], rule.get("labels") or {})].append(rule)
-
-    def value(self, metric: str, **labels: str) -> float | None:
-        for r in self.by_metric.get(metric, []):
-            if all(r["labels"].get(k) == v for k, v in labels.items()):
-                return float(r["value"])
-        return None
-
-    def shown(self, metric: str, value: float | None, labels: Mapping[str, str],
-              text: str | None = None) -> Text:
-        """The value, coloured by the worst state of the rules watching it, with the trip
-        line of the first of them beside it."""
-        out = Text(text if text is not None else fmt_value(metric, value))
-        rules = self.watched.get(_key(metric, labels), [])
-        if rules:
-            state = _worst([str(r["state"]) for r in rules])
-            out.stylize(RULE_STYLE.get(state, ""))
-            first = rules[0]
-            arrow = ">" if first.get("direction", "above") == "above" else "<"
-            out.append(f" (trips {arrow}{fmt_value(metric, first.get('threshold'))})",
-                       style="dim")
-        return out
+def _shown(status: Status, metric: str, value: float | None, labels: Mapping[str, str],
+           text: str | None = None) -> Text:
+    """The value, coloured by the worst state of the rules watching it, with the trip
+    line of the first of them beside it: a main reading is coloured the way its rule
+    sees it."""
+    out = Text(text if text is not None else fmt_value(metric, value))
+    rules = status.watchers(metric, labels)
+    if rules:
+        state = _worst([r.state for r in rules])
+        out.stylize(RULE_STYLE.get(state, ""))
+        first = rules[0]
+        arrow = ">" if first.above else "<"
+        out.append(f" (trips {arrow}{fmt_value(metric, first.threshold)})", style="dim")
+    return out
 
 
 #: the order lines are handed out in, where a frame must fit a terminal: held jobs,
@@ -273,7 +253,7 @@ def _fixed(tier: int, renderable: RenderableType | None) -> _Part[Any]:
     return _Part([(tier, 0.0, None)], lambda shown, _: renderable if shown else None)
 
 
-def render(status: Status | None, *, where: str, error: str | None = None,
+def render(status: StatusJson | Status | None, *, where: str, error: str | None = None,
            width: int | None = None, height: int | None = None) -> RenderableType:
     """One frame: a summary line (and why the latest fetch failed, if it did: the view
     then shows the last status it had), sampler problems, the jobs, the rule series that
@@ -286,14 +266,14 @@ def render(status: Status | None, *, where: str, error: str | None = None,
     hottest GPUs and sensors) and a line counts the rows it left out. Without one (a
     pipe) everything is drawn. Columns that matter less (a job's pid, mode, devices,
     priority) come at WIDE columns and more."""
+    if status is not None and not isinstance(status, Status):
+        status = Status.parse(status)
     frame = _Frame(width if width is not None or height is None else 80, height is not None)
     parts: list[_Part[Any]] = [_fixed(TIER_SUMMARY, _summary(status, where, error, frame))]
     if status is not None:
-        readings = _Readings(status)
         parts += [_problems(status, frame), _jobs(status, frame), _series(status, frame),
-                  _gpus(status, readings, frame), _accelerators(readings, frame),
-                  _host(readings, frame), _rules(status, frame),
-                  _paragraph(TIER_REST, _samplers(status), frame)]
+                  _gpus(status, frame), _accelerators(status, frame), _host(status, frame),
+                  _rules(status, frame), _paragraph(TIER_REST, _samplers(status), frame)]
     if height is None:
         drawn = [r for r in (p.draw(len(p.rows)) for p in parts) if r is not None]
         spare = len(drawn)
@@ -388,9 +368,9 @@ def _summary(status: Status | None, where: str, error: str | None,
     address, the name of the view, the samplers, the round's number."""
     # (priority, the piece, shorter forms): the lowest priority is shortened, then dropped
     pieces: list[tuple[int, list[Text]]] = [(1, [Text("governor top", style="bold")])]
-    if status is not None and status.get("sequence") is not None:
-        clock = fmt_clock(float(status["taken_at"]))
-        pieces.append((3, [Text(f"round {status['sequence']} at {clock}"), Text(clock)]))
+    if status is not None and status.sequence is not None and status.taken_at is not None:
+        clock = fmt_clock(status.taken_at)
+        pieces.append((3, [Text(f"round {status.sequence} at {clock}"), Text(clock)]))
     elif status is not None:
         pieces.append((3, [Text("no sampling round yet")]))
     if status is not None:
@@ -419,18 +399,18 @@ def _summary(status: Status | None, where: str, error: str | None,
 
 
 def _job_counts(status: Status) -> Text:
-    jobs = status.get("jobs") or []
+    jobs = status.jobs
     if not jobs:
         return Text("no jobs")
     counts: dict[str, int] = defaultdict(int)
     for j in jobs:
-        counts[str(j["state"])] += 1
+        counts[j.state] += 1
     out = Text(f"jobs {len(jobs)}")
     held = [s for s in ("paused", "slowed") if counts[s]]
     for i, state in enumerate(held):
         out.append(": " if not i else ", ")
         out.append(f"{counts[state]} {state}", style=JOB_STYLE[state])
-    errors = sum(1 for j in jobs if j.get("error"))
+    errors = sum(1 for j in jobs if j.error)
     if errors:
         out.append(f", {errors} failed", style="bold red")
     return out
@@ -439,10 +419,10 @@ def _job_counts(status: Status) -> Text:
 def _rule_counts(status: Status) -> Text:
     rules: dict[str, list[str]] = defaultdict(list)
     unenforceable = set()
-    for r in status.get("rules") or []:
-        rules[str(r["name"])].append(str(r["state"]))
-        if r.get("enforceable") is False:
-            unenforceable.add(str(r["name"]))
+    for r in status.rules:
+        rules[r.name].append(r.state)
+        if not r.enforceable:
+            unenforceable.add(r.name)
     if not rules:
         return Text("no rules")
     counts: dict[str, int] = defaultdict(int)
@@ -461,27 +441,25 @@ def _rule_counts(status: Status) -> Text:
 
 
 def _sampler_counts(status: Status) -> Text:
-    samplers = status.get("samplers") or []
-    ok = sum(1 for s in samplers if s.get("state") == "ok")
+    samplers = status.samplers
+    ok = sum(1 for s in samplers if s.state == "ok")
     out = Text(f"samplers {ok}/{len(samplers)} ok")
     for s in samplers:
-        if s.get("state") == "error":
-            out.append(f", {s['name']} error", style=SAMPLER_STYLE["error"])
+        if s.state == "error":
+            out.append(f", {s.name} error", style=SAMPLER_STYLE["error"])
     return out
 
 
 def _samplers(status: Status) -> Text:
     """Every sampler's state, and why one is unavailable (no such hardware here)."""
     line = Text("samplers: ")
-    for i, s in enumerate(status.get("samplers") or []):
+    for i, s in enumerate(status.samplers):
         if i:
             line.append(", ")
-        state = str(s.get("state", "?"))
-        line.append(f"{s['name']} {state}", style=SAMPLER_STYLE.get(state, ""))
-        why = s.get("error")
-        if state != "ok" and why:
-            line.append(f" ({why})", style=SAMPLER_STYLE.get(state, ""))
-    if not status.get("samplers"):
+        line.append(f"{s.name} {s.state}", style=SAMPLER_STYLE.get(s.state, ""))
+        if s.state != "ok" and s.error:
+            line.append(f" ({s.error})", style=SAMPLER_STYLE.get(s.state, ""))
+    if not status.samplers:
         line.append("none reported", style="dim")
     return line
 
@@ -506,21 +484,21 @@ def _problems(status: Status, frame: _Frame) -> _Part[Any]:
     """What a reader should know before the readings: a sampler failing (its rules see
     nothing new), a sensor it could not read, an audit log that cannot be written."""
     rows: list[tuple[int, float, Text]] = []
-    audit = status.get("audit")
-    if isinstance(audit, Mapping) and audit.get("ok") is False:
+    audit = status.audit
+    if audit is not None and not audit.ok:
         rows.append((TIER_PROBLEM, 0, Text(
-            f"audit log {audit.get('path')}: {audit.get('errors')} write errors, last: "
-            f"{audit.get('last_error')}", style="bold red")))
-    for s in status.get("samplers") or []:
-        if s.get("state") == "error":
-            line = Text(f"{s['name']} error", style="bold red")
-            if s.get("error"):
-                line.append(f": {s['error']}", style="bold red")
-            if s.get("retry_at"):
-                line.append(f", next try at {fmt_clock(float(s['retry_at']))}", style="red")
+            f"audit log {audit.path}: {audit.errors} write errors, last: "
+            f"{audit.last_error}", style="bold red")))
+    for s in status.samplers:
+        if s.state == "error":
+            line = Text(f"{s.name} error", style="bold red")
+            if s.error:
+                line.append(f": {s.error}", style="bold red")
+            if s.retry_at:
+                line.append(f", next try at {fmt_clock(s.retry_at)}", style="red")
             rows.append((TIER_PROBLEM, 1, line))
-        for problem in s.get("problems") or []:
-            rows.append((TIER_PROBLEM, 2, Text(f"{s['name']}: {problem}", style="yellow")))
+        for problem in s.problems:
+            rows.append((TIER_PROBLEM, 2, Text(f"{s.name}: {problem}", style="yellow")))
 
     def make(shown: list[Text], hidden: list[Text]) -> RenderableType | None:
         return _stack(*(frame.line(t) for t in shown), _more(hidden, ("problem", "problems")))
@@ -528,46 +506,43 @@ def _problems(status: Status, frame: _Frame) -> _Part[Any]:
 
 
 def _jobs(status: Status, frame: _Frame) -> _Part[Any]:
-    jobs = status.get("jobs") or []
+    jobs = status.jobs
     if not jobs:
         return _fixed(TIER_HELD, Text("Jobs: none registered", style="bold"))
-    def tier(j: Mapping[str, Any]) -> int:
-        if j.get("error") or j["state"] in ("paused", "slowed"):
+    def tier(j: Job) -> int:
+        if j.error or j.state in ("paused", "slowed"):
             return TIER_HELD
-        return TIER_REST if j["state"] == "gone" else TIER_JOB
+        return TIER_REST if j.state == "gone" else TIER_JOB
 
-    rows = [(tier(j), -1 if j.get("error") else JOB_RANK.get(str(j["state"]), 2), j)
-            for j in jobs]
+    rows = [(tier(j), -1 if j.error else JOB_RANK.get(j.state, 2), j) for j in jobs]
 
-    def make(shown: list[Mapping[str, Any]],
-             hidden: list[Mapping[str, Any]]) -> RenderableType | None:
+    def make(shown: list[Job], hidden: list[Job]) -> RenderableType | None:
         extra = ("pid", "mode", "devices", "prio") if frame.wide else ()
         cells: list[list[RenderableType]] = []
         for j in shown:
-            state = str(j["state"])
+            state = j.state
             style = JOB_STYLE.get(state, "")
             state_text = Text(state, style=style)
-            if j.get("held_by_operator"):
+            if j.held_by_operator:
                 state_text.append(" (operator)", style=style)
-            reasons = Text("\n".join(str(r) for r in j.get("reasons") or []))
-            if j.get("error"):
-                reasons = Text(f"ERROR: {j['error']}", style="bold red") + (
+            reasons = Text("\n".join(j.reasons))
+            if j.error:
+                reasons = Text(f"ERROR: {j.error}", style="bold red") + (
                     Text("\n") + reasons if reasons else Text())
-            speed = j.get("speed")
-            row: list[RenderableType] = [str(j["id"]), str(j["name"])]
+            speed = j.speed
+            row: list[RenderableType] = [j.id, j.name]
             if frame.wide:
-                row += ["-" if j.get("pid") is None else str(j["pid"]),
-                        str(j.get("mode") or "-"), ",".join(j.get("devices") or []) or "-",
-                        str(j.get("priority", "-"))]
+                row += ["-" if j.pid is None else str(j.pid), j.mode or "-",
+                        ",".join(j.devices) or "-", j.priority]
             row += [state_text,
-                    Text("-" if speed is None else f"{float(speed) * 100:.0f}%", style=style),
+                    Text("-" if speed is None else f"{speed * 100:.0f}%", style=style),
                     reasons]
             cells.append(row)
         table = frame.table(("job", "name", *extra, "state", "speed", "reasons"), cells,
                             wrap=("reasons",), squeeze="name")
         counts: dict[str, int] = defaultdict(int)
         for j in hidden:
-            counts[str(j["state"])] += 1
+            counts[j.state] += 1
         detail = " (" + ", ".join(f"{n} {s}" for s, n in counts.items()) + ")"
         return _stack(table, _more(hidden, ("job", "jobs"), detail))
     return _Part(rows, make)
@@ -576,36 +551,35 @@ def _jobs(status: Status, frame: _Frame) -> _Part[Any]:
 def _series(status: Status, frame: _Frame) -> _Part[Any]:
     """Each rule series against its trip and clear lines: those tripped or pending (or
     clearing, or missing their reading) among the first things shown, the rest last."""
-    series = [r for r in status.get("rules") or [] if r.get("series") is not None]
-    taken_at = status.get("taken_at")
+    series = [r for r in status.rules if r.series is not None]
+    taken_at = status.taken_at
 
-    def quiet(r: Mapping[str, Any]) -> bool:
-        return r["state"] == "ok" and not r.get("clearing") and not r.get("missing")
+    def quiet(r: RuleSeries) -> bool:
+        return r.state == "ok" and not r.clearing and not r.missing
 
-    rows = [(TIER_REST if quiet(r) else TIER_HOLDING, SERIES_RANK.get(str(r["state"]), 2), r)
+    rows = [(TIER_REST if quiet(r) else TIER_HOLDING, SERIES_RANK.get(r.state, 2), r)
             for r in series]
 
-    def make(shown: list[Mapping[str, Any]],
-             hidden: list[Mapping[str, Any]]) -> RenderableType | None:
+    def make(shown: list[RuleSeries], hidden: list[RuleSeries]) -> RenderableType | None:
         cells: list[list[RenderableType]] = []
         for r in shown:
-            metric = str(r.get("metric") or "")
-            state = str(r["state"])
+            metric = r.metric
+            state = r.state
             style = RULE_STYLE.get(state, "")
-            above = r.get("direction", "above") == "above"
-            value = Text(fmt_value(metric, r.get("value")), style=style)
+            above = r.above
+            value = Text(fmt_value(metric, r.value), style=style)
             state_text = Text(state, style=style)
-            if r.get("clearing"):
+            if r.clearing:
                 state_text.append(" clearing", style="yellow")
-            if r.get("missing"):
+            if r.missing:
                 state_text.append(" missing", style="magenta")
                 value.stylize("magenta")
-            if state != "ok" and r.get("since") is not None and taken_at is not None:
-                state_text.append(f" for {fmt_duration(float(taken_at) - float(r['since']))}")
+            if state != "ok" and r.since is not None and taken_at is not None:
+                state_text.append(f" for {fmt_duration(taken_at - r.since)}")
             cells.append([
-                str(r["name"]), fmt_labels(r.get("labels") or {}), value,
-                ("> " if above else "< ") + fmt_value(metric, r.get("threshold")),
-                ("< " if above else "> ") + fmt_value(metric, r.get("clear_threshold")),
+                r.name, fmt_labels(r.labels), value,
+                ("> " if above else "< ") + fmt_value(metric, r.threshold),
+                ("< " if above else "> ") + fmt_value(metric, r.clear_threshold),
                 state_text,
             ])
         table = frame.table(("rule", "series", "value", "trips", "clears", "state"), cells,
@@ -620,29 +594,27 @@ def _series(status: Status, frame: _Frame) -> _Part[Any]:
 def _rules(status: Status, frame: _Frame) -> _Part[Any]:
     """A line per rule: its metric, action, worst state and its series by state. A rule
     that cannot be enforced here comes early; the rest only when there is room."""
-    by_name: dict[str, list[Mapping[str, Any]]] = {}
-    for r in status.get("rules") or []:
-        by_name.setdefault(str(r["name"]), []).append(r)
+    by_name = status.rules_by_name()
     if not by_name:
         return _fixed(TIER_REST, Text("Rules: none configured", style="bold"))
-    rows = [(TIER_HOLDING if entries[0].get("enforceable") is False else TIER_REST + 1,
+    rows = [(TIER_HOLDING if not entries[0].enforceable else TIER_REST + 1,
              0, (name, entries)) for name, entries in by_name.items()]
 
-    def make(shown: list[tuple[str, list[Mapping[str, Any]]]],
-             hidden: list[tuple[str, list[Mapping[str, Any]]]]) -> RenderableType | None:
+    def make(shown: list[tuple[str, list[RuleSeries]]],
+             hidden: list[tuple[str, list[RuleSeries]]]) -> RenderableType | None:
         cells: list[list[RenderableType]] = []
         for name, entries in shown:
             first = entries[0]
-            watched = [e for e in entries if e.get("series") is not None]
-            state = _worst([str(e["state"]) for e in entries])
+            watched = [e for e in entries if e.series is not None]
+            state = _worst([e.state for e in entries])
             state_text = Text(state, style=RULE_STYLE.get(state, ""))
-            if first.get("enforceable") is False:
-                state_text.append(f" not enforceable: {first.get('not_enforceable_because')}",
+            if not first.enforceable:
+                state_text.append(f" not enforceable: {first.not_enforceable_because}",
                                   style="bold red")
             counts: dict[str, int] = defaultdict(int)
             for e in watched:
-                counts[str(e["state"])] += 1
-                if e.get("missing"):
+                counts[e.state] += 1
+                if e.missing:
                     counts["missing"] += 1
             summary = Text()
             if not watched:
@@ -653,8 +625,8 @@ def _rules(status: Status, frame: _Frame) -> _Part[Any]:
                         summary.append(", ")
                     summary.append(f"{counts[key]} {key}",
                                    style=RULE_STYLE.get(key, "magenta") if key != "ok" else "")
-            cells.append([name, str(first.get("metric") or "-"),
-                          str(first.get("action") or "-"), state_text, summary])
+            cells.append([name, first.metric or "-", first.action or "-", state_text,
+                          summary])
         table = frame.table(("rule", "metric", "action", "state", "series"), cells,
                             wrap=() if frame.fitted else ("metric", "state", "series"),
                             squeeze="metric")
@@ -667,21 +639,20 @@ def _hottest(temperature: float | None) -> float:
     return -temperature if temperature is not None else math.inf
 
 
-def _gpus(status: Status, readings: _Readings, frame: _Frame) -> _Part[Any]:
-    infos = sorted(readings.by_metric.get("gpu_info", []),
-                   key=lambda r: int(r["labels"]["gpu"]))
-    caps: Mapping[str, float] = status.get("power_caps") or {}
+def _gpus(status: Status, frame: _Frame) -> _Part[Any]:
+    readings = status.readings
+    infos = sorted(readings.of("gpu_info"), key=lambda r: int(r.labels["gpu"]))
+    caps = status.power_caps
 
-    def temperature(info: Mapping[str, Any]) -> float | None:
-        return readings.value("gpu_temperature_celsius", gpu=info["labels"]["gpu"])
+    def temperature(info: Reading) -> float | None:
+        return readings.value("gpu_temperature_celsius", gpu=info.labels["gpu"])
 
     rows = [(TIER_READING, _hottest(temperature(info)), info) for info in infos]
 
-    def make(shown: list[Mapping[str, Any]],
-             hidden: list[Mapping[str, Any]]) -> RenderableType | None:
+    def make(shown: list[Reading], hidden: list[Reading]) -> RenderableType | None:
         cells: list[list[RenderableType]] = []
         for info in shown:
-            gpu = info["labels"]["gpu"]
+            gpu = info.labels["gpu"]
             labels = {"gpu": gpu}
             temp = temperature(info)
             util = readings.value("gpu_utilization_ratio", gpu=gpu)
@@ -689,24 +660,24 @@ def _gpus(status: Status, readings: _Readings, frame: _Frame) -> _Part[Any]:
             limit = readings.value("gpu_power_limit_watts", gpu=gpu)
             used = readings.value("gpu_memory_used_bytes", gpu=gpu)
             total = readings.value("gpu_memory_total_bytes", gpu=gpu)
-            power_text = readings.shown("gpu_power_watts", power, labels,
-                                        "-" if power is None else f"{power:.0f}")
+            power_text = _shown(status, "gpu_power_watts", power, labels,
+                                "-" if power is None else f"{power:.0f}")
             power_text.append(" / " + ("-" if limit is None else f"{limit:.0f}") + " W")
             if gpu in caps:
                 power_text.append(f" capped at {caps[gpu]:.0f} W", style="yellow")
-            events = [r["labels"]["reason"] for r in readings.by_metric.get(
-                "gpu_clock_event_active", []) if r["labels"]["gpu"] == gpu and r["value"]]
+            events = [r.labels["reason"] for r in readings.of("gpu_clock_event_active")
+                      if r.labels["gpu"] == gpu and r.value]
             cells.append([
                 gpu,
-                readings.shown("gpu_temperature_celsius", temp, labels,
-                               "-" if temp is None else f"{temp:.0f} °C"),
-                readings.shown("gpu_utilization_ratio", util, labels,
-                               "-" if util is None else f"{util * 100:.0f}%"),
+                _shown(status, "gpu_temperature_celsius", temp, labels,
+                       "-" if temp is None else f"{temp:.0f} °C"),
+                _shown(status, "gpu_utilization_ratio", util, labels,
+                       "-" if util is None else f"{util * 100:.0f}%"),
                 power_text,
                 "-" if used is None or total is None
                 else f"{used / 2**30:.1f} / {total / 2**30:.1f} GiB",
                 Text(", ".join(events), style="yellow") if events else Text("none", style="dim"),
-                info["labels"].get("name") or "?",
+                info.labels.get("name") or "?",
             ])
         table = frame.table(
             ("gpu", "temp", "util", "power / limit", "memory", "clock events", "name"), cells,
@@ -718,20 +689,21 @@ def _gpus(status: Status, readings: _Readings, frame: _Frame) -> _Part[Any]:
     return _Part(rows, make, _table_lines if frame.fitted else None)
 
 
-def _accelerators(readings: _Readings, frame: _Frame) -> _Part[Any]:
+def _accelerators(status: Status, frame: _Frame) -> _Part[Any]:
+    readings = status.readings
     devices = sorted({
-        (r["labels"]["device"], r["labels"]["driver"])
+        (r.labels["device"], r.labels["driver"])
         for metric in ("accelerator_utilization_ratio", "accelerator_temperature_celsius",
                        "accelerator_power_watts", "accelerator_memory_total_bytes")
-        for r in readings.by_metric.get(metric, [])
+        for r in readings.of(metric)
     })
 
-    def sensors(device: str) -> list[Mapping[str, Any]]:
-        return [r for r in readings.by_metric.get("accelerator_temperature_celsius", [])
-                if r["labels"]["device"] == device]
+    def sensors(device: str) -> list[Reading]:
+        return [r for r in readings.of("accelerator_temperature_celsius")
+                if r.labels["device"] == device]
 
     def hottest(device: str) -> float | None:
-        return max((float(r["value"]) for r in sensors(device)), default=None)
+        return max((r.value for r in sensors(device)), default=None)
 
     rows = [(TIER_READING, _hottest(hottest(device)), (device, driver))
             for device, driver in devices]
@@ -741,18 +713,18 @@ def _accelerators(readings: _Readings, frame: _Frame) -> _Part[Any]:
         cells: list[list[RenderableType]] = []
         for device, driver in shown:
             labels = {"device": device, "driver": driver}
-            temps = _temperature_list(readings, sensors(device), frame, room=60)
+            temps = _temperature_list(status, sensors(device), frame, room=60)
             util = readings.value("accelerator_utilization_ratio", device=device)
             power = readings.value("accelerator_power_watts", device=device)
             used = readings.value("accelerator_memory_used_bytes", device=device)
             total = readings.value("accelerator_memory_total_bytes", device=device)
             cells.append([
                 device, driver,
-                "-" if util is None else readings.shown("accelerator_utilization_ratio", util,
-                                                        labels),
+                "-" if util is None else _shown(status, "accelerator_utilization_ratio", util,
+                                                labels),
                 temps or "-",
-                "-" if power is None else readings.shown("accelerator_power_watts", power,
-                                                         labels),
+                "-" if power is None else _shown(status, "accelerator_power_watts", power,
+                                                 labels),
                 "-" if used is None or total is None
                 else f"{used / 2**30:.1f} / {total / 2**30:.1f} GiB",
             ])
@@ -765,14 +737,13 @@ def _accelerators(readings: _Readings, frame: _Frame) -> _Part[Any]:
     return _Part(rows, make, _table_lines if frame.fitted else None)
 
 
-def _temperature_list(readings: _Readings, sensors: Sequence[Mapping[str, Any]],
-                      frame: _Frame, room: int | None) -> Text:
+def _temperature_list(status: Status, sensors: Sequence[Reading], frame: _Frame,
+                      room: int | None) -> Text:
     """`sensor value, sensor value...`; in a frame that must fit, the hottest first and
     as many as `room` columns hold, then how many more there are."""
     if frame.fitted:
-        sensors = sorted(sensors, key=lambda r: -float(r["value"]))
-    pieces = [Text(f"{r['labels']['sensor']} ") + readings.shown(r["metric"], r["value"],
-                                                                r["labels"])
+        sensors = sorted(sensors, key=lambda r: -r.value)
+    pieces = [Text(f"{r.labels['sensor']} ") + _shown(status, r.metric, r.value, r.labels)
               for r in sensors]
     out = Text()
     for i, piece in enumerate(pieces):
@@ -788,43 +759,44 @@ def _temperature_list(readings: _Readings, sensors: Sequence[Mapping[str, Any]],
     return out
 
 
-def _host(readings: _Readings, frame: _Frame) -> _Part[Any]:
+def _host(status: Status, frame: _Frame) -> _Part[Any]:
     """CPU, memory, load and pressure in a few lines, and CPU temperatures a row per chip:
     a 128-core box fits on the screen as well as a laptop does. A frame that must fit
     shows each chip's hottest sensors first, and the hottest chips."""
+    readings = status.readings
     rows: list[tuple[int, float, tuple[str, Text, float | None]]] = []
-    cores = readings.by_metric.get("cpu_utilization_ratio", [])
+    cores = readings.of("cpu_utilization_ratio")
     if cores:
-        busiest = max(cores, key=lambda r: float(r["value"]))
-        average = sum(float(r["value"]) for r in cores) / len(cores)
+        busiest = max(cores, key=lambda r: r.value)
+        average = sum(r.value for r in cores) / len(cores)
         rows.append((TIER_HOST, -math.inf, ("cpu", Text(
             f"{average * 100:.1f}% average over {len(cores)} cores, busiest "
-            f"cpu{busiest['labels']['cpu']} {float(busiest['value']) * 100:.1f}%"), None)))
+            f"cpu{busiest.labels['cpu']} {busiest.value * 100:.1f}%"), None)))
     memory = readings.value("memory_used_ratio")
     if memory is not None:
-        rows.append((TIER_HOST, -math.inf, ("memory", readings.shown(
-            "memory_used_ratio", memory, {}, f"{memory * 100:.1f}% used"), None)))
+        rows.append((TIER_HOST, -math.inf, ("memory", _shown(
+            status, "memory_used_ratio", memory, {}, f"{memory * 100:.1f}% used"), None)))
     loads = [readings.value("load_average_tasks", window=w) for w in ("1m", "5m", "15m")]
     if all(v is not None for v in loads):
         rows.append((TIER_REST, 0, ("load", Text(
             " ".join(f"{v:.2f}" for v in loads if v is not None)), None)))
     pressure: dict[str, list[Text]] = defaultdict(list)
-    for r in readings.by_metric.get("pressure_stall_ratio", []):
-        pressure[r["labels"]["resource"]].append(
-            Text(f"{r['labels']['kind']} ") + readings.shown(r["metric"], r["value"], r["labels"]))
+    for r in readings.of("pressure_stall_ratio"):
+        pressure[r.labels["resource"]].append(
+            Text(f"{r.labels['kind']} ") + _shown(status, r.metric, r.value, r.labels))
     if pressure:
         rows.append((TIER_REST, 0, ("pressure", Text("  ·  ").join(
             Text(f"{resource} ") + Text(" ").join(kinds)
             for resource, kinds in pressure.items()), None)))
-    chips: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
-    for r in readings.by_metric.get("cpu_temperature_celsius", []):
-        chips[r["labels"]["chip"]].append(r)
+    chips: dict[str, list[Reading]] = defaultdict(list)
+    for r in readings.of("cpu_temperature_celsius"):
+        chips[r.labels["chip"]].append(r)
     room = None if frame.width is None else frame.width - len("CPU temp") - 2
     for chip, sensors in chips.items():
-        hottest = max(float(r["value"]) for r in sensors)
+        hottest = max(r.value for r in sensors)
         line = Text(f"{chip}: ")
         line.append_text(_temperature_list(
-            readings, sensors, frame, None if room is None else room - line.cell_len))
+            status, sensors, frame, None if room is None else room - line.cell_len))
         rows.append((TIER_HOST, _hottest(hottest), ("CPU temp", line, hottest)))
 
     def make(shown: list[tuple[str, Text, float | None]],

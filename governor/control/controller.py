@@ -9,88 +9,48 @@ cgroup freeze never stalls a scrape. The API never calls an actuator itself.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, overload
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from governor.actuators.base import Actuator, ActuatorError
+from governor.actuators.base import Actuator, ActuatorError, ProtectedProcessError
 from governor.actuators.gpu_power import PowerCapper
 from governor.client.progress import Progress, ProgressReport
 from governor.config import Config, RuleConfig
+from governor.control.events import (
+    AuditSink,
+    Events,
+    action_line,
+    job_ref,
+    no_audit,
+    power_line,
+    requested,
+)
+from governor.control.view import ControlView, DirectiveView, JobView, LazyRules
 from governor.jobs import process
+from governor.jobs.errors import (
+    Conflict,
+    NoSuchJob,
+    NotPermitted,
+    NotRecorded,
+    RegistrationError,
+    Unacceptable,
+)
 from governor.jobs.exits import ExitWatch
 from governor.jobs.model import RUN, Action, Directive, Job, Mode
-from governor.jobs.registry import Caller, JobRegistry, JobRequest, RegistrationError
+from governor.jobs.registry import Caller, JobRegistry, JobRequest
 from governor.policy.directives import OPERATOR, PowerCap, decide, rule_states_view
-from governor.policy.evidence import readings as readings_of
 from governor.policy.rules import Phase, RuleStates, Transition, carry_over, evaluate_rules
 from governor.policy.rules import series_name as series_of
 from governor.safety.journal import Journal
 from governor.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
-actions_log = logging.getLogger("governor.actions")
 
 #: (job id, directive version), called on the controller's thread after a change
 DirectiveListener = Callable[[str, int], None]
-#: receives each audit event (who, what, job, why, round) under the lock: the daemon's
-#: AuditLog.append, which never raises and never blocks on a disk
-AuditSink = Callable[[dict[str, Any]], None]
-
-
-def _no_audit(_event: dict[str, Any]) -> None:
-    return None
-
-
-class LazyRules(Sequence[dict[str, Any]]):
-    """/v1/rules's entries, made on first read. Every round publishes a new view, and a
-    round is more frequent than a scrape or a `governor top` refresh: most views are never
-    read. The states it is made from are replaced each round, never changed, so making it
-    later, on another thread, gives what making it at once would."""
-
-    def __init__(self, make: Callable[[], list[dict[str, Any]]]):
-        self._make: Callable[[], list[dict[str, Any]]] | None = make
-        self._entries: tuple[dict[str, Any], ...] = ()
-        self._lock = threading.Lock()
-
-    def _made(self) -> tuple[dict[str, Any], ...]:
-        if self._make is not None:
-            with self._lock:
-                if self._make is not None:
-                    self._entries, self._make = tuple(self._make()), None
-        return self._entries
-
-    @overload
-    def __getitem__(self, index: int) -> dict[str, Any]: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[dict[str, Any]]: ...
-
-    def __getitem__(self, index: int | slice) -> dict[str, Any] | Sequence[dict[str, Any]]:
-        return self._made()[index]
-
-    def __len__(self) -> int:
-        return len(self._made())
-
-
-@dataclass(frozen=True)
-class ControlView:
-    """What the API and the metrics read: a copy, made after every change."""
-
-    jobs: tuple[dict[str, Any], ...] = ()
-    rules: Sequence[dict[str, Any]] = ()
-    #: job id -> (directive as JSON, version)
-    directives: Mapping[str, tuple[dict[str, Any], int]] = field(default_factory=dict)
-    #: GPU index -> the power cap in force, in watts
-    power_caps: Mapping[str, float] = field(default_factory=dict)
-    #: job id -> the names of the rules holding the job ("operator" for an operator
-    #: hold); the reasons carry readings, too changeable for a metric label
-    held_by: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 class Controller:
@@ -104,7 +64,7 @@ class Controller:
         unavailable_modes: Mapping[Mode, str] | None = None,
         power_unavailable: str | None = None,
         on_action: Callable[[str, str], None] = lambda action, rule: None,
-        audit: AuditSink = _no_audit,
+        audit: AuditSink = no_audit,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ):
@@ -121,7 +81,7 @@ class Controller:
         self._power_unavailable = power.unavailable if power is not None else power_unavailable
         self._caps: dict[str, PowerCap] = {}
         self._on_action = on_action
-        self._audit = audit
+        self._events = Events(audit)
         #: the sequence of the last snapshot evaluated: the round rule-made actions follow
         self._round: int | None = None
         self._clock = clock
@@ -158,30 +118,28 @@ class Controller:
         self._listeners.append(listener)
 
     def register(self, request: JobRequest, caller: Caller) -> dict[str, Any]:
-        with self._lock, self._refusals("register", caller, _requested(request)):
+        with self._lock, self._events.refusals("register", caller, requested(request)):
             job = self.registry.admit(request, caller, self._wall())
             why = self._unavailable_modes.get(job.mode)
             if why is not None:
-                raise RegistrationError(422, f"{job.mode.value} mode is not available here: "
-                                             f"{why}")
+                raise Unacceptable(f"{job.mode.value} mode is not available here: {why}")
             try:
                 self._actuators[job.mode].attach(job)
             except ActuatorError as exc:
-                raise RegistrationError(exc.status, str(exc)) from None
+                raise _refusal(exc) from None
             self._check_cgroup_free(job)
             self._watch_exit(job)
             try:
-                self._journal.put_job(job.id, self._record(job))
+                self._journal.put_job(job.id, job.to_record())
             except OSError as exc:
                 self._exits.forget(job.id)
                 self._actuators[job.mode].detach(job)
-                raise RegistrationError(
-                    507, f"The job was not registered: the journal cannot be written "
-                         f"({exc.strerror}).") from None
+                raise NotRecorded(f"The job was not registered: the journal cannot be "
+                                  f"written ({exc.strerror}).") from None
             self.registry.add(job)
-            _action_line("register", job, by=str(caller))
-            self._emit("register", str(caller), job, devices=list(job.devices),
-                       priority=job.priority, cgroup=job.cgroup)
+            action_line("register", job, by=str(caller))
+            self._events.emit("register", str(caller), job, devices=list(job.devices),
+                               priority=job.priority, cgroup=job.cgroup)
             self._enforce()
             return job.as_dict()
 
@@ -192,7 +150,7 @@ class Controller:
         with self._lock:
             for job_id, record in records.items():
                 try:
-                    job = _job_from_record(job_id, record)
+                    job = Job.from_record(job_id, record)
                 except (KeyError, TypeError, ValueError) as exc:
                     forgotten.append(f"job {job_id}: unreadable record ({exc!r})")
                     self._journal.drop_job(job_id)
@@ -204,8 +162,8 @@ class Controller:
                     continue
                 self.registry.add(job)
                 self._watch_exit(job)
-                self._journal.put_job(job.id, self._record(job))
-                _action_line("adopt", job, by="restart")
+                self._journal.put_job(job.id, job.to_record())
+                action_line("adopt", job, by="restart")
             self._enforce()
         for line in forgotten:
             log.warning("journal: %s; forgotten", line)
@@ -232,11 +190,11 @@ class Controller:
         for other in self.registry.all():
             if other.gone_at is None and other.cgroup == job.cgroup:
                 self._actuators[job.mode].detach(job)
-                raise RegistrationError(409, f"Cgroup {job.cgroup} is already registered as "
-                                             f"job {other.id} ({other.name}).")
+                raise Conflict(f"Cgroup {job.cgroup} is already registered as "
+                               f"job {other.id} ({other.name}).")
 
     def unregister(self, job_id: str, caller: Caller) -> None:
-        with self._lock, self._refusals("unregister", caller, self._ref(job_id)):
+        with self._lock, self._events.refusals("unregister", caller, self._ref(job_id)):
             job = self._owned(job_id, caller)
             was = job.directive
             self._exits.forget(job.id)
@@ -248,23 +206,23 @@ class Controller:
             self._operator.pop(job.id, None)
             job.directive = RUN
             job.directive_version += 1
-            _action_line("unregister", job, by=str(caller))
+            action_line("unregister", job, by=str(caller))
             held = [f"resumed first: it was {was.state}"] if was.action is not Action.RUN else []
-            self._emit("unregister", str(caller), job, reasons=held)
+            self._events.emit("unregister", str(caller), job, reasons=held)
             self._notify(job)
             self._publish()
 
     def hold(self, job_id: str, caller: Caller, held: bool) -> dict[str, Any]:
         """Operator pause (held=True) or resume (False); rules still apply after a resume."""
         what = "operator-pause" if held else "operator-resume"
-        with self._lock, self._refusals(what, caller, self._ref(job_id)):
+        with self._lock, self._events.refusals(what, caller, self._ref(job_id)):
             job = self._owned(job_id, caller)
             if job.gone_at is not None:
-                raise RegistrationError(409, f"Job {job.id} ({job.name}) has exited.")
+                raise Conflict(f"Job {job.id} ({job.name}) has exited.")
             job.held_by_operator = held
             self._operator[job.id] = str(caller)
-            self._journal.put_job(job.id, self._record(job))
-            self._emit(what, str(caller), job, reasons=[
+            self._journal.put_job(job.id, job.to_record())
+            self._events.emit(what, str(caller), job, reasons=[
                 "held by the operator until resumed" if held
                 else "operator hold lifted; rules still apply"])
             self._enforce()
@@ -289,9 +247,9 @@ class Controller:
                 if job.directive.action is not Action.RUN:
                     reasons += [f"asked to {job.directive.action.value}: {r}"
                                 for r in job.directive.reasons]
-                _action_line("deferral", job, by="cooperative client")
-                self._emit("deferral", "cooperative client", job, reasons=reasons,
-                           deferrals=after.deferrals, new=new)
+                action_line("deferral", job, by="cooperative client")
+                self._events.emit("deferral", "cooperative client", job, reasons=reasons,
+                                   deferrals=after.deferrals, new=new)
             self._publish()
 
     def reload(self, config: Config) -> list[dict[str, Any]]:
@@ -324,16 +282,16 @@ class Controller:
 
     # ---- reading -------------------------------------------------------------------------
 
-    def job(self, job_id: str) -> dict[str, Any]:
+    def job(self, job_id: str) -> JobView:
         for job in self.view.jobs:
-            if job["id"] == job_id:
+            if job.id == job_id:
                 return job
-        raise RegistrationError(404, f"There is no job {job_id!r}.")
+        raise NoSuchJob(f"There is no job {job_id!r}.")
 
-    def directive(self, job_id: str) -> tuple[dict[str, Any], int]:
+    def directive(self, job_id: str) -> DirectiveView:
         found = self.view.directives.get(job_id)
         if found is None:
-            raise RegistrationError(404, f"There is no job {job_id!r}.")
+            raise NoSuchJob(f"There is no job {job_id!r}.")
         return found
 
     def actuator(self, mode: Mode) -> Actuator | None:
@@ -347,8 +305,8 @@ class Controller:
     def _owned(self, job_id: str, caller: Caller) -> Job:
         job = self.registry.get(job_id)
         if caller.restricted and job.owner_uid != caller.uid:
-            raise RegistrationError(403, f"Job {job_id} is not yours; only root may govern "
-                                         "another user's job.")
+            raise NotPermitted(f"Job {job_id} is not yours; only root may govern "
+                               "another user's job.")
         return job
 
     def _enforce(self) -> None:
@@ -362,11 +320,9 @@ class Controller:
                 rules = cap.rules if cap is not None else (
                     previous.rules if previous is not None else ("unknown",))
                 self._count(action, rules)
-                actions_log.info("%s", json.dumps({
-                    "action": action, "gpu": gpu, "rules": list(rules),
-                    "watts": cap.watts if cap else None,
-                    "reasons": list(cap.reasons) if cap else []}))
-                self._emit_power(action, gpu, cap)
+                power_line(action, gpu, rules, cap)
+                self._events.power(action, gpu, cap, previous, config=self._rules,
+                                   states=self._states, round_=self._round)
         still_capped = self._power.capped if self._power is not None else {}
         self._caps = {gpu: cap for gpu, cap in self._caps.items() if gpu in still_capped}
         self._caps.update({cap.gpu: cap for cap in caps.values()})
@@ -392,58 +348,16 @@ class Controller:
             self._count(action, rules)
             by = [self._operator.get(job.id, "operator") if r == OPERATOR else f"rule {r}"
                   for r in rules]
-            _action_line(action, job, by=", ".join(by), directive=directive)
-            self._emit_action(action, ", ".join(by), job, before, rules)
+            action_line(action, job, by=", ".join(by), directive=directive)
+            self._events.action(action, ", ".join(by), job, before, rules,
+                                config=self._rules, states=self._states, round_=self._round)
         self._notify(job)
-
-    def _emit(self, what: str, who: str, job: Job | dict[str, Any] | None, *,
-              reasons: Iterable[str] = (), readings: Iterable[dict[str, Any]] = (),
-              round_: int | None = None, **more: Any) -> None:
-        """One audit event; the sink never raises, and a broken one stops no action."""
-        event = {"who": who, "what": what,
-                 "job": _job_ref(job) if isinstance(job, Job) else job,
-                 "why": {"reasons": list(reasons), "readings": list(readings)},
-                 "round": round_, **more}
-        try:
-            self._audit(event)
-        except Exception:
-            log.exception("the audit sink failed")
-
-    def _emit_action(self, action: str, who: str, job: Job, before: Directive,
-                     rules: Collection[str]) -> None:
-        """A pause, slow or resume, with the readings of the rules behind it."""
-        held = job.directive.action is not Action.RUN
-        by_rules = [r for r in rules if r != OPERATOR]
-        reasons = job.directive.reasons if held else _cleared(before.rules)
-        self._emit(action, who, job, reasons=reasons,
-                   readings=readings_of(self._rules, self._states, by_rules, holding=held,
-                                        job=job),
-                   round_=self._round if by_rules else None, speed=job.directive.speed)
-
-    def _emit_power(self, action: str, gpu: str, cap: PowerCap | None) -> None:
-        held = cap if cap is not None else self._caps.get(gpu)
-        rules = held.rules if held is not None else ()
-        self._emit(action, ", ".join(f"rule {r}" for r in rules) or "governor", None,
-                   reasons=cap.reasons if cap is not None else _cleared(rules),
-                   readings=readings_of(self._rules, self._states, rules,
-                                        holding=cap is not None, gpu=gpu),
-                   round_=self._round, gpu=gpu, watts=cap.watts if cap is not None else None)
-
-    @contextlib.contextmanager
-    def _refusals(self, what: str, caller: Caller, job: dict[str, Any]) -> Iterator[None]:
-        """A refused request is recorded too (as "<what>-refused") before it is answered."""
-        try:
-            yield
-        except RegistrationError as exc:
-            self._emit(f"{what}-refused", str(caller), job, reasons=[exc.message],
-                       status=exc.status)
-            raise
 
     def _ref(self, job_id: str) -> dict[str, Any]:
         """The job as an audit event names it; just the id asked for if there is none."""
         try:
-            return _job_ref(self.registry.get(job_id))
-        except RegistrationError:
+            return job_ref(self.registry.get(job_id))
+        except NoSuchJob:
             return {"id": job_id, "name": None, "pid": None, "mode": None}
 
     def _count(self, action: str, rules: tuple[str, ...]) -> None:
@@ -477,9 +391,9 @@ class Controller:
             job.directive = RUN
             job.directive_version += 1
             self._journal.drop_job(job.id)
-            _action_line("gone", job, by="exit")
-            self._emit("gone", "governor", job, reasons=["its process exited"],
-                       round_=self._round)
+            action_line("gone", job, by="exit")
+            self._events.emit("gone", "governor", job, reasons=["its process exited"],
+                               round_=self._round)
             self._notify(job)
 
     def _bind_devices(self, snapshot: Snapshot) -> None:
@@ -514,10 +428,6 @@ class Controller:
                 log.warning("rule %s (power_cap) is not enforceable: %s", rule.name,
                             self._power_unavailable)
 
-    def _record(self, job: Job) -> dict[str, Any]:
-        return {**job.as_dict(), "devices": list(job.devices),
-                "restricted_uid": job.restricted_uid, "saved": job.saved}
-
     def _rules_view(self) -> Callable[[], list[dict[str, Any]]]:
         """What /v1/rules will say of this moment, made when first read."""
         rules, states = list(self._rules), self._states
@@ -538,16 +448,11 @@ class Controller:
     def _publish(self) -> None:
         rules = LazyRules(self._rules_view())
         jobs = []
-        directives: dict[str, tuple[dict[str, Any], int]] = {}
+        directives: dict[str, DirectiveView] = {}
         held_by: dict[str, tuple[str, ...]] = {}
         for job in self.registry.all():
-            entry = job.as_dict()
-            if "error" in job.extra:
-                entry["error"] = job.extra["error"]
-            if job.progress is not None:
-                entry["progress"] = job.progress.as_dict()
-            jobs.append(entry)
-            directives[job.id] = (job.directive.as_dict(), job.directive_version)
+            jobs.append(JobView.of(job))
+            directives[job.id] = DirectiveView(job.directive, job.directive_version)
             held_by[job.id] = job.directive.rules
         caps = self._power.capped if self._power is not None else {}
         self.view = ControlView(tuple(jobs), rules, directives, caps, held_by)
@@ -564,44 +469,8 @@ class Controller:
         return dict(self.view.power_caps)
 
 
-def _job_from_record(job_id: str, record: Mapping[str, Any]) -> Job:
-    pid = record.get("pid")
-    started = record.get("pid_started_at")
-    return Job(
-        id=job_id, name=str(record["name"]), mode=Mode(record["mode"]),
-        pid=int(pid) if pid is not None else None,
-        pid_started_at=float(started) if started is not None else None,
-        cgroup=record.get("cgroup"), devices=tuple(str(d) for d in record.get("devices", ())),
-        priority=int(record.get("priority", 0)),
-        registered_at=float(record["registered_at"]),
-        owner_uid=record.get("owner_uid"),
-        held_by_operator=bool(record.get("held_by_operator", False)),
-        restricted_uid=record.get("restricted_uid"),
-        saved=dict(record.get("saved") or {}),
-    )
-
-
-def _job_ref(job: Job) -> dict[str, Any]:
-    return {"id": job.id, "name": job.name, "pid": job.pid, "mode": job.mode.value}
-
-
-def _cleared(rules: Iterable[str]) -> list[str]:
-    """Why a hold ended: the rules (or the operator hold) that held it let go."""
-    return ["operator hold lifted" if r == OPERATOR else f"{r} cleared" for r in rules]
-
-
-def _requested(request: JobRequest) -> dict[str, Any]:
-    """A job not yet admitted, as the request names it."""
-    return {"id": None, "name": request.name, "pid": request.pid,
-            "mode": request.mode.value if request.mode is not None else None}
-
-
-def _action_line(action: str, job: Job, *, by: str, directive: Directive | None = None) -> None:
-    """One structured line per action: who or which rule, on which job, and why."""
-    entry: dict[str, Any] = {"action": action, "job": job.name, "id": job.id,
-                             "pid": job.pid, "mode": job.mode.value, "by": by}
-    if directive is not None:
-        entry["speed"] = directive.speed
-        entry["reasons"] = list(directive.reasons)
-    actions_log.info("%s", json.dumps(entry))
-
+def _refusal(exc: ActuatorError) -> RegistrationError:
+    """A registration refused because the actuator cannot hold the job."""
+    if isinstance(exc, ProtectedProcessError):
+        return NotPermitted(str(exc))
+    return Unacceptable(str(exc))

@@ -7,6 +7,7 @@ it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
@@ -153,3 +154,28 @@ class Job:
             "owner_uid": self.owner_uid,
             "gone_at": self.gone_at,
         }
+
+    def to_record(self) -> dict[str, Any]:
+        """What the journal keeps of the job, to take it back after a restart."""
+        return {**self.as_dict(), "devices": list(self.devices),
+                "restricted_uid": self.restricted_uid, "saved": self.saved}
+
+    @classmethod
+    def from_record(cls, job_id: str, record: Mapping[str, Any]) -> Job:
+        """The job a journal record (to_record's) describes; KeyError, TypeError or
+        ValueError for a record that does not."""
+        pid = record.get("pid")
+        started = record.get("pid_started_at")
+        return cls(
+            id=job_id, name=str(record["name"]), mode=Mode(record["mode"]),
+            pid=int(pid) if pid is not None else None,
+            pid_started_at=float(started) if started is not None else None,
+            cgroup=record.get("cgroup"),
+            devices=tuple(str(d) for d in record.get("devices", ())),
+            priority=int(record.get("priority", 0)),
+            registered_at=float(record["registered_at"]),
+            owner_uid=record.get("owner_uid"),
+            held_by_operator=bool(record.get("held_by_operator", False)),
+            restricted_uid=record.get("restricted_uid"),
+            saved=dict(record.get("saved") or {}),
+        )

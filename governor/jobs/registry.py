@@ -3,7 +3,7 @@
 Admission refuses what must never be held (pid 1, the governor, its ancestors, kernel
 threads), what the caller may not touch (another user's process, over the unix socket),
 and conflicts (a process already registered, a pid that now names another process),
-each with the documented status and one sentence.
+each as a kind of refusal (governor/jobs/errors.py) with one sentence.
 """
 
 from __future__ import annotations
@@ -17,16 +17,10 @@ from dataclasses import dataclass
 
 from governor.actuators import modes
 from governor.jobs import process
+from governor.jobs.errors import Conflict, NoSuchJob, NotPermitted, Unacceptable
 from governor.jobs.model import Job, Mode
 
 DEVICE = re.compile(r"^[A-Za-z][\w.-]{0,63}$")
-
-
-class RegistrationError(Exception):
-    def __init__(self, status: int, message: str):
-        self.status = status
-        self.message = message
-        super().__init__(message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,11 +55,11 @@ class JobRequest:
 
 def resolve_mode(request: JobRequest) -> Mode:
     """The mode asked for, else the one the table gives for what names the job; refused
-    (422) when the mode cannot hold a job named that way."""
+    (Unacceptable) when the mode cannot hold a job named that way."""
     mode = request.mode or modes.default_mode(modes.named_by(request.pid, request.cgroup))
     why = modes.refusal(mode, request.pid, request.cgroup)
     if why is not None:
-        raise RegistrationError(422, why)
+        raise Unacceptable(why)
     return mode
 
 
@@ -80,7 +74,7 @@ class JobRegistry:
         with self.lock:
             job = self._jobs.get(job_id)
         if job is None:
-            raise RegistrationError(404, f"There is no job {job_id!r}.")
+            raise NoSuchJob(f"There is no job {job_id!r}.")
         return job
 
     def all(self) -> list[Job]:
@@ -105,14 +99,14 @@ class JobRegistry:
         """A new job for this request, checked; not yet added or attached."""
         name = request.name.strip()
         if not name:
-            raise RegistrationError(422, "A job needs a name.")
+            raise Unacceptable("A job needs a name.")
         mode = resolve_mode(request)
         for device in request.devices:
             if not DEVICE.match(device):
-                raise RegistrationError(422, f"{device!r} is not a device name like gpu0, "
-                                             "card0 or accel0.")
+                raise Unacceptable(f"{device!r} is not a device name like gpu0, "
+                                   "card0 or accel0.")
         if caller.restricted and (request.cgroup is not None or mode is Mode.CGROUP):
-            raise RegistrationError(403, "Only root or a token holder may use cgroups.")
+            raise NotPermitted("Only root or a token holder may use cgroups.")
         started_at = None
         owner = caller.uid
         if request.pid is not None:
@@ -132,37 +126,37 @@ class JobRegistry:
         pid = request.pid
         assert pid is not None
         if pid <= 0:
-            raise RegistrationError(422, f"{pid} is not a process id.")
+            raise Unacceptable(f"{pid} is not a process id.")
         if pid == 1:
-            raise RegistrationError(403, "Pid 1 (init) cannot be governed.")
+            raise NotPermitted("Pid 1 (init) cannot be governed.")
         if pid == os.getpid():
-            raise RegistrationError(403, f"Pid {pid} is the governor itself.")
+            raise NotPermitted(f"Pid {pid} is the governor itself.")
         if pid in process.ancestors(os.getpid()):
-            raise RegistrationError(403, f"Pid {pid} is an ancestor of the governor.")
+            raise NotPermitted(f"Pid {pid} is an ancestor of the governor.")
         if pid in self.protected:
-            raise RegistrationError(403, f"Pid {pid} belongs to the governor.")
+            raise NotPermitted(f"Pid {pid} belongs to the governor.")
         identity = process.identify(pid)
         if identity is None:
-            raise RegistrationError(422, f"No process has pid {pid}.")
+            raise Unacceptable(f"No process has pid {pid}.")
         if process.is_kernel_thread(pid):
-            raise RegistrationError(403, f"Pid {pid} is a kernel thread.")
+            raise NotPermitted(f"Pid {pid} is a kernel thread.")
         if request.pid_started_at is not None and request.pid_started_at != identity.started_at:
-            raise RegistrationError(409, f"Pid {pid} is now another process (it started at "
-                                         f"{identity.started_at}, not {request.pid_started_at}).")
+            raise Conflict(f"Pid {pid} is now another process (it started at "
+                           f"{identity.started_at}, not {request.pid_started_at}).")
         if caller.restricted and process.owner_uid(pid) != caller.uid:
-            raise RegistrationError(403, f"Pid {pid} is not yours; only root may govern "
-                                         "another user's process.")
+            raise NotPermitted(f"Pid {pid} is not yours; only root may govern "
+                               "another user's process.")
         with self.lock:
             for job in self._jobs.values():
                 if (job.gone_at is None and job.pid == pid
                         and job.pid_started_at == identity.started_at):
-                    raise RegistrationError(409, f"Pid {pid} is already registered as job "
-                                                 f"{job.id} ({job.name}).")
+                    raise Conflict(f"Pid {pid} is already registered as job "
+                                   f"{job.id} ({job.name}).")
         return identity
 
     def _check_cgroup_free(self, cgroup: str) -> None:
         with self.lock:
             for job in self._jobs.values():
                 if job.gone_at is None and job.cgroup == cgroup:
-                    raise RegistrationError(409, f"Cgroup {cgroup} is already registered as "
-                                                 f"job {job.id} ({job.name}).")
+                    raise Conflict(f"Cgroup {cgroup} is already registered as "
+                                   f"job {job.id} ({job.name}).")

@@ -10,12 +10,29 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from governor.catalog import MetricSpec
 from governor.sampling.base import SampleResult, SamplerUnavailable
 from governor.sampling.paths import Garbage, SysPaths, link_name, read_int_strict, sorted_entries
 from governor.snapshot import reading
 
+if TYPE_CHECKING:
+    from governor.sampling.registry import SamplerContext
+
 BUSY_COUNTERS = ("npu_busy_time_us",)
+
+#: the busy share of any accelerator, whatever its driver; the amdgpu sampler produces
+#: it too, for its cards, and declares this same spec
+UTILIZATION = MetricSpec(
+    "accelerator_utilization_ratio",
+    "Share of time an accelerator (amdgpu, NPUs under /sys/class/accel) was busy.",
+    ("device", "driver"),
+    "device",
+)
+
+#: what this sampler produces (the catalog is assembled from such declarations)
+METRICS: tuple[MetricSpec, ...] = (UTILIZATION,)
 
 
 class AccelSampler:
@@ -70,3 +87,8 @@ class AccelSampler:
 
     def close(self) -> None:
         pass
+
+
+def from_context(context: SamplerContext) -> AccelSampler:
+    """The accel sampler's entry in governor/sampling/registry.py."""
+    return AccelSampler(context.paths)

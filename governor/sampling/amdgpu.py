@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from governor.catalog import MetricSpec
+from governor.sampling.accel import UTILIZATION
 from governor.sampling.base import SampleResult, SamplerUnavailable
 from governor.sampling.hwmon import read_millicelsius, sensor_labels
 from governor.sampling.paths import (
@@ -23,7 +26,37 @@ from governor.sampling.paths import (
 )
 from governor.snapshot import reading
 
+if TYPE_CHECKING:
+    from governor.sampling.registry import SamplerContext
+
 DRIVER = "amdgpu"
+
+#: what this sampler produces (the catalog is assembled from such declarations); the
+#: utilization is the accelerators' common one, declared by the accel sampler
+METRICS: tuple[MetricSpec, ...] = (
+    UTILIZATION,
+    MetricSpec(
+        "accelerator_temperature_celsius",
+        "Accelerator temperature sensors (amdgpu edge, junction, mem...).",
+        ("device", "driver", "sensor"),
+        "device",
+    ),
+    MetricSpec(
+        "accelerator_power_watts", "Accelerator power draw.", ("device", "driver"), "device"
+    ),
+    MetricSpec(
+        "accelerator_memory_used_bytes",
+        "Accelerator memory in use (amdgpu VRAM).",
+        ("device", "driver"),
+        "device",
+    ),
+    MetricSpec(
+        "accelerator_memory_total_bytes",
+        "Accelerator memory installed (amdgpu VRAM).",
+        ("device", "driver"),
+        "device",
+    ),
+)
 _CARD = re.compile(r"^card\d+$")
 _TEMP_INPUT = re.compile(r"^temp(\d+)_input$")
 
@@ -102,3 +135,8 @@ class AmdgpuSampler:
 
     def close(self) -> None:
         pass
+
+
+def from_context(context: SamplerContext) -> AmdgpuSampler:
+    """The amdgpu sampler's entry in governor/sampling/registry.py."""
+    return AmdgpuSampler(context.paths)

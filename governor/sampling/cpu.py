@@ -9,13 +9,34 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from governor.catalog import MetricSpec
 from governor.sampling.base import SampleResult
 from governor.sampling.paths import OpenFiles, SysPaths
 from governor.snapshot import Reading, reading
 
+if TYPE_CHECKING:
+    from governor.sampling.registry import SamplerContext
+
 PSI_RESOURCES = ("cpu", "memory", "io")
 LOAD_WINDOWS = ("1m", "5m", "15m")
+
+#: what this sampler produces (the catalog is assembled from such declarations)
+METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec("cpu_utilization_ratio", "Share of time each CPU core was busy.", ("cpu",)),
+    MetricSpec("memory_used_ratio", "Share of memory in use (1 - MemAvailable/MemTotal).", ()),
+    MetricSpec(
+        "pressure_stall_ratio",
+        "Pressure stall information: share of time stalled, averaged over 10 s (PSI avg10/100).",
+        ("resource", "kind"),
+    ),
+    MetricSpec(
+        "load_average_tasks",
+        "Load average: runnable and uninterruptible tasks, averaged over the window.",
+        ("window",),
+    ),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,3 +198,8 @@ class CpuSampler:
 
 def _core_key(item: tuple[str, float]) -> int:
     return int(item[0]) if item[0].isdigit() else 1 << 30
+
+
+def from_context(context: SamplerContext) -> CpuSampler:
+    """The cpu sampler's entry in governor/sampling/registry.py."""
+    return CpuSampler(context.paths)

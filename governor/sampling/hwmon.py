@@ -18,7 +18,9 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from governor.catalog import MetricSpec
 from governor.sampling.base import SampleResult, SamplerUnavailable
 from governor.sampling.paths import (
     Garbage,
@@ -30,7 +32,24 @@ from governor.sampling.paths import (
 )
 from governor.snapshot import reading
 
+if TYPE_CHECKING:
+    from governor.sampling.registry import SamplerContext
+
 log = logging.getLogger(__name__)
+
+#: what this sampler produces (the catalog is assembled from such declarations)
+METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec(
+        "cpu_temperature_celsius",
+        "CPU temperature sensors: coretemp, k10temp, zenpower chips and CPU thermal zones.",
+        ("chip", "sensor"),
+    ),
+    MetricSpec(
+        "hwmon_temperature_celsius",
+        "Every other hwmon temperature and thermal zone (NVMe, ACPI, board, Wi-Fi...).",
+        ("chip", "sensor"),
+    ),
+)
 
 #: hwmon `name`s of CPU temperature drivers; besides these, any chip whose name starts with
 #: "cpu" (cpu_thermal, cpu0_thermal: the hwmon twins of CPU thermal zones on Arm boards)
@@ -269,3 +288,8 @@ class HwmonSampler:
 
     def close(self) -> None:
         self._files.close()
+
+
+def from_context(context: SamplerContext) -> HwmonSampler:
+    """The hwmon sampler's entry in governor/sampling/registry.py."""
+    return HwmonSampler(context.paths)

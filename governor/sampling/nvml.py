@@ -19,8 +19,9 @@ import logging
 import time
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from governor.catalog import MetricSpec
 from governor.host.nvml import (
     ABSENT,
     ERROR_DRIVER_NOT_LOADED,
@@ -36,7 +37,29 @@ from governor.host.nvml import (
 from governor.sampling.base import SampleResult, SamplerUnavailable
 from governor.snapshot import reading
 
+if TYPE_CHECKING:
+    from governor.sampling.registry import SamplerContext
+
 log = logging.getLogger(__name__)
+
+#: what this sampler produces (the catalog is assembled from such declarations); the
+#: simulated GPUs produce these too, and declare none of their own
+METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec("gpu_info", "NVIDIA GPU identity; value 1.", ("gpu", "uuid", "name"), "gpu"),
+    MetricSpec("gpu_utilization_ratio", "Share of time the GPU was busy.", ("gpu",), "gpu"),
+    MetricSpec("gpu_temperature_celsius", "GPU core temperature.", ("gpu",), "gpu"),
+    MetricSpec("gpu_power_watts", "GPU power draw.", ("gpu",), "gpu"),
+    MetricSpec("gpu_power_limit_watts", "GPU enforced power limit.", ("gpu",), "gpu"),
+    MetricSpec("gpu_memory_used_bytes", "GPU memory in use.", ("gpu",), "gpu"),
+    MetricSpec("gpu_memory_total_bytes", "GPU memory installed.", ("gpu",), "gpu"),
+    MetricSpec("gpu_sm_clock_hertz", "GPU streaming-multiprocessor clock.", ("gpu",), "gpu"),
+    MetricSpec(
+        "gpu_clock_event_active",
+        "1 while NVML reports this clock event (throttle) reason for the GPU, else 0.",
+        ("gpu", "reason"),
+        "gpu",
+    ),
+)
 
 #: NVML clock event (throttle) reason bits and their `reason` label
 CLOCK_EVENT_REASONS: tuple[tuple[int, str], ...] = (
@@ -301,6 +324,12 @@ class NvmlSampler:
         # Only a GPU read to the end counts: a GPU lost halfway leaves no partial series.
         result.readings.extend(readings)
         result.problems.extend(f"gpu {index}: {p}" for p in self._field_problems)
+
+
+def from_context(context: SamplerContext) -> NvmlSampler:
+    """The nvml sampler's entry in governor/sampling/registry.py. Raises
+    NvmlUnavailableError for `sources.nvml = "required"` when NVML cannot be used."""
+    return NvmlSampler(required=context.sources.nvml == "required")
 
 
 def _text(value: object) -> str:

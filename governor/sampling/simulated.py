@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -32,6 +33,9 @@ from governor.host.procfs import parse_stat
 from governor.sampling.base import SampleResult
 from governor.sampling.paths import SysPaths, read_text
 from governor.snapshot import reading
+
+if TYPE_CHECKING:
+    from governor.sampling.registry import SamplerContext
 
 #: (pid, the devices its job is bound to) for every live job with a process
 JobProcesses = Callable[[], Iterable[tuple[int, Iterable[str]]]]
@@ -197,5 +201,8 @@ def _step(temperature: float, spec: GpuScenario, used: float, elapsed: float) ->
     return settled + (temperature - settled) * math.exp(-spec.cool * elapsed)
 
 
-def build_simulated(path: str, paths: SysPaths, jobs: JobProcesses | None) -> SimulatedSampler:
-    return SimulatedSampler(load_scenario(Path(path)), paths, jobs)
+def from_context(context: SamplerContext) -> SimulatedSampler:
+    """The simulated sampler's entry in governor/sampling/registry.py: the scenario that
+    `sources.simulate` names, heated by the jobs `context.jobs` lists."""
+    return SimulatedSampler(load_scenario(Path(context.sources.simulate)), context.paths,
+                            context.jobs)

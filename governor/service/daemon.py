@@ -30,6 +30,7 @@ from governor.actuators.gpu_power import PowerCapper
 from governor.actuators.modes import MODES, ModeContext
 from governor.api.app import create_app
 from governor.api.auth import Authenticator, PeerCredProtocol, ensure_token
+from governor.api.errors import status_of
 from governor.api.hosts import default_allowed_hosts
 from governor.config import ApiConfig, Config, ConfigError, is_loopback, load_config
 from governor.control.controller import Controller
@@ -233,7 +234,7 @@ class Daemon:
         self.controller.adopt(self.journal.jobs())
         cgroups = self.controller.actuator(Mode.CGROUP)
         if isinstance(cgroups, CgroupActuator):
-            cgroups.sweep(job["id"] for job in self.controller.view.jobs)
+            cgroups.sweep(job.id for job in self.controller.view.jobs)
         self.loop.add_hook(self._keep_guardian)
         self.loop.add_hook(self.controller.on_snapshot)
         self.loop.add_hook(self._tell_systemd)
@@ -246,8 +247,8 @@ class Daemon:
         controller: Controller | None = getattr(self, "controller", None)
         if controller is None:
             return []
-        return [(int(job["pid"]), list(job["devices"])) for job in controller.view.jobs
-                if job["pid"] is not None and job["state"] != "gone"]
+        return [(job.pid, list(job.devices)) for job in controller.view.jobs
+                if job.pid is not None and job.state != "gone"]
 
     def _protect_guardian(self) -> None:
         if self.guardian.pid is not None:
@@ -279,8 +280,16 @@ class Daemon:
         return Controller(
             config, self.journal, actuators, power, unavailable_modes=unavailable,
             power_unavailable=power_unavailable, on_action=self.metrics.count_action,
-            audit=self.audit.append,
+            audit=self._audit_control,
         )
+
+    def _audit_control(self, event: dict[str, Any]) -> None:
+        """The controller's audit sink: a refused request's kind of refusal is written as
+        the HTTP status the API answered it with, in the same place."""
+        if "refusal" in event:
+            event = dict(("status", status_of(value)) if key == "refusal" else (key, value)
+                         for key, value in event.items())
+        self.audit.append(event)
 
     # --- what the API reads (DaemonView) ---
 
@@ -361,7 +370,7 @@ class Daemon:
         snapshot = self.store.latest
         gpus = 0 if snapshot is None else sum(1 for _ in snapshot.of("gpu_info"))
         view = self.controller.view
-        line = summary(gpus, list(view.jobs), list(view.rules))
+        line = summary(gpus, [job.state for job in view.jobs], list(view.rules))
         if self._reload_failure is not None:
             line += f"; reload failed, running the previous config: {self._reload_failure}"
         return line

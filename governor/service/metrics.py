@@ -174,13 +174,13 @@ class ControlCollector(Collector):
             "holds it: the rules, joined by \", \", or operator; \"\" while running. Value 1.",
             labels=["job", "id", "state", "reason"])
         for job in view.jobs:
-            if job["state"] == "gone":
+            if job.state == "gone":
                 continue
-            speed.add_metric([job["name"], job["id"]], job["speed"])
-            paused.add_metric([job["name"], job["id"]], 1 if job["state"] == "paused" else 0)
-            holding = "" if job["state"] == "running" else ", ".join(
-                view.held_by.get(job["id"], ()))
-            states.add_metric([job["name"], job["id"], job["state"], holding], 1)
+            speed.add_metric([job.name, job.id], job.speed)
+            paused.add_metric([job.name, job.id], 1 if job.state == "paused" else 0)
+            holding = "" if job.state == "running" else ", ".join(
+                view.held_by.get(job.id, ()))
+            states.add_metric([job.name, job.id, job.state, holding], 1)
         yield speed
         yield paused
         yield states
@@ -352,8 +352,8 @@ class ProgressCollector(Collector):
         self._controller = controller
 
     def collect(self) -> Iterator[Metric]:
-        reported = [job for job in self._controller.view.jobs
-                    if job.get("progress") is not None and job["state"] != "gone"]
+        reported = [(job, job.progress) for job in self._controller.view.jobs
+                    if job.progress is not None and job.state != "gone"]
         if not reported:
             return
         steps = CounterMetricFamily(
@@ -367,16 +367,16 @@ class ProgressCollector(Collector):
             PREFIX + "job_deferrals", "Pauses and slows a cooperative job put off because "
             "it was inside a critical section (at most policy.max_defer each).",
             labels=["job", "id"])
-        for job in reported:
-            progress, labels = job["progress"], [job["name"], job["id"]]
-            steps.add_metric(labels, progress["steps"])
-            deferrals.add_metric(labels, progress["deferrals"])
-            counts = progress["step_buckets"]
-            if counts is not None and progress["step_seconds"] is not None:
+        for job, progress in reported:
+            labels = [job.name, job.id]
+            steps.add_metric(labels, progress.steps)
+            deferrals.add_metric(labels, progress.deferrals)
+            counts = progress.step_buckets
+            if counts and progress.step_seconds is not None:
                 durations.add_metric(
                     labels, [(bucket_label(b), c) for b, c in zip(STEP_BUCKETS, counts,
                                                                     strict=True)],
-                    sum_value=progress["step_seconds"])
+                    sum_value=progress.step_seconds)
         yield steps
         yield durations
         yield deferrals

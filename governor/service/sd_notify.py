@@ -89,10 +89,10 @@ class Notifier:
             self._sock = None
 
 
-def summary(gpus: int, jobs: list[dict[str, object]], rules: list[dict[str, object]]) -> str:
-    """The one line `systemctl status` shows: "2 GPUs, 3 jobs (1 paused), 1 rule tripped"."""
-    held = {state: sum(1 for j in jobs if j.get("state") == state)
-            for state in ("paused", "slowed")}
+def summary(gpus: int, jobs: list[str], rules: list[dict[str, object]]) -> str:
+    """The one line `systemctl status` shows: "2 GPUs, 3 jobs (1 paused), 1 rule tripped".
+    `jobs`: each job's state."""
+    held = {state: sum(1 for j in jobs if j == state) for state in ("paused", "slowed")}
     detail = ", ".join(f"{n} {state}" for state, n in held.items() if n)
     tripped = len({r["name"] for r in rules if r.get("state") == "tripped"})
     parts = [
