@@ -367,6 +367,9 @@ class SlurmConfig(_Section):
     hold: Literal["suspend", "signal", "cgroup"] = "suspend"
     #: the slurm.conf to use; "" = $SLURM_CONF, else Slurm's default
     conf: str = ""
+    #: the Slurm nodes this daemon governs; [] = every slurmd on this host (one, unless
+    #: Slurm runs several on a host: multiple-slurmd)
+    nodes: list[str] = Field(default_factory=list)
     default_priority: int = 0
     qos_priority: dict[str, int] = Field(default_factory=dict)
     partition_priority: dict[str, int] = Field(default_factory=dict)

@@ -36,14 +36,13 @@ EPILOG = REPO / "deploy" / "slurm" / "task_epilog.sh"
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
-    """Two nodes, each with two GPUs, and the task prolog and epilog installed. They
-    reach the daemon the config `prolog.toml` names, which only the prolog's test writes:
-    for the others they find no daemon and let the job run, as on a node without one."""
+    """Two nodes, each with two GPUs, and the task prolog and epilog installed. For most
+    tests they find no `governor` and let the job run, as on a node without one; the
+    prolog's test gives its job the command and config (a job's environment is its task
+    prolog's)."""
     workdir = tmp_path_factory.mktemp("slurm")
-    env = {"GOVERNOR": str(Path(sys.executable).parent / "governor"),
-           "GOVERNOR_CONFIG": str(workdir / "prolog.toml")}
-    with SlurmCluster(workdir, ("node1", "node2"), task_prolog=PROLOG, task_epilog=EPILOG,
-                      slurmd_env=env) as running:
+    with SlurmCluster(workdir, ("node1", "node2"), task_prolog=PROLOG,
+                      task_epilog=EPILOG) as running:
         yield running
 
 
@@ -74,7 +73,7 @@ def config(slurm: SlurmCluster, **settings: Any) -> dict[str, Any]:
 
 
 def slurm_jobs(d: DaemonProcess) -> dict[str, dict[str, Any]]:
-    jobs = d.get("/v1/jobs").json()["jobs"]
+    jobs = d.get("/v1/jobs").json()
     return {j["scheduler_id"]: j for j in jobs if j.get("source") == "slurm"}
 
 
@@ -254,25 +253,22 @@ def test_the_task_prolog_and_epilog_register_and_unregister_a_job(
     socket_path = slurm.dir / "run" / "governor.sock"
     d = daemon({"daemon": {"interval": 0.25}, "api": {"socket": str(socket_path)}},
                fake_nvml_state=nvml_state.path)
-    (slurm.dir / "prolog.toml").write_text(d.config_path.read_text())
-    try:
-        job_id = slurm.sbatch("-w", "node1", "--gres=gpu:1", "-J", "prologged",
-                              wrap="echo registered as $GOVERNOR_JOB_ID; " + SPIN)
-        slurm.wait_state(job_id, "R")
+    env = {"GOVERNOR": str(Path(sys.executable).parent / "governor"),
+           "GOVERNOR_CONFIG": str(d.config_path)}
+    job_id = slurm.sbatch("-w", "node1", "--gres=gpu:1", "-J", "prologged", env=env,
+                          wrap="echo registered as $GOVERNOR_JOB_ID; " + SPIN)
+    slurm.wait_state(job_id, "R")
 
-        def registered() -> dict[str, Any] | None:
-            jobs = [j for j in d.get("/v1/jobs").json()["jobs"]
-                    if j.get("scheduler_id") == job_id]
-            return jobs[0] if jobs else None
-        job = wait_for(registered, 10.0, "the prolog's registration", d)
-        assert (job["source"], job["name"], job["mode"]) == ("slurm", "prologged", "suspend")
-        assert job["pid"] in slurm.pids(job_id)
-        assert len(job["devices"]) == 1 and job["devices"][0] in ("gpu0", "gpu1")
-        out = slurm.dir / "log" / f"job-{job_id}.out"
-        wait_for(lambda: job["id"] in out.read_text(), 5.0, "GOVERNOR_JOB_ID in the job", d)
+    def registered() -> dict[str, Any] | None:
+        jobs = [j for j in d.get("/v1/jobs").json()
+                if j.get("scheduler_id") == job_id]
+        return jobs[0] if jobs else None
+    job = wait_for(registered, 10.0, "the prolog's registration", d)
+    assert (job["source"], job["name"], job["mode"]) == ("slurm", "prologged", "suspend")
+    assert job["pid"] in slurm.pids(job_id)
+    assert len(job["devices"]) == 1 and job["devices"][0] in ("gpu0", "gpu1")
+    out = slurm.dir / "log" / f"job-{job_id}.out"
+    wait_for(lambda: job["id"] in out.read_text(), 5.0, "GOVERNOR_JOB_ID in the job", d)
 
-        slurm.run("scancel", job_id)
-        wait_for(lambda: registered() is None or registered()["state"] == "gone", 10.0,
-                 "the epilog's unregistration", d)
-    finally:
-        (slurm.dir / "prolog.toml").unlink()
+    slurm.run("scancel", job_id)
+    wait_for(lambda: registered() is None, 10.0, "the epilog's unregistration", d)

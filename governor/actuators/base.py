@@ -46,6 +46,12 @@ class Actuator(Protocol):
         ...
 
 
+#: commands never stopped or frozen, whatever cgroup they share with a job: Slurm's step
+#: daemon sits in the job's cgroup (cgroup v1) or below it (v2), and a stopped one hangs
+#: every Slurm request about the job (scontrol listpids, scancel, suspend itself)
+NEVER_HELD_COMMANDS = frozenset({"slurmstepd"})
+
+
 def hold_key(job: Job) -> str:
     return f"{job.mode.value}:{job.id}"
 

@@ -27,12 +27,14 @@ from typing import TYPE_CHECKING, Literal
 import psutil
 
 from governor.actuators.base import (
+    NEVER_HELD_COMMANDS,
     ActuatorError,
     JournalEntry,
     ProtectedProcessError,
     hold_key,
 )
 from governor.control.laws import MIN_QUOTA_US, QuotaState, learn_demand, next_quota
+from governor.host import procfs
 from governor.host.cgroupfs import (
     MOUNTINFO,
     Hierarchy,
@@ -193,8 +195,8 @@ class CgroupActuator:
         if action is not Action.RUN and (pid := self._protected_inside(held.freeze)):
             self._release(job, held)
             raise ProtectedProcessError(f"cgroup {held.freeze} now holds pid {pid} (init, "
-                                        "the governor, one of its ancestors or a kernel "
-                                        "thread): not holding it")
+                                        "the governor, one of its ancestors, a kernel "
+                                        "thread or Slurm's slurmstepd): not holding it")
         if action is Action.SLOW and held.quota is None:
             self._warn(held, f"job {job.id}: no CPU quota can be set on its cgroup, so it "
                              "is paused instead of slowed")
@@ -254,8 +256,8 @@ class CgroupActuator:
             raise ActuatorError(f"job {job.id} names neither a process nor a cgroup")
         if pid := self._protected_inside(held.freeze):
             raise ProtectedProcessError(f"cgroup {held.freeze} holds pid {pid}, which is "
-                                        "init, the governor, one of its ancestors or a "
-                                        "kernel thread")
+                                        "init, the governor, one of its ancestors, a "
+                                        "kernel thread or Slurm's slurmstepd")
         self._adopt(job, held)
         held.last_usage, held.last_time = self._usage(held), time.monotonic()
         job.extra[EXTRA_KEY] = held
@@ -303,7 +305,8 @@ class CgroupActuator:
         never = {1, os.getpid(), *ancestors(os.getpid()), *self._also_protected()}
         for dirpath, _dirs, _files in os.walk(directory):
             for pid in _pids(Path(dirpath)):
-                if pid in never or is_kernel_thread(pid):
+                if (pid in never or is_kernel_thread(pid)
+                        or procfs.command(pid) in NEVER_HELD_COMMANDS):
                     return pid
         return None
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from governor.jobs.model import Mode
+from governor.jobs.model import Job, Mode
 
 if TYPE_CHECKING:
     from governor.actuators.base import Actuator
@@ -39,6 +39,9 @@ class ModeContext:
     config: Config
     #: pids it must never hold besides the usual ones (the guardian's), asked each time
     protected: Callable[[], tuple[int, ...]]
+    #: tells the controller of something that happened to a job outside governor (an
+    #: administrator's resume of a suspended Slurm job), to be audited and counted
+    report: Callable[[Job, str], None] = lambda job, what: None
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +81,9 @@ MODES: dict[Mode, ModeSpec] = {spec.mode: spec for spec in (
     ModeSpec(Mode.COOPERATIVE, "governor.actuators.cooperative:from_context",
              ("pid", "nothing"), ("nothing",), None,
              "the job polls its directive and holds itself (governor.client.Job)"),
+    ModeSpec(Mode.SUSPEND, "governor.actuators.suspend:from_context", ("pid", "cgroup"),
+             (), "governor.actuators.suspend:undo_checked",
+             "scontrol suspend/resume of a Slurm job, on every node; slowed by a duty cycle"),
 )}
 
 #: hold kinds that are not modes: a GPU's power limit, set by the power capper

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import psutil
 
 from governor.actuators.base import (
+    NEVER_HELD_COMMANDS,
     ActuatorError,
     JournalEntry,
     ProtectedProcessError,
@@ -541,9 +542,10 @@ def _cgroup_dir(path: str) -> Path:
 
 def _cgroup_members(cgroup_dir: Path) -> list[ProcessIdentity]:
     """The processes of the cgroup and of the cgroups below it (a Slurm job's cgroup
-    holds its processes in one cgroup per step)."""
+    holds its processes in one cgroup per step), but never Slurm's slurmstepd."""
     pids = subtree_pids(cgroup_dir)
-    found = (identify(pid) for pid in pids if not is_kernel_thread(pid))
+    found = (identify(pid) for pid in pids
+             if not is_kernel_thread(pid) and procfs.command(pid) not in NEVER_HELD_COMMANDS)
     return [ident for ident in found if ident is not None]
 
 

@@ -19,12 +19,13 @@ is not suspended again until its directive lets it go and pauses it anew.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from governor.actuators.base import Actuator, ActuatorError, JournalEntry
+from governor.actuators.base import NEVER_HELD_COMMANDS, Actuator, ActuatorError, JournalEntry
 from governor.host import cgroupfs, procfs
 from governor.host import slurm as host
 from governor.jobs.model import RUN, Action, Directive, Job, Mode
@@ -175,9 +176,11 @@ def key(job: Job) -> str:
 
 
 def job_pids(job: Job) -> list[int]:
-    """The job's processes on this node: its cgroup's subtree, or its process tree."""
+    """The job's processes on this node: its cgroup's subtree (but not slurmstepd, which
+    Slurm does not suspend), or its process tree."""
     if job.cgroup:
-        return cgroupfs.subtree_pids(Path(job.cgroup))
+        return [pid for pid in cgroupfs.subtree_pids(Path(job.cgroup))
+                if procfs.command(pid) not in NEVER_HELD_COMMANDS]
     if job.pid is not None:
         return [job.pid, *procfs.descendants(job.pid)]
     return []
@@ -215,8 +218,11 @@ def undo_checked(entry: JournalEntry) -> tuple[bool, str]:
 
 def from_context(context: ModeContext) -> SuspendActuator:
     """The suspend mode's entry in governor/actuators/modes.py: slows by a signal duty
-    cycle of its own."""
+    cycle of its own. Unavailable where Slurm's scontrol is not installed."""
     from governor.actuators.signal import SignalActuator
+
+    if shutil.which("scontrol") is None:
+        raise ActuatorError("scontrol is not installed (Slurm's client)")
 
     slower = SignalActuator(context.journal, period=context.config.jobs.slow_period,
                             protected=context.protected)

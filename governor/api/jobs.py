@@ -23,6 +23,7 @@ from governor.client.progress import MAX_COUNT, MAX_SECONDS, ProgressReport, par
 from governor.control.controller import Controller
 from governor.jobs.model import Mode
 from governor.jobs.registry import Caller, JobRequest
+from governor.jobs.sources import SourceName
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "The body is not valid JSON, or the Host header names no host "
@@ -64,6 +65,10 @@ class JobIn(BaseModel):
     priority: int = 0
     #: the start time the caller saw for the pid (`pid_started_at` of a job), if any
     pid_started_at: float | None = None
+    #: where the job comes from: "api" (the default), "launch", or a scheduler's job
+    #: registered by hand ("slurm", from the task prolog), with the scheduler's id
+    source: SourceName = "api"
+    scheduler_id: str | None = Field(default=None, min_length=1, max_length=128)
 
 
 class DirectiveWatch:
@@ -137,6 +142,7 @@ def job_router(controller: Controller, authenticate: Callable[..., Caller]) -> A
             name=body.name, pid=body.pid, cgroup=body.cgroup,
             mode=Mode(body.mode) if body.mode else None, devices=tuple(body.devices),
             priority=body.priority, pid_started_at=body.pid_started_at,
+            source=body.source, scheduler_id=body.scheduler_id,
         )
         return models.AsBuilt(controller.register(request, caller), status_code=201)
 

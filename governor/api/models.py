@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from governor.actuators.modes import ModeName
+from governor.jobs.sources import SourceName
 
 _ANY = TypeAdapter(Any)
 
@@ -87,6 +88,12 @@ class Job(_Shape):
     registered_at: float
     owner_uid: int | None
     gone_at: float | None
+    source: SourceName = Field(description="where the job came from: api, launch, or the "
+                                           "scheduler whose job it is (slurm)")
+    scheduler_id: str | None = Field(description="the scheduler's id for the job (the Slurm "
+                                                 "job id); null for api and launch jobs")
+    user: str | None = Field(description="the user the job runs as: the scheduler's word "
+                                          "for a scheduler's job, else its owner's name")
     error: str | None = Field(
         default=None, description="present while the job's actuator fails to hold it")
     progress: JobProgress | None = Field(

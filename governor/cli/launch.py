@@ -55,7 +55,7 @@ def launch(client: ApiClient, argv: Sequence[str], *, name: str, mode: str | Non
         os.setpgid(pid, pid)
     try:
         job = client.register(name, pid=pid, mode=mode or "signal", devices=devices,
-                              priority=priority)
+                              priority=priority, source="launch")
     except ClientError:
         os.close(write_fd)
         os.waitpid(pid, 0)

@@ -177,15 +177,28 @@ def cmd_register(args: argparse.Namespace) -> int:
         job = client.register(
             args.name, pid=args.pid, cgroup=args.cgroup,
             mode="cooperative" if args.cooperative and not args.mode else args.mode,
-            devices=args.device, priority=args.priority,
+            devices=args.device, priority=args.priority, source=args.source,
+            scheduler_id=args.scheduler_id,
         )
     print(job["id"])
     return 0
 
 
 def cmd_unregister(args: argparse.Namespace) -> int:
+    if (args.id is None) == (args.slurm_job is None):
+        return fail("name a job: its id, or --slurm-job")
     with _client(args) as client:
-        client.unregister(args.id)
+        if args.id is not None:
+            client.unregister(args.id)
+            return 0
+        found = [job for job in client.jobs()
+                 if job.get("source") == "slurm" and job.get("scheduler_id") == args.slurm_job
+                 and (args.pid is None or job.get("pid") == args.pid)]
+        for job in found:
+            client.unregister(str(job["id"]))
+    if not found:
+        return fail(f"no job of Slurm job {args.slurm_job}"
+                    + (f" with pid {args.pid}" if args.pid is not None else "") + " is registered")
     return 0
 
 
@@ -396,12 +409,21 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--cooperative", action="store_true",
                         help="no process: the job asks for its directive and holds itself")
     job_options(p)
+    p.add_argument("--source", choices=("api", "slurm"), default=None,
+                   help="slurm: a Slurm job registered by hand (the task prolog), with "
+                   "--scheduler-id (default: api)")
+    p.add_argument("--scheduler-id", metavar="ID",
+                   help="the scheduler's id for the job: the Slurm job id")
     p.set_defaults(func=cmd_register)
 
     p = verbs.add_parser("unregister", help="forget a job, resuming it first",
                          description="Forget a job; it is resumed first if it was held.")
     config_option(p)
-    p.add_argument("id", help="the job's id")
+    p.add_argument("id", nargs="?", help="the job's id")
+    p.add_argument("--slurm-job", metavar="ID",
+                   help="instead of an id: the jobs registered for this Slurm job")
+    p.add_argument("--pid", type=int,
+                   help="with --slurm-job: only the one registered with this pid")
     p.set_defaults(func=cmd_unregister)
 
     for verb, text in (("pause", "operator hold: pause a job until `governor resume`"),

@@ -182,6 +182,15 @@ class Job:
     held_by_operator: bool = False
     #: why holding it failed
     error: str | None = None
+    #: where it came from ("api", "launch", "slurm"), the scheduler's id, its user
+    source: str = "api"
+    scheduler_id: str | None = None
+    user: str | None = None
+
+    @property
+    def origin(self) -> str:
+        """Where it came from, as a person reads it: "api", "launch", "slurm 1234"."""
+        return f"{self.source} {self.scheduler_id}" if self.scheduler_id else self.source
 
     @classmethod
     def parse(cls, data: Mapping[str, Any]) -> Job:
@@ -197,6 +206,9 @@ class Job:
             speed=_optional_float(data.get("speed")),
             reasons=tuple(str(r) for r in data.get("reasons") or []),
             held_by_operator=bool(data.get("held_by_operator")),
+            source=str(data.get("source") or "api"),
+            scheduler_id=_optional_text(data.get("scheduler_id")),
+            user=_optional_text(data.get("user")),
             error=str(error) if error else None,
         )
 
@@ -274,3 +286,7 @@ class Status:
         for rule in self.rules:
             grouped.setdefault(rule.name, []).append(rule)
         return grouped
+
+
+def _optional_text(value: Any) -> str | None:
+    return None if value is None else str(value)

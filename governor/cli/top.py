@@ -530,7 +530,9 @@ def _jobs(status: Status, frame: _Frame) -> _Part[Any]:
                 reasons = Text(f"ERROR: {j.error}", style="bold red") + (
                     Text("\n") + reasons if reasons else Text())
             speed = j.speed
-            row: list[RenderableType] = [j.id, j.name]
+            name = j.name if not j.scheduler_id else (
+                f"{j.name} ({j.origin}" + (f", {j.user})" if j.user else ")"))
+            row: list[RenderableType] = [j.id, name]
             if frame.wide:
                 row += ["-" if j.pid is None else str(j.pid), j.mode or "-",
                         ",".join(j.devices) or "-", j.priority]

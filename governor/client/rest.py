@@ -154,9 +154,11 @@ class ApiClient:
 
     def register(self, name: str, *, pid: int | None = None, cgroup: str | None = None,
                  mode: str | None = None, devices: list[str] | None = None,
-                 priority: int = 0) -> dict[str, Any]:
+                 priority: int = 0, source: str | None = None,
+                 scheduler_id: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"name": name, "devices": devices or [], "priority": priority}
-        for key, value in (("pid", pid), ("cgroup", cgroup), ("mode", mode)):
+        for key, value in (("pid", pid), ("cgroup", cgroup), ("mode", mode),
+                           ("source", source), ("scheduler_id", scheduler_id)):
             if value is not None:
                 body[key] = value
         return dict(self.request("POST", "/v1/jobs", json=body))

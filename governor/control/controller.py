@@ -212,6 +212,23 @@ class Controller:
             self._notify(job)
             self._publish()
 
+    def scheduled(self, source: str, scheduler_id: str) -> list[str]:
+        """The ids of the live jobs a scheduler's job is registered as."""
+        return [job.id for job in self.registry.all()
+                if job.gone_at is None and job.source == source
+                and job.scheduler_id == scheduler_id]
+
+    def note_outside(self, job: Job, what: str) -> None:
+        """An actuator saw someone else let go of a job governor held (what =
+        "outside-resume"): audited, and logged as an action line."""
+        with self._lock:
+            action_line(what, job, by="outside governor")
+            self._events.emit(what, "outside governor", job,
+                              reasons=[f"{job.source} job {job.scheduler_id} was resumed "
+                                       "by someone else while governor held it; it is not "
+                                       "held again until the rules let it go"],
+                              round_=self._round)
+
     def hold(self, job_id: str, caller: Caller, held: bool) -> dict[str, Any]:
         """Operator pause (held=True) or resume (False); rules still apply after a resume."""
         what = "operator-pause" if held else "operator-resume"

@@ -37,6 +37,10 @@ class JobView:
     registered_at: float
     owner_uid: int | None
     gone_at: float | None
+    #: where it came from ("api", "launch", "slurm"), the scheduler's id, its user
+    source: str = "api"
+    scheduler_id: str | None = None
+    user: str | None = None
     #: why the actuator cannot bring the job to its directive, while it cannot
     error: str | None = None
     #: what a cooperative client last reported
@@ -53,6 +57,7 @@ class JobView:
             priority=job.priority, state=job.state, speed=job.directive.speed,
             reasons=job.directive.reasons, held_by_operator=job.held_by_operator,
             registered_at=job.registered_at, owner_uid=job.owner_uid, gone_at=job.gone_at,
+            source=job.source, scheduler_id=job.scheduler_id, user=job.user,
             error=str(error) if error is not None else None, progress=job.progress,
         )
 
@@ -75,6 +80,9 @@ class JobView:
             "registered_at": self.registered_at,
             "owner_uid": self.owner_uid,
             "gone_at": self.gone_at,
+            "source": self.source,
+            "scheduler_id": self.scheduler_id,
+            "user": self.user,
         }
         if self.error is not None:
             entry["error"] = self.error

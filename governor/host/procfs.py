@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import pwd
 
 import psutil
 
@@ -158,3 +159,35 @@ def uid(pid: int) -> int | None:
         return int(psutil.Process(pid).uids().real)
     except psutil.Error:
         return None
+
+
+def environ_value(pid: int, name: str) -> str | None:
+    """One variable of a process's environment as it started (/proc/PID/environ, which
+    only the process's owner and root may read); None if unset or unreadable."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as environ:
+            data = environ.read()
+    except OSError:
+        return None
+    prefix = name.encode() + b"="
+    for entry in data.split(b"\0"):
+        if entry.startswith(prefix):
+            return entry[len(prefix):].decode(errors="replace")
+    return None
+
+
+def user_name(uid: int) -> str:
+    """The login name of a uid, or the uid itself when it has none."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def command(pid: int) -> str:
+    """The process's command name (/proc/PID/comm), "" when it is gone."""
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as comm:
+            return comm.read().decode(errors="replace").strip()
+    except OSError:
+        return ""

@@ -19,6 +19,7 @@ class Mode(StrEnum):
     SIGNAL = "signal"
     CGROUP = "cgroup"
     COOPERATIVE = "cooperative"
+    SUSPEND = "suspend"
 
 
 class Action(StrEnum):
@@ -121,6 +122,12 @@ class Job:
     extra: dict[str, Any] = field(default_factory=dict)
     #: what the actuator needs to survive a restart (JSON): kept in the journal's record
     saved: dict[str, Any] = field(default_factory=dict)
+    #: where the job came from: "api", "launch", or a scheduler ("slurm")
+    source: str = "api"
+    #: the scheduler's id for it (the Slurm job id), for a scheduler's job
+    scheduler_id: str | None = None
+    #: the user it runs as (the scheduler's word for a scheduler's job, else the owner's)
+    user: str | None = None
     #: what a cooperative client last reported (not persisted: its totals come again
     #: with its next poll)
     progress: Progress | None = None
@@ -153,6 +160,9 @@ class Job:
             "registered_at": self.registered_at,
             "owner_uid": self.owner_uid,
             "gone_at": self.gone_at,
+            "source": self.source,
+            "scheduler_id": self.scheduler_id,
+            "user": self.user,
         }
 
     def to_record(self) -> dict[str, Any]:
@@ -178,4 +188,11 @@ class Job:
             held_by_operator=bool(record.get("held_by_operator", False)),
             restricted_uid=record.get("restricted_uid"),
             saved=dict(record.get("saved") or {}),
+            source=str(record.get("source") or "api"),
+            scheduler_id=_optional_str(record.get("scheduler_id")),
+            user=_optional_str(record.get("user")),
         )
+
+
+def _optional_str(value: Any) -> str | None:
+    return None if value is None else str(value)

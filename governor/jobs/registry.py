@@ -16,9 +16,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from governor.actuators import modes
+from governor.host import procfs
 from governor.jobs import process
 from governor.jobs.errors import Conflict, NoSuchJob, NotPermitted, Unacceptable
 from governor.jobs.model import Job, Mode
+from governor.jobs.sources import PUSHED
 
 DEVICE = re.compile(r"^[A-Za-z][\w.-]{0,63}$")
 
@@ -51,6 +53,12 @@ class JobRequest:
     priority: int = 0
     #: optional: the start time the caller saw, so a pid reused since is refused
     pid_started_at: float | None = None
+    #: where it comes from (governor/jobs/sources: "api", "launch", "slurm")
+    source: str = "api"
+    #: the scheduler's id for the job (a Slurm job id)
+    scheduler_id: str | None = None
+    #: the user the scheduler says it runs as
+    user: str | None = None
 
 
 def resolve_mode(request: JobRequest) -> Mode:
@@ -115,12 +123,35 @@ class JobRegistry:
             owner = process.owner_uid(request.pid)
         if request.cgroup is not None:
             self._check_cgroup_free(request.cgroup)
+        self._check_scheduled(request, mode, caller)
         return Job(
             id=self.new_id(), name=name, mode=mode, pid=request.pid,
             pid_started_at=started_at, cgroup=request.cgroup, devices=request.devices,
             priority=request.priority, registered_at=now, owner_uid=owner,
-            restricted_uid=caller.uid,
+            restricted_uid=caller.uid, source=request.source,
+            scheduler_id=request.scheduler_id,
+            user=request.user or (procfs.user_name(owner) if owner is not None else None),
         )
+
+    def _check_scheduled(self, request: JobRequest, mode: Mode, caller: Caller) -> None:
+        """A scheduler's id comes with a scheduler's source; suspend mode needs a Slurm
+        job; and a user may name a Slurm job only from a process of that job, since the
+        daemon would suspend it with root's rights."""
+        scheduled = request.source not in PUSHED
+        if request.scheduler_id is not None and not scheduled:
+            raise Unacceptable(f"A job from {request.source!r} has no scheduler_id; it "
+                               "names a scheduler's job (source \"slurm\").")
+        if scheduled and not request.scheduler_id:
+            raise Unacceptable(f"A job from {request.source!r} needs its scheduler_id.")
+        if mode is Mode.SUSPEND and (request.source != "slurm" or not request.scheduler_id):
+            raise Unacceptable("Suspend mode holds a Slurm job: it needs source \"slurm\" "
+                               "and the Slurm job id as scheduler_id.")
+        if caller.restricted and request.source == "slurm":
+            job_of_pid = (procfs.environ_value(request.pid, "SLURM_JOB_ID")
+                          if request.pid is not None else None)
+            if job_of_pid != request.scheduler_id:
+                raise NotPermitted(f"Pid {request.pid} is not a process of Slurm job "
+                                   f"{request.scheduler_id}.")
 
     def _check_pid(self, request: JobRequest, caller: Caller) -> process.ProcessIdentity:
         pid = request.pid

@@ -34,8 +34,10 @@ from governor.api.errors import status_of
 from governor.api.hosts import default_allowed_hosts
 from governor.config import ApiConfig, Config, ConfigError, is_loopback, load_config
 from governor.control.controller import Controller
+from governor.control.sources import SourceSync
 from governor.jobs.exits import raise_fd_limit
-from governor.jobs.model import Mode
+from governor.jobs.model import Job, Mode
+from governor.jobs.sources import build_sources
 from governor.safety.guardian import Guardian
 from governor.safety.journal import Journal
 from governor.safety.release import release_holds
@@ -235,7 +237,9 @@ class Daemon:
         cgroups = self.controller.actuator(Mode.CGROUP)
         if isinstance(cgroups, CgroupActuator):
             cgroups.sweep(job.id for job in self.controller.view.jobs)
+        self.sources = SourceSync(self.controller, build_sources(config))
         self.loop.add_hook(self._keep_guardian)
+        self.loop.add_hook(self.sources.on_round)
         self.loop.add_hook(self.controller.on_snapshot)
         self.loop.add_hook(self._tell_systemd)
         self._reload_lock = threading.Lock()
@@ -262,7 +266,8 @@ class Daemon:
         return (self.guardian.pid,) if self.guardian.pid is not None else ()
 
     def _build_controller(self, config: Config) -> Controller:
-        context = ModeContext(self.journal, config, self._guardian_pids)
+        context = ModeContext(self.journal, config, self._guardian_pids,
+                              report=self._report_outside)
         actuators: dict[Mode, Actuator] = {}
         unavailable: dict[Mode, str] = {}
         for mode, spec in MODES.items():
@@ -282,6 +287,11 @@ class Daemon:
             power_unavailable=power_unavailable, on_action=self.metrics.count_action,
             audit=self._audit_control,
         )
+
+    def _report_outside(self, job: Job, what: str) -> None:
+        """An actuator saw a job it held let go by someone else: counted and audited."""
+        self.metrics.outside_resumes.labels(job.source).inc()
+        self.controller.note_outside(job, what)
 
     def _audit_control(self, event: dict[str, Any]) -> None:
         """The controller's audit sink: a refused request's kind of refusal is written as
@@ -444,6 +454,7 @@ class Daemon:
         """Release every job and power limit, then let the guardian go and the lock."""
         self.notifier.stopping()
         self.loop.stop()
+        self.sources.close()
         self.controller.shutdown()
         self.runner.close()
         if self._serving:

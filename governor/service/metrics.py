@@ -173,6 +173,11 @@ class ControlCollector(Collector):
             PREFIX + "job_state_info", "Each job's state (running, slowed, paused) and what "
             "holds it: the rules, joined by \", \", or operator; \"\" while running. Value 1.",
             labels=["job", "id", "state", "reason"])
+        info = GaugeMetricFamily(
+            PREFIX + "job_info", "Each job's origin, value 1: source (api, launch, slurm), "
+            "the scheduler's id for it (the Slurm job id) and its user, to join any per-job "
+            "series to the scheduler's job.", labels=["id", "job", "source", "scheduler_id",
+                                                      "user"])
         for job in view.jobs:
             if job.state == "gone":
                 continue
@@ -181,6 +186,9 @@ class ControlCollector(Collector):
             holding = "" if job.state == "running" else ", ".join(
                 view.held_by.get(job.id, ()))
             states.add_metric([job.name, job.id, job.state, holding], 1)
+            info.add_metric([job.id, job.name, job.source, job.scheduler_id or "",
+                             job.user or ""], 1)
+        yield info
         yield speed
         yield paused
         yield states
@@ -279,6 +287,13 @@ class DaemonMetrics:
             "governor_rounds_late",
             "Rounds that started more than half an interval late (the daemon starved of "
             "CPU); overruns are counted apart.",
+            registry=self.registry,
+        )
+        self.outside_resumes = TrackedCounter(
+            "governor_outside_resumes",
+            "Jobs governor held that someone else resumed (an administrator's scontrol "
+            "resume); governor let them run until the hold's rule cleared.",
+            ["source"],
             registry=self.registry,
         )
 

@@ -21,6 +21,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -66,7 +67,10 @@ class SlurmCluster:
         self.gpus = gpus
         self.cpus = cpus
         self.conf = workdir / "slurm.conf"
-        self.munge_socket = workdir / "munge" / "munge.socket"
+        #: munged runs as the munge user, who cannot reach into pytest's private temporary
+        #: directories: it gets one of its own, open to it
+        self.munge_dir = Path(tempfile.mkdtemp(prefix="governor-munge-"))
+        self.munge_socket = self.munge_dir / "munge.socket"
         self._procs: list[subprocess.Popen[bytes]] = []
         self.started = False
         self.task_prolog, self.task_epilog = task_prolog, task_epilog
@@ -84,11 +88,11 @@ class SlurmCluster:
 
     def _write_config(self) -> None:
         ports = _free_ports(1 + len(self.nodes))
-        for sub in ("state", "log", "dev", "munge", *(f"spool/{n}" for n in self.nodes)):
+        for sub in ("state", "log", "dev", *(f"spool/{n}" for n in self.nodes)):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         munge = pwd.getpwnam("munge")
-        self.dir.chmod(0o755)  # munged, as the munge user, must reach its own directory
-        os.chown(self.dir / "munge", munge.pw_uid, munge.pw_gid)
+        self.munge_dir.chmod(0o755)
+        os.chown(self.munge_dir, munge.pw_uid, munge.pw_gid)
         gres_lines = []
         for node in self.nodes:
             for index in range(self.gpus):
@@ -151,7 +155,7 @@ class SlurmCluster:
 
     def start(self, timeout: float = 30.0) -> SlurmCluster:
         self._write_config()
-        m = self.dir / "munge"
+        m = self.munge_dir
         self._spawn(["runuser", "-u", "munge", "--", _binary("munged"), "--foreground",
                      f"--socket={self.munge_socket}", f"--pid-file={m}/munged.pid",
                      f"--seed-file={m}/seed", f"--log-file={m}/munged.log"], "munged.out")
@@ -189,16 +193,18 @@ class SlurmCluster:
 
     # ---- using it ------------------------------------------------------------------
 
-    def run(self, *argv: str, check: bool = True,
-            timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(list(argv), env=self.env, capture_output=True, text=True,
-                              check=check, timeout=timeout)
+    def run(self, *argv: str, check: bool = True, timeout: float = 30.0,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(list(argv), env={**self.env, **(env or {})},
+                              capture_output=True, text=True, check=check, timeout=timeout)
 
-    def sbatch(self, *args: str, wrap: str = "sleep 1000") -> str:
-        """Submit a batch job; its id."""
+    def sbatch(self, *args: str, wrap: str = "sleep 1000",
+               env: dict[str, str] | None = None) -> str:
+        """Submit a batch job; its id. `env`: more environment for the job (and its task
+        prolog, which runs in it)."""
         return self.run("sbatch", "--parsable", f"--chdir={self.dir}",
                         f"--output={self.dir}/log/job-%j.out", *args,
-                        "--wrap", wrap).stdout.strip()
+                        "--wrap", wrap, env=env).stdout.strip()
 
     def state(self, job_id: str) -> str:
         """squeue's compact state (R, S, PD, CG...), "" once the job is gone."""
@@ -242,6 +248,7 @@ class SlurmCluster:
         self._kill_leftovers()
         for node in self.nodes:
             remove_cgroups(f"slurm_{node}")
+        shutil.rmtree(self.munge_dir, ignore_errors=True)
 
     def _kill_leftovers(self) -> None:
         """slurmstepd and job processes outlive their slurmd when it is killed."""

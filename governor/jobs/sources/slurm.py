@@ -48,6 +48,8 @@ class SlurmSource:
         if not self._spools:
             self._spools = host.spool_dirs(self.site)
         steps = host.running_steps(self._spools)
+        if self.config.nodes:
+            steps = frozenset(s for s in steps if s.node in self.config.nodes)
         if steps == self._last_steps and not self._retry:
             return NOTHING
         self._last_steps = steps
