@@ -40,7 +40,7 @@ def test_the_api_and_the_cli_take_their_mode_values_from_the_table() -> None:
 def test_release_all_undoes_every_hold_kind_the_table_names() -> None:
     journalled = {spec.mode.value for spec in MODES.values() if spec.undo is not None}
     assert set(UNDOERS) == journalled | set(modes.OTHER_HOLDS)
-    assert journalled == {"signal", "cgroup"}, "a cooperative job holds itself"
+    assert journalled == {"signal", "cgroup", "suspend"}, "a cooperative job holds itself"
     for spec in MODES.values():
         assert callable(resolve(spec.build)), spec
 
