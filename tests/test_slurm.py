@@ -272,3 +272,18 @@ def test_the_task_prolog_and_epilog_register_and_unregister_a_job(
 
     slurm.run("scancel", job_id)
     wait_for(lambda: registered() is None, 10.0, "the epilog's unregistration", d)
+
+
+def test_cgroup_hold_refuses_a_job_whose_cgroup_holds_slurmstepd(
+        slurm: SlurmCluster, daemon: Start, nvml_state: NvmlStateFile) -> None:
+    """Freezing the job's cgroup would freeze Slurm's step daemon with it: the job is
+    left ungoverned, with the reason in the log, and never frozen."""
+    nvml_state.write(cool())
+    d = daemon(config(slurm, hold="cgroup"), fake_nvml_state=nvml_state.path)
+    job_id = slurm.sbatch("-w", "node1", "--gres=gpu:1", "-J", "frozen?", wrap=SPIN)
+    slurm.wait_state(job_id, "R")
+    wait_for(lambda: "slurmstepd" in d.log(), 5.0, "the refusal in the log", d)
+    assert f"slurm job {job_id} (frozen?) cannot be governed" in d.log()
+    d.wait_rounds(4)
+    assert job_id not in slurm_jobs(d)
+    assert d.log().count("cannot be governed") == 1, "logged once, not every round"

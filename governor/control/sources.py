@@ -2,9 +2,9 @@
 evaluated, what each source found started is registered and what ended is unregistered,
 so a job found this round is governed by this round's rules.
 
-A registration the controller refuses is logged once and asked for again at the next
-poll (the job's cgroup may not exist yet); a job unregistered by hand stays unregistered
-while it runs. A source that fails is reported, never fatal: its jobs stay as they were.
+A registration the controller refuses (a job it may not hold that way) is logged once,
+and the job is left alone while it runs, as is a job unregistered by hand. A source that
+fails is reported, never fatal: its jobs stay as they were.
 """
 
 from __future__ import annotations
@@ -57,7 +57,6 @@ class SourceSync:
                         log.warning("%s job %s (%s) cannot be governed: %s", source.name,
                                     scheduler_id, request.name, exc)
                         self._complaints[key] = str(exc)
-                    source.retry(scheduler_id)
             if changes.problems != self._problems.get(source.name, ()):
                 for problem in changes.problems:
                     log.warning("job source %s: %s", source.name, problem)

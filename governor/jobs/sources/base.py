@@ -41,10 +41,4 @@ class JobSource(Protocol):
         is down: that is a problem to report, and the jobs it knew are kept."""
         ...
 
-    def retry(self, scheduler_id: str) -> None:
-        """Registering the job failed: report it again at the next poll if it still runs.
-        (A job unregistered by hand is not reported again while it runs: the operator
-        asked for it to be left alone.)"""
-        ...
-
     def close(self) -> None: ...

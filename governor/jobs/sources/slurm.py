@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from governor.config import Config, SlurmConfig
@@ -27,6 +28,9 @@ log = logging.getLogger(__name__)
 
 #: the mode each `[slurm] hold` value holds a job in
 HOLD_MODES = {"suspend": Mode.SUSPEND, "signal": Mode.SIGNAL, "cgroup": Mode.CGROUP}
+#: seconds between asking scontrol again about a job it could not describe (slurmctld
+#: down, a job with no process here yet), so that an outage costs no fork per round
+RETRY_AFTER = 5.0
 #: cgroup hierarchies to name a job's cgroup in, best first: v2, else v1's freezer
 HIERARCHY_ORDER = ("v2", "freezer")
 
@@ -34,7 +38,8 @@ HIERARCHY_ORDER = ("v2", "freezer")
 class SlurmSource:
     name = "slurm"
 
-    def __init__(self, config: SlurmConfig, *, site: host.SlurmSite | None = None):
+    def __init__(self, config: SlurmConfig, *, site: host.SlurmSite | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.config = config
         self.site = site or host.SlurmSite(config.conf)
         self.mode = HOLD_MODES[config.hold]
@@ -42,15 +47,20 @@ class SlurmSource:
         #: job id -> the nodes of this host it has steps on, for the jobs reported
         self._known: dict[str, frozenset[str]] = {}
         self._last_steps: frozenset[host.Step] | None = None
+        #: jobs seen that scontrol could not describe yet, asked again from _retry_at on
         self._retry: set[str] = set()
+        self._retry_at = 0.0
+        self._clock = clock
 
     def poll(self) -> Changes:
         if not self._spools:
             self._spools = host.spool_dirs(self.site)
+        now = self._clock()
         steps = host.running_steps(self._spools)
         if self.config.nodes:
             steps = frozenset(s for s in steps if s.node in self.config.nodes)
-        if steps == self._last_steps and not self._retry:
+        retry_due = bool(self._retry) and now >= self._retry_at
+        if steps == self._last_steps and not retry_due:
             return NOTHING
         self._last_steps = steps
         nodes: dict[str, set[str]] = {}
@@ -67,6 +77,7 @@ class SlurmSource:
             except host.SlurmError as exc:
                 problems.append(f"Slurm job {job_id}: {exc}")
                 self._retry.add(job_id)
+                self._retry_at = now + RETRY_AFTER
                 continue
             self._retry.discard(job_id)
             if request is None:
@@ -75,10 +86,6 @@ class SlurmSource:
             started.append(request)
         self._retry &= set(nodes)
         return Changes(tuple(started), ended, tuple(problems))
-
-    def retry(self, scheduler_id: str) -> None:
-        self._known.pop(scheduler_id, None)
-        self._retry.add(scheduler_id)
 
     def close(self) -> None:
         return None
