@@ -287,3 +287,26 @@ def test_cgroup_hold_refuses_a_job_whose_cgroup_holds_slurmstepd(
     d.wait_rounds(4)
     assert job_id not in slurm_jobs(d)
     assert d.log().count("cannot be governed") == 1, "logged once, not every round"
+
+
+def test_a_two_node_job_is_suspended_as_one(
+        slurm: SlurmCluster, daemon: Start, nvml_state: NvmlStateFile) -> None:
+    """The daemon of node1 suspends a job that spans node1 and node2 (two slurmd on this
+    host): Slurm stops its processes on both nodes at once, and resumes them together."""
+    gpus = cool()
+    nvml_state.write(gpus)
+    d = daemon(config(slurm), fake_nvml_state=nvml_state.path)
+    job_id = slurm.sbatch("-N", "2", "--gres=gpu:1", "-J", "wide",
+                          wrap="srun python3 -c 'while True: pass'")
+    slurm.wait_state(job_id, "R")
+    job = wait_for(lambda: slurm_jobs(d).get(job_id), 5.0, "governor job", d)
+    wait_for(lambda: len(slurm.pids(job_id)) >= 5, 10.0, "the job's processes on both nodes", d)
+    gpus["gpus"][int(job["devices"][0].removeprefix("gpu"))]["temperature"] = 95
+    nvml_state.write(gpus)
+    slurm.wait_state(job_id, "S", timeout=5)
+    wait_for(lambda: "R" not in states(slurm.pids(job_id)), 5.0,
+             "every process of both nodes stopped", d)
+    gpus = cool()
+    nvml_state.write(gpus)
+    slurm.wait_state(job_id, "R", timeout=5)
+    wait_for(lambda: "R" in states(slurm.pids(job_id)), 5.0, "the processes running again", d)
