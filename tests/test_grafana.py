@@ -12,12 +12,12 @@ variables substituted as Grafana would, goes to Prometheus's HTTP API.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,51 +25,33 @@ import yaml
 
 from tests.conftest import FIXTURES, NvmlStateFile
 from tests.support.daemon import REPO, DaemonProcess
+from tests.support.dashboards import (
+    DATASOURCE,
+    GRAFANA,
+    PROVISIONING,
+    Dashboard,
+    legend,
+    promtool_parse_errors,
+    regex_escape,
+    substitute,
+    variable_query,
+)
 from tests.support.fake_nvml import h100
 from tests.support.processes import busy_child, eventually, stop
 from tests.support.prometheus import PrometheusServer, prometheus_binary
 from tests.support.stat_ticker import StatTicker
 from tests.support.ttar import unpack
 
-GRAFANA = REPO / "exporters" / "grafana"
 DASHBOARD = GRAFANA / "governor.json"
-PROVISIONING = GRAFANA / "provisioning"
+GOVERNOR = Dashboard(DASHBOARD)
 ALERTS = REPO / "exporters" / "prometheus" / "alerts.yml"
-DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 ROOT = os.geteuid() == 0
-#: what Grafana puts for its interval variables; 1m holds several 1 s scrapes
-INTERVALS = {"__rate_interval": "1m", "__interval": "15s", "__range": "1h",
-             "__interval_ms": "15000", "__range_s": "3600"}
 #: the GPU power panel's cap: only a root daemon can set one
 CAP_EXPR = "governor_gpu_power_cap_watts"
-
-
-def dashboard() -> dict[str, Any]:
-    return dict(json.loads(DASHBOARD.read_text()))
-
-
-def panels() -> list[dict[str, Any]]:
-    """Every panel, those inside collapsed rows too; rows themselves left out."""
-    found = []
-    for panel in dashboard()["panels"]:
-        if panel["type"] == "row":
-            found += panel.get("panels", [])
-        else:
-            found.append(panel)
-    return found
-
-
-def targets() -> list[tuple[str, dict[str, Any]]]:
-    return [(panel["title"], target) for panel in panels() for target in panel["targets"]]
-
-
-def variables() -> dict[str, dict[str, Any]]:
-    return {v["name"]: v for v in dashboard()["templating"]["list"]}
-
-
-def variable_query(variable: dict[str, Any]) -> str:
-    query = variable["query"]
-    return str(query["query"] if isinstance(query, dict) else query)
+dashboard = GOVERNOR.board
+panels = GOVERNOR.panels
+targets = GOVERNOR.targets
+variables = GOVERNOR.variables
 
 
 # ------------------------------------------------------------------ the JSON, as Grafana needs it
@@ -145,6 +127,15 @@ def test_the_rows_and_what_they_show() -> None:
     assert texts == {"running", "slowed", "paused"}
 
 
+@pytest.mark.skipif(shutil.which("promtool") is None,
+                    reason="promtool is not installed (Debian: prometheus)")
+def test_every_query_parses(tmp_path: Path) -> None:
+    """promtool parses each query, its variables substituted as Grafana would."""
+    values = {"instance": ".*", "gpu": ".*"}
+    exprs = [substitute(expr, values) for _, _, expr in GOVERNOR.queries()]
+    assert not promtool_parse_errors(exprs, tmp_path)
+
+
 def test_every_metric_the_dashboard_reads_exists() -> None:
     """A misspelt metric would show "No data" for ever: each name must be one the
     daemon exposes (the golden exposition lists every family) or Prometheus's `up`."""
@@ -190,22 +181,6 @@ RULES = [
      "match": {"chip": "nvme_nvme0", "sensor": "Composite"}, "above": 70.0,
      "clear_below": 65.0, "action": "slow", "speed": 0.5},
 ]
-
-
-def regex_escape(value: str) -> str:
-    r"""A value as Grafana writes it into a Prometheus regex: specials escaped, with the
-    backslash doubled for the PromQL string (127\\.0\\.0\\.1)."""
-    return re.sub(r"([\\^$.|?*+()\[\]{}])", r"\\\\\1", value)
-
-
-def substitute(expr: str, values: dict[str, str]) -> str:
-    every = {**INTERVALS, **values}
-
-    def one(match: re.Match[str]) -> str:
-        name = match.group(1) or match.group(2)
-        return every[name] if name in every else match.group(0)
-
-    return re.sub(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)", one, expr)
 
 
 @pytest.fixture(scope="module")
@@ -321,11 +296,6 @@ def test_the_panels_show_the_jobs_thresholds_and_states_as_they_are(
     (job_label,) = {s["metric"].get("exported_job") for s in
                     prom.query('governor_job_paused{exported_job="trainer"}')}
     assert job_label == "trainer", "the governed job's name is kept as exported_job"
-
-
-def legend(template: str, labels: dict[str, str]) -> str:
-    return re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: labels.get(m.group(1), ""),
-                  template).strip()
 
 
 @needs_prometheus

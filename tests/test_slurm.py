@@ -124,6 +124,22 @@ def test_a_batch_job_becomes_a_governor_job_and_goes_when_it_ends(
     assert time.monotonic() - gone_at < 2.0
 
 
+def test_a_daemon_for_the_second_slurmd_of_a_host_finds_its_jobs_processes(
+        slurm: SlurmCluster, daemon: Start, nvml_state: NvmlStateFile) -> None:
+    """With several slurmd on one host, `scontrol listpids` without a node name asks the
+    first node of slurm.conf: node2's daemon must name node2, or it never registers."""
+    nvml_state.write(cool())
+    d = daemon(config(slurm, nodes=["node2"]), fake_nvml_state=nvml_state.path)
+    on2 = slurm.sbatch("-w", "node2", "--gres=gpu:1", "-J", "on2", wrap="sleep 1000")
+    on1 = slurm.sbatch("-w", "node1", "--gres=gpu:1", "-J", "on1", wrap="sleep 1000")
+    slurm.wait_state(on2, "R")
+    slurm.wait_state(on1, "R")
+    job = wait_for(lambda: slurm_jobs(d).get(on2), 3.0, "node2's job registered", d)
+    assert "/slurm_node2/" in job["cgroup"] and job["cgroup"].endswith(f"/job_{on2}")
+    time.sleep(0.5)
+    assert on1 not in slurm_jobs(d), "node1's job is not this daemon's"
+
+
 def test_a_hot_gpu_suspends_the_job_on_it_and_only_that_one(
         slurm: SlurmCluster, daemon: Start, nvml_state: NvmlStateFile) -> None:
     gpus = cool()

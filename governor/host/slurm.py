@@ -205,10 +205,12 @@ def show_job(site: SlurmSite, job_id: str) -> SlurmJob | None:
         raise
 
 
-def list_pids(site: SlurmSite, job_id: str) -> list[int]:
-    """The job's processes on this node (`scontrol listpids`, which asks slurmstepd)."""
+def list_pids(site: SlurmSite, job_id: str, node: str | None = None) -> list[int]:
+    """The job's processes on this node (`scontrol listpids`, which asks slurmstepd).
+    `node`: the slurmd to ask, where a host runs several (multiple-slurmd): without it
+    scontrol asks the first node of slurm.conf on this host, and finds none of another's."""
     try:
-        text = run_scontrol(site, "listpids", job_id)
+        text = run_scontrol(site, "listpids", job_id, *([node] if node else []))
     except SlurmError as exc:
         if "not found" in str(exc).lower() or "no steps" in str(exc).lower():
             return []

@@ -11,7 +11,7 @@ import json
 import shutil
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +30,12 @@ def prometheus_binary() -> str | None:
 
 
 class PrometheusServer:
-    """One Prometheus, scraping `targets` (host:port) as scrape job `job_name`."""
+    """One Prometheus, scraping `targets` (host:port) as scrape job `job_name`; `labels`
+    gives a target labels of its own (as file_sd does, `node` for instance)."""
 
     def __init__(self, workdir: Path, targets: Sequence[str], *, job_name: str = "governor",
-                 scrape_interval: str = "1s", rule_files: Sequence[Path] = ()):
+                 scrape_interval: str = "1s", rule_files: Sequence[Path] = (),
+                 labels: Mapping[str, Mapping[str, str]] | None = None):
         binary = prometheus_binary()
         if binary is None:
             raise RuntimeError("prometheus is not installed (Debian: apt-get install prometheus)")
@@ -48,7 +50,9 @@ class PrometheusServer:
                        "evaluation_interval": scrape_interval},
             "rule_files": [str(path) for path in rule_files],
             "scrape_configs": [{"job_name": job_name,
-                                "static_configs": [{"targets": list(targets)}]}],
+                                "static_configs": [
+                                    {"targets": [target], "labels": dict((labels or {}).get(
+                                        target, {}))} for target in targets]}],
         }, indent=2))
         self.log_path = workdir / "prometheus.log"
         self.proc: subprocess.Popen[bytes] | None = None

@@ -95,7 +95,8 @@ class SlurmSource:
         job = host.show_job(self.site, job_id)
         if job is None:
             return None
-        pids = host.list_pids(self.site, job_id)
+        pids = [pid for node in sorted(nodes)
+                for pid in host.list_pids(self.site, job_id, node)]
         cgroup = job_cgroup(job_id, pids)
         pid = None if cgroup is not None else (min(pids) if pids else None)
         if cgroup is None and pid is None:
