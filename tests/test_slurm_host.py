@@ -8,6 +8,8 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import pytest
+
 from governor.host import slurm
 
 FIXTURES = Path(__file__).parent / "fixtures" / "slurm"
@@ -64,3 +66,45 @@ def test_the_spool_of_each_slurmd_on_the_host_and_the_steps_in_it(tmp_path: Path
 def test_a_missing_conf_falls_back_to_slurms_default_spool(tmp_path: Path) -> None:
     site = slurm.SlurmSite(str(tmp_path / "absent.conf"))
     assert slurm.spool_dirs(site) == [slurm.DEFAULT_SPOOL]
+
+
+def test_a_stale_step_socket_is_asked_for_with_back_off_not_every_poll(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A socket left by a slurmstepd killed -9 stays in the spool, and scontrol fails for
+    its job: discovery asks again after 1 s, 2 s, 4 s..., not at every round."""
+    from governor.config import SlurmConfig
+    from governor.jobs.sources import slurm as source
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    (spool / "node1_7.4294967291").touch()
+    calls: list[str] = []
+
+    def show_job(_site: slurm.SlurmSite, job_id: str) -> slurm.SlurmJob:
+        calls.append(job_id)
+        raise slurm.SlurmError("Unable to connect to slurmstepd: Connection refused")
+
+    now = [100.0]
+    monkeypatch.setattr(source.host, "show_job", show_job)
+    found = source.SlurmSource(SlurmConfig(discover=True), site=slurm.SlurmSite(),
+                               clock=lambda: now[0])
+    found._spools = [str(spool)]
+    problem = ("Slurm job 7: Unable to connect to slurmstepd: Connection refused",)
+    assert found.poll().problems == problem
+    for _ in range(5):  # five rounds within the first second: no scontrol, same problem
+        now[0] += 0.1
+        assert found.poll().problems == problem
+    assert calls == ["7"]
+    now[0] += 0.6
+    found.poll()
+    assert calls == ["7", "7"]
+    now[0] += 1.5  # the next try is 2 s after the last
+    found.poll()
+    assert calls == ["7", "7"]
+    now[0] += 0.6
+    found.poll()
+    assert calls == ["7", "7", "7"]
+    (spool / "node1_7.4294967291").unlink()
+    now[0] += 100
+    assert not found.poll().problems
+    assert calls == ["7", "7", "7"]

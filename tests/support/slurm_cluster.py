@@ -251,15 +251,16 @@ class SlurmCluster:
         shutil.rmtree(self.munge_dir, ignore_errors=True)
 
     def _kill_leftovers(self) -> None:
-        """slurmstepd and job processes outlive their slurmd when it is killed."""
-        spool = str(self.dir)
+        """slurmstepd and job processes outlive their slurmd when it is killed. Only this
+        cluster's: slurmd gives its slurmstepd its environment, SLURM_CONF included, and
+        the jobs have sbatch's; another cluster on the host (a test, a bench) keeps its own."""
+        conf = f"SLURM_CONF={self.conf}".encode()
         for pid in _pids():
             try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
                 environ = Path(f"/proc/{pid}/environ").read_bytes()
             except OSError:
                 continue
-            if b"slurmstepd" in cmdline.split(b"\0")[0] or spool.encode() in environ:
+            if conf in environ.split(b"\0"):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGCONT)
                     os.kill(pid, signal.SIGKILL)

@@ -22,7 +22,7 @@ class Changes:
 
     started: tuple[JobRequest, ...] = ()
     ended: tuple[str, ...] = ()
-    #: why a job seen could not be made into a request yet (retried next poll)
+    #: why a job seen could not be made into a request yet (asked for again later)
     problems: tuple[str, ...] = field(default=())
 
     def __bool__(self) -> bool:

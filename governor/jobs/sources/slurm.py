@@ -28,11 +28,13 @@ log = logging.getLogger(__name__)
 
 #: the mode each `[slurm] hold` value holds a job in
 HOLD_MODES = {"suspend": Mode.SUSPEND, "signal": Mode.SIGNAL, "cgroup": Mode.CGROUP}
-#: seconds between asking scontrol again about a job it could not describe (slurmctld
-#: down, a job with no process here yet), so that an outage costs no fork per round
-RETRY_AFTER = 5.0
 #: cgroup hierarchies to name a job's cgroup in, best first: v2, else v1's freezer
 HIERARCHY_ORDER = ("v2", "freezer")
+#: a job that could not be made into a request is asked for again after RETRY_FIRST
+#: seconds, then twice as long each time up to RETRY_MAX: a step socket that outlived its
+#: slurmstepd (killed -9, OOM) stays in the spool, and must not cost two `scontrol` forks
+#: every round for as long as it does
+RETRY_FIRST, RETRY_MAX = 1.0, 60.0
 
 
 class SlurmSource:
@@ -47,9 +49,8 @@ class SlurmSource:
         #: job id -> the nodes of this host it has steps on, for the jobs reported
         self._known: dict[str, frozenset[str]] = {}
         self._last_steps: frozenset[host.Step] | None = None
-        #: jobs seen that scontrol could not describe yet, asked again from _retry_at on
-        self._retry: set[str] = set()
-        self._retry_at = 0.0
+        #: job id -> (when to ask for it again, the delay before that, its last problem)
+        self._retry: dict[str, tuple[float, float, str]] = {}
         self._clock = clock
 
     def poll(self) -> Changes:
@@ -59,9 +60,8 @@ class SlurmSource:
         steps = host.running_steps(self._spools)
         if self.config.nodes:
             steps = frozenset(s for s in steps if s.node in self.config.nodes)
-        retry_due = bool(self._retry) and now >= self._retry_at
-        if steps == self._last_steps and not retry_due:
-            return NOTHING
+        if steps == self._last_steps and all(at > now for at, _, _ in self._retry.values()):
+            return Changes(problems=self._pending_problems()) if self._retry else NOTHING
         self._last_steps = steps
         nodes: dict[str, set[str]] = {}
         for step in steps:
@@ -70,22 +70,27 @@ class SlurmSource:
         for job in ended:
             del self._known[job]
         started: list[JobRequest] = []
-        problems: list[str] = []
+        self._retry = {job: v for job, v in self._retry.items() if job in nodes}
         for job_id in sorted(set(nodes) - set(self._known), key=int):
+            pending = self._retry.get(job_id)
+            if pending is not None and pending[0] > now:
+                continue
             try:
                 request = self._request(job_id, frozenset(nodes[job_id]))
             except host.SlurmError as exc:
-                problems.append(f"Slurm job {job_id}: {exc}")
-                self._retry.add(job_id)
-                self._retry_at = now + RETRY_AFTER
+                delay = RETRY_FIRST if pending is None else min(2 * pending[1], RETRY_MAX)
+                self._retry[job_id] = (now + delay, delay, f"Slurm job {job_id}: {exc}")
                 continue
-            self._retry.discard(job_id)
+            self._retry.pop(job_id, None)
             if request is None:
                 continue
             self._known[job_id] = frozenset(nodes[job_id])
             started.append(request)
-        self._retry &= set(nodes)
-        return Changes(tuple(started), ended, tuple(problems))
+        return Changes(tuple(started), ended, self._pending_problems())
+
+    def _pending_problems(self) -> tuple[str, ...]:
+        return tuple(self._retry[job][2] for job in sorted(self._retry, key=int)
+                     if self._retry[job][2])
 
     def close(self) -> None:
         return None
