@@ -104,3 +104,180 @@ def next_quota(state: QuotaState, speed: float, *, demand: float | None,
     else:
         quota = state.quota_us
     return QuotaState(round(min(max(quota, MIN_QUOTA_US), cores * period_us)), speed)
+
+
+# ---- holding a series at a target (rule action "hold") ----
+#
+# A proportional-integral law in velocity form on a learnt first-order plant
+#     dT/dt = heat * speed - cool * T + offset
+# (offset = cool * ambient, plus whatever else heats the device). Why each piece:
+#
+# * Velocity form (the speed moves by -Kp * dT - Ki * error * dt each round, then is
+#   clamped): its only memory is the speed itself, so nothing winds up while the speed is
+#   pinned at 1 or at min_speed (the integral is the output, and the output is clamped),
+#   it leaves a bound the round the error turns, and it starts bumpless from the speed
+#   the jobs had. Its proportional part acts on the rise of the reading, so a reading
+#   climbing towards the target from below already slows the jobs before it crosses:
+#   the approach brakes, and the first crossing overshoots little.
+# * Gains normalised by the plant, not tuned per machine: the one number that sets the
+#   scale of a loop is `heat` (degrees per second per unit of speed, which is the plant's
+#   gain over its time constant: 10-80 degrees per unit speed over 5-120 s, a 200-fold
+#   range), so it is learnt online by recursive least squares on the filtered reading and
+#   speed, and the gains follow the SIMC rules for a first-order plant:
+#   Kp = 1 / (heat * response), Ti = min(1 / cool, 4 * response). Until the speed has
+#   moved enough to tell heat from offset, the estimate leans on a conservative prior
+#   (a fast, hot plant: small gains), so a wrong guess is slow, never unstable.
+# * A first-order low-pass on the reading (time constant `filter_s`) for sensor noise; the
+#   same filter on the speed, so the filtered pair still obeys the plant's equation and the
+#   estimate is not biased by the filter's lag.
+# * A bounded step (`max_rate`, speed per second) so one bad reading cannot slam the jobs.
+# * A missing reading (None) holds the speed and learns nothing.
+
+#: the closed loop's time constant asked of the law (SIMC's tau_c + delay), seconds:
+#: long enough for a couple of seconds of sensor lag and a filtered reading
+HOLD_RESPONSE = 8.0
+#: the reading's low-pass time constant, seconds
+HOLD_FILTER = 1.0
+#: most the speed moves per second
+HOLD_MAX_RATE = 0.25
+#: the plant's prior: heat (degrees per second per unit speed) and cool (1/s). A hot,
+#: fast plant, so the first gains are small; bounds keep a noisy fit sane
+HOLD_PRIOR_HEAT = 4.0
+HOLD_PRIOR_COOL = 0.05
+#: what the plant cools towards, degrees: the prior that lets a rise at one steady speed
+#: tell heat from cooling before the speed has moved (the fit keeps a small correction)
+HOLD_PRIOR_AMBIENT = 30.0
+HOLD_HEAT_RANGE = (0.05, 50.0)
+HOLD_COOL_RANGE = (1.0 / 600.0, 1.0)
+#: how fast the fit lets its parameters drift, per second: heat and cooling by a relative
+#: 0.3 % (they change with the job, slowly), the offset (the ambient, other heat) by
+#: 0.03 degrees per second per second, so a change of ambient is learnt as one
+HOLD_DRIFT = (1e-5, 1e-5, 1e-3)
+#: the variance of a measured slope, (degrees per second) squared
+HOLD_SLOPE_NOISE = 0.05
+#: the fit's largest covariance trace, a guard against a long stretch that tells nothing
+HOLD_MAX_TRACE = 1e3
+
+_Vec3 = tuple[float, float, float]
+_Mat3 = tuple[_Vec3, _Vec3, _Vec3]
+
+
+class HoldTuning(NamedTuple):
+    """The few knobs; their defaults need no knowledge of the machine."""
+
+    response: float = HOLD_RESPONSE
+    filter_s: float = HOLD_FILTER
+    max_rate: float = HOLD_MAX_RATE
+
+
+#: the defaults, shared
+HOLD_TUNING = HoldTuning()
+
+
+class HoldState(NamedTuple):
+    """Everything the law remembers between rounds. `start_hold` makes the first one."""
+
+    #: the speed given last (the velocity form's only integrator)
+    speed: float
+    #: the integral part of the speed; starts at the speed taken over, so the first round
+    #: does not jump
+    integral: float
+    #: the low-passed rise of the reading, degrees per second: the law brakes ahead of
+    #: a crossing
+    rise: float = 0.0
+    #: the time of the last reading taken, None before the first
+    time: float | None = None
+    #: the low-passed reading and speed, None before the first reading
+    reading: float | None = None
+    filtered_speed: float | None = None
+    #: the fit of (heat, -cool, offset) and its covariance
+    theta: _Vec3 = (HOLD_PRIOR_HEAT, -HOLD_PRIOR_COOL, 0.0)
+    covariance: _Mat3 = ((100.0, 0.0, 0.0), (0.0, 1e-2, 0.0), (0.0, 0.0, 1e-2))
+
+    @property
+    def heat(self) -> float:
+        """Degrees per second one unit of speed adds, as learnt (within its bounds)."""
+        return min(max(self.theta[0], HOLD_HEAT_RANGE[0]), HOLD_HEAT_RANGE[1])
+
+    @property
+    def cool(self) -> float:
+        """The plant's inverse time constant, as learnt (within its bounds)."""
+        return min(max(-self.theta[1], HOLD_COOL_RANGE[0]), HOLD_COOL_RANGE[1])
+
+
+def start_hold(speed: float = 1.0) -> HoldState:
+    """The state taking over from jobs running at `speed` (1: free), so the first round
+    starts from there rather than jumping."""
+    speed = min(max(speed, 0.0), 1.0)
+    return HoldState(speed=speed, integral=speed)
+
+
+def _vec(v: list[float]) -> _Vec3:
+    return (v[0], v[1], v[2])
+
+
+def _fit(theta: _Vec3, p: _Mat3, x: _Vec3, y: float, drift: _Vec3) -> tuple[_Vec3, _Mat3]:
+    """One Kalman step of the fit of y = theta . x, the parameters random walks (`drift`:
+    the variance each gains over the step) and y measured with variance HOLD_SLOPE_NOISE.
+    Unlike a forgetting factor, the drift is per parameter: what the fit cannot explain
+    goes to the offset, which drifts fast, not to heat or cooling, which barely do."""
+    prior = [[p[i][j] + (drift[i] if i == j else 0.0) for j in range(3)] for i in range(3)]
+    px = [sum(prior[i][j] * x[j] for j in range(3)) for i in range(3)]
+    gain = [v / (HOLD_SLOPE_NOISE + sum(x[i] * px[i] for i in range(3))) for v in px]
+    err = y - sum(theta[i] * x[i] for i in range(3))
+    new_theta = _vec([theta[i] + gain[i] * err for i in range(3)])
+    rows = [_vec([prior[i][j] - gain[i] * px[j] for j in range(3)]) for i in range(3)]
+    trace = rows[0][0] + rows[1][1] + rows[2][2]
+    scale = min(1.0, HOLD_MAX_TRACE / trace) if trace > 0 else 1.0
+    new_p = (_vec([v * scale for v in rows[0]]), _vec([v * scale for v in rows[1]]),
+             _vec([v * scale for v in rows[2]]))
+    return new_theta, new_p
+
+
+def hold_step(state: HoldState, reading: float | None, now: float, *, target: float,
+              min_speed: float, tuning: HoldTuning = HOLD_TUNING) -> tuple[HoldState, float]:
+    """One round of the hold law: the new state and the speed to give the jobs, within
+    [min_speed, 1] and at most `tuning.max_rate` per second from the last one."""
+    low = min(max(min_speed, 0.0), 1.0)
+    speed = min(max(state.speed, low), 1.0)
+    if reading is None or state.time is None or state.reading is None \
+            or state.filtered_speed is None or now <= state.time:
+        if reading is None:
+            return state._replace(speed=speed), speed
+        # the first reading: the filters start from it, nothing moves yet
+        return state._replace(speed=speed, time=now, reading=reading,
+                              filtered_speed=speed), speed
+    dt = now - state.time
+    alpha = dt / (tuning.filter_s + dt)
+    filtered = state.reading + alpha * (reading - state.reading)
+    filtered_speed = state.filtered_speed + alpha * (speed - state.filtered_speed)
+
+    # learn the plant: the filtered pair's slope against (speed, reading, 1)
+    slope = (filtered - state.reading) / dt
+    drift = (HOLD_DRIFT[0] * state.heat ** 2 * dt, HOLD_DRIFT[1] * state.cool ** 2 * dt,
+             HOLD_DRIFT[2] * dt)
+    theta, cov = _fit(state.theta, state.covariance,
+                      ((state.filtered_speed + filtered_speed) / 2,
+                       (state.reading + filtered) / 2 - HOLD_PRIOR_AMBIENT, 1.0), slope,
+                      drift)
+    learnt = state._replace(theta=theta, covariance=cov)
+
+    rise = state.rise + dt / (tuning.response + dt) * (slope - state.rise)
+    kp = 1.0 / (learnt.heat * tuning.response)
+    ti = min(1.0 / learnt.cool, 4.0 * tuning.response)
+    error = filtered - target
+    integral = min(max(state.integral - kp / ti * error * dt, low), 1.0)
+    wanted = integral - kp * (error + tuning.response / 2 * rise)
+    bound = tuning.max_rate * dt
+    new_speed = min(max(wanted, speed - bound, low), speed + bound, 1.0)
+    if (wanted > new_speed and error < 0) or (wanted < new_speed and error > 0):
+        if new_speed in (low, 1.0):
+            # pinned at a bound: rather than wind up, the integral tracks the speed that
+            # would hold the reading still, so the law leaves the bound from where it
+            # should be (taking over at full speed below the target, it brakes ahead)
+            integral = min(max(new_speed - rise / learnt.heat, low), 1.0)
+        else:
+            # held back by the step limit: integrating would only wind up
+            integral = min(max(state.integral, low), 1.0)
+    return learnt._replace(speed=new_speed, integral=integral, rise=rise, time=now,
+                           reading=filtered, filtered_speed=filtered_speed), new_speed
