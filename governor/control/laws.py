@@ -3,6 +3,14 @@ and an output out; no clock, no files, no processes.
 
 The actuators measure (CPU seconds, cgroup usage) and act (signals, cpu.max); what they
 do with a measurement is decided here, so it is tested without root or real jobs.
+
+The hold law (`hold_step`, rule action "hold") keeps a series at a target by setting the
+speed of the jobs it touches. It is not tuned per machine: a device's response to speed
+spans some 200-fold (10-80 degrees per unit speed, time constants 5-120 s), so the law
+learns the one number that scales a loop, the heating rate per unit speed, with the
+cooling rate, from what it observes, and derives its gains from them by the SIMC rules
+for a first-order plant, with one machine-independent knob, the closed loop's time
+constant. Why each piece is as it is: the comment above `HoldTuning`.
 """
 
 from __future__ import annotations
@@ -108,30 +116,39 @@ def next_quota(state: QuotaState, speed: float, *, demand: float | None,
 
 # ---- holding a series at a target (rule action "hold") ----
 #
-# A proportional-integral law in velocity form on a learnt first-order plant
-#     dT/dt = heat * speed - cool * T + offset
-# (offset = cool * ambient, plus whatever else heats the device). Why each piece:
+# A proportional-integral law with derivative on the reading, on a first-order plant
+#     dT/dt = heat * speed - cool * (T - HOLD_PRIOR_AMBIENT) + offset
+# that it fits online (offset: the ambient's distance from the prior, and whatever else
+# heats the device). Why each piece:
 #
-# * Velocity form (the speed moves by -Kp * dT - Ki * error * dt each round, then is
-#   clamped): its only memory is the speed itself, so nothing winds up while the speed is
-#   pinned at 1 or at min_speed (the integral is the output, and the output is clamped),
-#   it leaves a bound the round the error turns, and it starts bumpless from the speed
-#   the jobs had. Its proportional part acts on the rise of the reading, so a reading
-#   climbing towards the target from below already slows the jobs before it crosses:
-#   the approach brakes, and the first crossing overshoots little.
-# * Gains normalised by the plant, not tuned per machine: the one number that sets the
-#   scale of a loop is `heat` (degrees per second per unit of speed, which is the plant's
-#   gain over its time constant: 10-80 degrees per unit speed over 5-120 s, a 200-fold
-#   range), so it is learnt online by recursive least squares on the filtered reading and
-#   speed, and the gains follow the SIMC rules for a first-order plant:
-#   Kp = 1 / (heat * response), Ti = min(1 / cool, 4 * response). Until the speed has
-#   moved enough to tell heat from offset, the estimate leans on a conservative prior
-#   (a fast, hot plant: small gains), so a wrong guess is slow, never unstable.
-# * A first-order low-pass on the reading (time constant `filter_s`) for sensor noise; the
-#   same filter on the speed, so the filtered pair still obeys the plant's equation and the
-#   estimate is not biased by the filter's lag.
+# * Gains normalised by the plant, not tuned per machine: what sets the scale of the loop
+#   is `heat`, degrees per second per unit of speed (the plant's gain over its time
+#   constant: 10-80 degrees per unit speed over 5-120 s, a 200-fold range), so no fixed
+#   gain suits every device. The law fits heat, cool and offset by a small Kalman filter
+#   on the filtered slope, and sets its gains by the SIMC rules for a first-order plant:
+#   Kp = 1 / (heat * response), Ti = min(1 / cool, 4 * response), with one
+#   machine-independent knob, the closed loop's time constant `response` (8 s: a couple
+#   of seconds of sensor lag and the filter's second fit in it).
+# * Taking over at one steady speed tells heat from offset only through the ambient's
+#   prior (30 degrees; a device cools towards its inlet air, 20-45 degrees, far more alike
+#   across machines than heat is), so the fit is usable before the speed has moved; the
+#   offset drifts fast in the fit and heat and cool slowly, so a change of ambient is
+#   learnt as one rather than as a change of heat (which would change the gains).
+# * Derivative on the reading, over half the response: a reading climbing towards the
+#   target from below slows the jobs before it crosses, so the first crossing overshoots
+#   little; on the reading, not the error, so a new target does not kick.
+# * Anti-windup by conditional integration: while the speed is pinned at 1 or at
+#   min_speed the integral does not integrate but tracks the speed that would hold the
+#   reading still (speed - rise / heat); held back by the step limit, it freezes. So the
+#   law leaves a bound the round the error turns, from where it should be, and taking over
+#   at full speed below the target it already brakes on the way up.
+# * Bumpless start: the integral starts at the speed taken over (1, or the jobs' current
+#   speed) and the first reading only starts the filters.
+# * A first-order low-pass on the reading (`filter_s`) for sensor noise; the same filter on
+#   the speed, so the filtered pair still obeys the plant's equation and the fit is not
+#   biased by the filter's lag.
 # * A bounded step (`max_rate`, speed per second) so one bad reading cannot slam the jobs.
-# * A missing reading (None) holds the speed and learns nothing.
+# * A missing reading (None) holds the speed and neither integrates nor learns.
 
 #: the closed loop's time constant asked of the law (SIMC's tau_c + delay), seconds:
 #: long enough for a couple of seconds of sensor lag and a filtered reading
@@ -140,8 +157,9 @@ HOLD_RESPONSE = 8.0
 HOLD_FILTER = 1.0
 #: most the speed moves per second
 HOLD_MAX_RATE = 0.25
-#: the plant's prior: heat (degrees per second per unit speed) and cool (1/s). A hot,
-#: fast plant, so the first gains are small; bounds keep a noisy fit sane
+#: the plant's prior: heat (degrees per second per unit speed, loose: the first rounds'
+#: rise replace it) and cool (1/s, a 20 s plant, mid-range); the bounds keep a noisy fit
+#: sane, and with it the gains
 HOLD_PRIOR_HEAT = 4.0
 HOLD_PRIOR_COOL = 0.05
 #: what the plant cools towards, degrees: the prior that lets a rise at one steady speed
@@ -149,9 +167,10 @@ HOLD_PRIOR_COOL = 0.05
 HOLD_PRIOR_AMBIENT = 30.0
 HOLD_HEAT_RANGE = (0.05, 50.0)
 HOLD_COOL_RANGE = (1.0 / 600.0, 1.0)
-#: how fast the fit lets its parameters drift, per second: heat and cooling by a relative
-#: 0.3 % (they change with the job, slowly), the offset (the ambient, other heat) by
-#: 0.03 degrees per second per second, so a change of ambient is learnt as one
+#: how fast the fit lets its parameters drift (variance gained per second): heat and
+#: cooling by some 0.3 % of themselves (they change with the job, slowly), the offset
+#: (the ambient, other heat) by some 0.03 degrees per second, so that a change of ambient
+#: is learnt as one, not as a change of heat
 HOLD_DRIFT = (1e-5, 1e-5, 1e-3)
 #: the variance of a measured slope, (degrees per second) squared
 HOLD_SLOPE_NOISE = 0.05
@@ -177,7 +196,7 @@ HOLD_TUNING = HoldTuning()
 class HoldState(NamedTuple):
     """Everything the law remembers between rounds. `start_hold` makes the first one."""
 
-    #: the speed given last (the velocity form's only integrator)
+    #: the speed given last
     speed: float
     #: the integral part of the speed; starts at the speed taken over, so the first round
     #: does not jump
@@ -240,10 +259,10 @@ def hold_step(state: HoldState, reading: float | None, now: float, *, target: fl
     [min_speed, 1] and at most `tuning.max_rate` per second from the last one."""
     low = min(max(min_speed, 0.0), 1.0)
     speed = min(max(state.speed, low), 1.0)
-    if reading is None or state.time is None or state.reading is None \
-            or state.filtered_speed is None or now <= state.time:
-        if reading is None:
-            return state._replace(speed=speed), speed
+    if reading is None or (state.time is not None and now <= state.time):
+        # nothing new: hold the speed, integrate and learn nothing
+        return state._replace(speed=speed), speed
+    if state.time is None or state.reading is None or state.filtered_speed is None:
         # the first reading: the filters start from it, nothing moves yet
         return state._replace(speed=speed, time=now, reading=reading,
                               filtered_speed=speed), speed
