@@ -13,6 +13,7 @@ import pytest
 from governor.control.laws import (
     HOLD_MAX_RATE,
     HOLD_RESPONSE,
+    HoldState,
     HoldTuning,
     hold_step,
     start_hold,
@@ -27,6 +28,7 @@ class Run:
     temps: list[float] = field(default_factory=list)
     speeds: list[float] = field(default_factory=list)
     dt: float = 1.0
+    state: HoldState = field(default_factory=start_hold)
 
     def settled_at(self, band: float) -> float | None:
         """The time from which the temperature stays within `band` of the target."""
@@ -56,6 +58,7 @@ def simulate(heat: float, cool: float, *, start: float, seconds: float, dt: floa
         run.speeds.append(speed)
         for _ in range(10):  # the plant, in finer steps than the law
             temp += dt / 10 * (heat * speed - cool * (temp - amb))
+    run.state = state
     return run
 
 
@@ -75,9 +78,10 @@ def _settle_limit(cool: float) -> float:
     return max(3.0 / cool + 4 * HOLD_RESPONSE, 6 * HOLD_RESPONSE + 15.0)
 
 
+@pytest.mark.parametrize("dt", [1.0, 0.25])
 @pytest.mark.parametrize("start", [40.0, 90.0], ids=["from-below", "from-above"])
-def test_converges_to_the_target_at_the_best_steady_speed(start: float) -> None:
-    run = simulate(HEAT, COOL, start=start, seconds=300)
+def test_converges_to_the_target_at_the_best_steady_speed(start: float, dt: float) -> None:
+    run = simulate(HEAT, COOL, start=start, seconds=300, dt=dt)
     settled = run.settled_at(0.5)
     assert settled is not None and settled <= _settle_limit(COOL)
     assert run.speeds[-1] == pytest.approx(S_STAR, abs=0.01)
@@ -96,6 +100,8 @@ def test_holds_plants_it_was_not_tuned_for(cool: float, above: float) -> None:
     gains 60-80 degrees per unit speed: the same law, no per-plant gains."""
     heat = cool * (TARGET + above - AMBIENT)
     run = simulate(heat, cool, start=40.0, seconds=max(8.0 / cool, 200.0))
+    # it learnt the plant's scale (within a factor of 2 is all the gains need)
+    assert heat / 2 <= run.state.heat <= heat * 2
     settled = run.settled_at(0.5)
     assert settled is not None and settled <= _settle_limit(cool)
     assert run.speeds[-1] == pytest.approx(cool * (TARGET - AMBIENT) / heat, abs=0.01)
