@@ -271,7 +271,8 @@ def hold_step(state: HoldState, reading: float | None, now: float, *, target: fl
     filtered = state.reading + alpha * (reading - state.reading)
     filtered_speed = state.filtered_speed + alpha * (speed - state.filtered_speed)
 
-    # learn the plant: the filtered pair's slope against (speed, reading, 1)
+    # learn the plant: the filtered reading's slope against the filtered speed and
+    # reading (the step's midpoints) and 1, the reading measured from the ambient's prior
     slope = (filtered - state.reading) / dt
     drift = (HOLD_DRIFT[0] * state.heat ** 2 * dt, HOLD_DRIFT[1] * state.cool ** 2 * dt,
              HOLD_DRIFT[2] * dt)
