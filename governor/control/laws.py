@@ -3,6 +3,14 @@ and an output out; no clock, no files, no processes.
 
 The actuators measure (CPU seconds, cgroup usage) and act (signals, cpu.max); what they
 do with a measurement is decided here, so it is tested without root or real jobs.
+
+The hold law (`hold_step`, rule action "hold") keeps a series at a target by setting the
+speed of the jobs it touches. It is not tuned per machine: a device's response to speed
+spans some 200-fold (10-80 degrees per unit speed, time constants 5-120 s), so the law
+learns the one number that scales a loop, the heating rate per unit speed, with the
+cooling rate, from what it observes, and derives its gains from them by the SIMC rules
+for a first-order plant, with one machine-independent knob, the closed loop's time
+constant. Why each piece is as it is: the comment above `HoldTuning`.
 """
 
 from __future__ import annotations
@@ -104,3 +112,192 @@ def next_quota(state: QuotaState, speed: float, *, demand: float | None,
     else:
         quota = state.quota_us
     return QuotaState(round(min(max(quota, MIN_QUOTA_US), cores * period_us)), speed)
+
+
+# ---- holding a series at a target (rule action "hold") ----
+#
+# A proportional-integral law with derivative on the reading, on a first-order plant
+#     dT/dt = heat * speed - cool * (T - HOLD_PRIOR_AMBIENT) + offset
+# that it fits online (offset: the ambient's distance from the prior, and whatever else
+# heats the device). Why each piece:
+#
+# * Gains normalised by the plant, not tuned per machine: what sets the scale of the loop
+#   is `heat`, degrees per second per unit of speed (the plant's gain over its time
+#   constant: 10-80 degrees per unit speed over 5-120 s, a 200-fold range), so no fixed
+#   gain suits every device. The law fits heat, cool and offset by a small Kalman filter
+#   on the filtered slope, and sets its gains by the SIMC rules for a first-order plant:
+#   Kp = 1 / (heat * response), Ti = min(1 / cool, 4 * response), with one
+#   machine-independent knob, the closed loop's time constant `response` (8 s: a couple
+#   of seconds of sensor lag and the filter's second fit in it).
+# * Taking over at one steady speed tells heat from offset only through the ambient's
+#   prior (30 degrees; a device cools towards its inlet air, 20-45 degrees, far more alike
+#   across machines than heat is), so the fit is usable before the speed has moved; the
+#   offset drifts fast in the fit and heat and cool slowly, so a change of ambient is
+#   learnt as one rather than as a change of heat (which would change the gains).
+# * Derivative on the reading, over half the response: a reading climbing towards the
+#   target from below slows the jobs before it crosses, so the first crossing overshoots
+#   little; on the reading, not the error, so a new target does not kick.
+# * Anti-windup by conditional integration: while the speed is pinned at 1 or at
+#   min_speed the integral does not integrate but tracks the speed that would hold the
+#   reading still (speed - rise / heat); held back by the step limit, it freezes. So the
+#   law leaves a bound the round the error turns, from where it should be, and taking over
+#   at full speed below the target it already brakes on the way up.
+# * Bumpless start: the integral starts at the speed taken over (1, or the jobs' current
+#   speed) and the first reading only starts the filters.
+# * A first-order low-pass on the reading (`filter_s`) for sensor noise; the same filter on
+#   the speed, so the filtered pair still obeys the plant's equation and the fit is not
+#   biased by the filter's lag.
+# * A bounded step (`max_rate`, speed per second) so one bad reading cannot slam the jobs.
+# * A missing reading (None) holds the speed and neither integrates nor learns.
+
+#: the closed loop's time constant asked of the law (SIMC's tau_c + delay), seconds:
+#: long enough for a couple of seconds of sensor lag and a filtered reading
+HOLD_RESPONSE = 8.0
+#: the reading's low-pass time constant, seconds
+HOLD_FILTER = 1.0
+#: most the speed moves per second
+HOLD_MAX_RATE = 0.25
+#: the plant's prior: heat (degrees per second per unit speed, loose: the first rounds'
+#: rise replace it) and cool (1/s, a 20 s plant, mid-range); the bounds keep a noisy fit
+#: sane, and with it the gains
+HOLD_PRIOR_HEAT = 4.0
+HOLD_PRIOR_COOL = 0.05
+#: what the plant cools towards, degrees: the prior that lets a rise at one steady speed
+#: tell heat from cooling before the speed has moved (the fit keeps a small correction)
+HOLD_PRIOR_AMBIENT = 30.0
+HOLD_HEAT_RANGE = (0.05, 50.0)
+HOLD_COOL_RANGE = (1.0 / 600.0, 1.0)
+#: how fast the fit lets its parameters drift (variance gained per second): heat and
+#: cooling by some 0.3 % of themselves (they change with the job, slowly), the offset
+#: (the ambient, other heat) by some 0.03 degrees per second, so that a change of ambient
+#: is learnt as one, not as a change of heat
+HOLD_DRIFT = (1e-5, 1e-5, 1e-3)
+#: the variance of a measured slope, (degrees per second) squared
+HOLD_SLOPE_NOISE = 0.05
+#: the fit's largest covariance trace, a guard against a long stretch that tells nothing
+HOLD_MAX_TRACE = 1e3
+
+_Vec3 = tuple[float, float, float]
+_Mat3 = tuple[_Vec3, _Vec3, _Vec3]
+
+
+class HoldTuning(NamedTuple):
+    """The few knobs; their defaults need no knowledge of the machine."""
+
+    response: float = HOLD_RESPONSE
+    filter_s: float = HOLD_FILTER
+    max_rate: float = HOLD_MAX_RATE
+
+
+#: the defaults, shared
+HOLD_TUNING = HoldTuning()
+
+
+class HoldState(NamedTuple):
+    """Everything the law remembers between rounds. `start_hold` makes the first one."""
+
+    #: the speed given last
+    speed: float
+    #: the integral part of the speed; starts at the speed taken over, so the first round
+    #: does not jump
+    integral: float
+    #: the low-passed rise of the reading, degrees per second: the law brakes ahead of
+    #: a crossing
+    rise: float = 0.0
+    #: the time of the last reading taken, None before the first
+    time: float | None = None
+    #: the low-passed reading and speed, None before the first reading
+    reading: float | None = None
+    filtered_speed: float | None = None
+    #: the fit of (heat, -cool, offset) and its covariance
+    theta: _Vec3 = (HOLD_PRIOR_HEAT, -HOLD_PRIOR_COOL, 0.0)
+    covariance: _Mat3 = ((100.0, 0.0, 0.0), (0.0, 1e-2, 0.0), (0.0, 0.0, 1e-2))
+
+    @property
+    def heat(self) -> float:
+        """Degrees per second one unit of speed adds, as learnt (within its bounds)."""
+        return min(max(self.theta[0], HOLD_HEAT_RANGE[0]), HOLD_HEAT_RANGE[1])
+
+    @property
+    def cool(self) -> float:
+        """The plant's inverse time constant, as learnt (within its bounds)."""
+        return min(max(-self.theta[1], HOLD_COOL_RANGE[0]), HOLD_COOL_RANGE[1])
+
+
+def start_hold(speed: float = 1.0) -> HoldState:
+    """The state taking over from jobs running at `speed` (1: free), so the first round
+    starts from there rather than jumping."""
+    speed = min(max(speed, 0.0), 1.0)
+    return HoldState(speed=speed, integral=speed)
+
+
+def _vec(v: list[float]) -> _Vec3:
+    return (v[0], v[1], v[2])
+
+
+def _fit(theta: _Vec3, p: _Mat3, x: _Vec3, y: float, drift: _Vec3) -> tuple[_Vec3, _Mat3]:
+    """One Kalman step of the fit of y = theta . x, the parameters random walks (`drift`:
+    the variance each gains over the step) and y measured with variance HOLD_SLOPE_NOISE.
+    Unlike a forgetting factor, the drift is per parameter: what the fit cannot explain
+    goes to the offset, which drifts fast, not to heat or cooling, which barely do."""
+    prior = [[p[i][j] + (drift[i] if i == j else 0.0) for j in range(3)] for i in range(3)]
+    px = [sum(prior[i][j] * x[j] for j in range(3)) for i in range(3)]
+    gain = [v / (HOLD_SLOPE_NOISE + sum(x[i] * px[i] for i in range(3))) for v in px]
+    err = y - sum(theta[i] * x[i] for i in range(3))
+    new_theta = _vec([theta[i] + gain[i] * err for i in range(3)])
+    rows = [_vec([prior[i][j] - gain[i] * px[j] for j in range(3)]) for i in range(3)]
+    trace = rows[0][0] + rows[1][1] + rows[2][2]
+    scale = min(1.0, HOLD_MAX_TRACE / trace) if trace > 0 else 1.0
+    new_p = (_vec([v * scale for v in rows[0]]), _vec([v * scale for v in rows[1]]),
+             _vec([v * scale for v in rows[2]]))
+    return new_theta, new_p
+
+
+def hold_step(state: HoldState, reading: float | None, now: float, *, target: float,
+              min_speed: float, tuning: HoldTuning = HOLD_TUNING) -> tuple[HoldState, float]:
+    """One round of the hold law: the new state and the speed to give the jobs, within
+    [min_speed, 1] and at most `tuning.max_rate` per second from the last one."""
+    low = min(max(min_speed, 0.0), 1.0)
+    speed = min(max(state.speed, low), 1.0)
+    if reading is None or (state.time is not None and now <= state.time):
+        # nothing new: hold the speed, integrate and learn nothing
+        return state._replace(speed=speed), speed
+    if state.time is None or state.reading is None or state.filtered_speed is None:
+        # the first reading: the filters start from it, nothing moves yet
+        return state._replace(speed=speed, time=now, reading=reading,
+                              filtered_speed=speed), speed
+    dt = now - state.time
+    alpha = dt / (tuning.filter_s + dt)
+    filtered = state.reading + alpha * (reading - state.reading)
+    filtered_speed = state.filtered_speed + alpha * (speed - state.filtered_speed)
+
+    # learn the plant: the filtered reading's slope against the filtered speed and
+    # reading (the step's midpoints) and 1, the reading measured from the ambient's prior
+    slope = (filtered - state.reading) / dt
+    drift = (HOLD_DRIFT[0] * state.heat ** 2 * dt, HOLD_DRIFT[1] * state.cool ** 2 * dt,
+             HOLD_DRIFT[2] * dt)
+    theta, cov = _fit(state.theta, state.covariance,
+                      ((state.filtered_speed + filtered_speed) / 2,
+                       (state.reading + filtered) / 2 - HOLD_PRIOR_AMBIENT, 1.0), slope,
+                      drift)
+    learnt = state._replace(theta=theta, covariance=cov)
+
+    rise = state.rise + dt / (tuning.response + dt) * (slope - state.rise)
+    kp = 1.0 / (learnt.heat * tuning.response)
+    ti = min(1.0 / learnt.cool, 4.0 * tuning.response)
+    error = filtered - target
+    integral = min(max(state.integral - kp / ti * error * dt, low), 1.0)
+    wanted = integral - kp * (error + tuning.response / 2 * rise)
+    bound = tuning.max_rate * dt
+    new_speed = min(max(wanted, speed - bound, low), speed + bound, 1.0)
+    if (wanted > new_speed and error < 0) or (wanted < new_speed and error > 0):
+        if new_speed in (low, 1.0):
+            # pinned at a bound: rather than wind up, the integral tracks the speed that
+            # would hold the reading still, so the law leaves the bound from where it
+            # should be (taking over at full speed below the target, it brakes ahead)
+            integral = min(max(new_speed - rise / learnt.heat, low), 1.0)
+        else:
+            # held back by the step limit: integrating would only wind up
+            integral = min(max(state.integral, low), 1.0)
+    return learnt._replace(speed=new_speed, integral=integral, rise=rise, time=now,
+                           reading=filtered, filtered_speed=filtered_speed), new_speed
