@@ -7,6 +7,11 @@ root; without root or NVML the rules are reported as not enforceable, not ignore
 
 Journal entries: {"kind": "power_cap", "gpu": "0", "uuid": "GPU-...", "original_mw": N,
 "cap_mw": N}.
+
+The demo's simulated GPUs (`sources.simulate`) are capped the same way: the daemon hands
+PowerCapper the simulated sampler's stand-in for NVML (SimulatedSampler.nvml), which needs
+no root. A simulated limit lives in the daemon that set it, so a journal entry for a
+"SIM-..." GPU is released without a call.
 """
 
 from __future__ import annotations
@@ -16,11 +21,14 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from governor.host.nvml import load_module
 from governor.policy.directives import PowerCap
 from governor.safety.journal import Journal
+
+if TYPE_CHECKING:
+    from governor.sampling.simulated import SimulatedNvml
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +42,7 @@ class PowerCapper:
         self,
         journal: Journal,
         *,
-        nvml: ModuleType | None = None,
+        nvml: ModuleType | SimulatedNvml | None = None,
         is_root: Callable[[], bool] = lambda: os.geteuid() == 0,
     ):
         self._journal = journal
@@ -132,6 +140,8 @@ def undo(entry: dict[str, Any], nvml: ModuleType | None = None) -> str:
 def undo_checked(entry: dict[str, Any], nvml: ModuleType | None = None) -> tuple[bool, str]:
     """As undo, and whether the limit was restored (else release-all keeps the hold)."""
     gpu = entry.get("gpu")
+    if str(entry.get("uuid", "")).startswith("SIM-"):
+        return True, f"gpu {gpu}: simulated, its power limit went with the daemon that set it"
     try:
         module: Any = nvml if nvml is not None else load_module()
         module.nvmlInit()

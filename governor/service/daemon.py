@@ -44,6 +44,7 @@ from governor.safety.release import release_holds
 from governor.safety.state_lock import LockHeld, StateLock
 from governor.sampling.registry import build_samplers
 from governor.sampling.runner import SamplerRunner
+from governor.sampling.simulated import SimulatedSampler
 from governor.service.audit import FILENAME as AUDIT_FILENAME
 from governor.service.audit import AuditLog
 from governor.service.loop import SamplingLoop
@@ -207,6 +208,8 @@ class Daemon:
         self.config_path = config_path
         raise_fd_limit()  # a pidfd per job
         samplers = build_samplers(config.sources, jobs=self._job_processes)
+        #: the simulated GPUs (sources.simulate), whose power limits power_cap rules set
+        self._simulated = next((s for s in samplers if isinstance(s, SimulatedSampler)), None)
         state_dir = Path(config.daemon.state_dir)
         self.lock = StateLock(state_dir)
         try:
@@ -278,7 +281,9 @@ class Daemon:
                 log.info("%s mode is not available: %s", mode.value, exc)
         power = None
         power_unavailable = None
-        if config.sources.nvml == "off":
+        if self._simulated is not None:
+            power = PowerCapper(self.journal, nvml=self._simulated.nvml, is_root=lambda: True)
+        elif config.sources.nvml == "off":
             power_unavailable = 'NVML is off (sources.nvml = "off")'
         else:
             power = PowerCapper(self.journal)
