@@ -281,8 +281,14 @@ class RuleConfig(_Section):
     clear_below: float | None = None
     clear_above: float | None = None
     clear_for: Duration = 0.0
-    action: Literal["slow", "pause", "power_cap"] = "pause"
+    action: Literal["slow", "pause", "power_cap", "hold"] = "pause"
     speed: float | None = Field(default=None, gt=0, lt=1)
+    #: action "hold" (CONTRACT section 8): the value each series is held at
+    target: float | None = None
+    #: action "hold": the lowest speed the loop may set; 0 allows a pause
+    min_speed: float = Field(default=0.0, ge=0, lt=1)
+    #: action "hold": what the loop sets, the jobs' speed or the GPU's power limit
+    via: Literal["speed", "power_limit"] = "speed"
     power_cap_watts: float | None = Field(default=None, gt=0)
     max_priority: int | None = None
     on_missing: Literal["hold", "trip", "clear"] = "hold"
@@ -308,6 +314,8 @@ class RuleConfig(_Section):
                     f"match.{key}: {self.metric} has no label {key!r}"
                     + (f"; its labels: {', '.join(labels)}" if labels else "; it has no labels")
                 )
+        if self.action == "hold":
+            return self._consistent_hold()
         if (self.above is None) == (self.below is None):
             raise ValueError("above: give exactly one of `above` or `below`")
         if self.above is not None:
@@ -340,13 +348,35 @@ class RuleConfig(_Section):
                 )
         return self
 
+    def _consistent_hold(self) -> Self:
+        """A hold rule has a target and no lines: it never trips, so `above`, `below` and
+        their clear lines mean nothing for it and are refused rather than ignored."""
+        if self.target is None:
+            raise ValueError('target: action "hold" needs `target`, the value to hold')
+        for key in ("above", "below", "clear_above", "clear_below"):
+            if getattr(self, key) is not None:
+                raise ValueError(f'{key}: a rule with action "hold" has a `target`, '
+                                 "not trip lines")
+        if self.via == "power_limit" and SAMPLED[self.metric].device_label != "gpu":
+            raise ValueError('via: "power_limit" needs a per-GPU metric (gpu_...), '
+                             f"not {self.metric}")
+        return self
+
+    @property
+    def holds(self) -> bool:
+        """A closed-loop rule (action "hold"), which has a target instead of trip lines."""
+        return self.action == "hold"
+
     @property
     def trips_above(self) -> bool:
         return self.above is not None
 
     @property
     def threshold(self) -> float:
+        """The trip line; a hold rule's target (it has no trip line)."""
         value = self.above if self.above is not None else self.below
+        if value is None and self.target is not None:
+            return self.target
         assert value is not None
         return value
 

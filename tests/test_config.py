@@ -137,6 +137,17 @@ def test_wrong_types_are_named_with_the_value() -> None:
         ({"metric": "memory_used_ratio", "above": 0.9, "action": "kill"}, "action", "'slow'"),
         ({"metric": "memory_used_ratio", "above": 0.9, "for": "forever"}, "for",
          "not a duration"),
+        ({"metric": "gpu_temperature_celsius", "action": "hold"}, "target", "needs `target`"),
+        ({"metric": "gpu_temperature_celsius", "action": "hold", "target": 80,
+          "min_speed": 1.0}, "min_speed", "less than 1"),
+        ({"metric": "gpu_temperature_celsius", "action": "hold", "target": 80,
+          "min_speed": -0.1}, "min_speed", "greater than or equal to 0"),
+        ({"metric": "gpu_temperature_celsius", "action": "hold", "target": 80, "above": 90},
+         "above", "not trip lines"),
+        ({"metric": "gpu_temperature_celsius", "action": "hold", "target": 80,
+          "via": "clocks"}, "via", "'speed' or 'power_limit'"),
+        ({"metric": "memory_used_ratio", "action": "hold", "target": 0.8,
+          "via": "power_limit"}, "via", "per-GPU"),
     ],
 )
 def test_rule_errors_name_their_key(rule: dict[str, object], key: str, words: str) -> None:
@@ -151,6 +162,13 @@ def test_rule_errors_name_their_key(rule: dict[str, object], key: str, words: st
 def test_daemon_bounds(daemon: dict[str, object], key: str) -> None:
     (found,) = problems({"daemon": daemon})
     assert found.startswith(f"{key}: must be")
+
+
+def test_a_hold_rule_needs_no_lines() -> None:
+    config = parse_config({"rules": [{"name": "h", "metric": "gpu_temperature_celsius",
+                                      "action": "hold", "target": 80}]})
+    rule = config.rules[0]
+    assert rule.holds and rule.target == 80 and rule.min_speed == 0 and rule.via == "speed"
 
 
 def test_match_values_may_be_numbers() -> None:
