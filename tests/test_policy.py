@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 
 from governor.config import RuleConfig, parse_config
+from governor.control.holds import HoldLoops, carry_holds, outputs, step_holds
+from governor.control.laws import start_hold
 from governor.jobs.model import RUN, Action, Job, Mode
 from governor.policy.directives import decide, rule_states_view
 from governor.policy.rules import Phase, RuleStates, carry_over, evaluate_rules
@@ -318,3 +320,118 @@ def test_rules_view() -> None:
                        "metric": "gpu_temperature_celsius", "direction": "above",
                        "threshold": 85.0, "clear_threshold": 80.0}
     assert view[1]["name"] == "idle" and view[1]["series"] is None and view[1]["state"] == "ok"
+
+
+# ---- hold rules (CONTRACT section 8) ----
+
+def hold(**fields: Any) -> RuleConfig:
+    base = {"name": "gpu-hold", "metric": "gpu_temperature_celsius", "action": "hold",
+            "target": 80.0}
+    base.update(fields)
+    return parse_config({"rules": [base]}).rules[0]
+
+
+G0 = (("gpu", "0"),)
+
+
+def test_a_hold_rule_never_trips_and_keeps_a_missing_series() -> None:
+    run = Run(hold())
+    run.feed(gpu_temps(0, gpu0=95))
+    assert run.phase(name="gpu-hold") is Phase.OK
+    assert run.states["gpu-hold"][G0].value == 95
+    run.feed(gpu_temps(1))
+    state = run.states["gpu-hold"][G0]
+    assert state.missing and state.value is None, "kept: its loop holds its last output"
+
+
+def test_a_hold_rule_slows_by_its_loops_speed_and_says_why() -> None:
+    run = Run(hold())
+    run.feed(gpu_temps(0, gpu0=81.2))
+    jobs = [job("a", "gpu0"), job("b", "gpu1")]
+    directives, caps = decide(run.rules, run.states, jobs, {"gpu-hold": {G0: 0.8301}})
+    assert (directives["a"].action, directives["a"].speed) == (Action.SLOW, 0.83)
+    assert directives["a"].reasons == (
+        'gpu-hold: holding gpu_temperature_celsius{gpu="0"} at 80 (now 81.2): speed 0.83',)
+    assert directives["b"] == RUN and caps == {}
+    full, _ = decide(run.rules, run.states, jobs, {"gpu-hold": {G0: 0.9999}})
+    assert full["a"] == RUN, "full speed: no directive"
+    stopped, _ = decide(run.rules, run.states, jobs, {"gpu-hold": {G0: 0.0}})
+    assert stopped["a"].action is Action.PAUSE, "speed 0 is a pause"
+
+
+def test_a_hold_rule_honours_max_priority() -> None:
+    run = Run(hold(max_priority=5))
+    run.feed(gpu_temps(0, gpu0=85))
+    directives, _ = decide(run.rules, run.states, [job("low", "gpu0"),
+                                                   job("high", "gpu0", priority=6)],
+                           {"gpu-hold": {G0: 0.5}})
+    assert directives["low"].speed == 0.5 and directives["high"] == RUN
+
+
+def test_a_tripping_pause_wins_over_a_hold_slow() -> None:
+    run = Run(hold(), rule(name="stop", above=90, clear_below=85, **{"for": 0}))
+    run.feed(gpu_temps(0, gpu0=85))
+    loops = {"gpu-hold": {G0: 0.6}}
+    directives, _ = decide(run.rules, run.states, [job("a", "gpu0")], loops)
+    assert (directives["a"].action, directives["a"].rules) == (Action.SLOW, ("gpu-hold",))
+    run.feed(gpu_temps(1, gpu0=92))
+    directives, _ = decide(run.rules, run.states, [job("a", "gpu0")], loops)
+    assert directives["a"].action is Action.PAUSE
+    assert set(directives["a"].rules) == {"gpu-hold", "stop"}
+
+
+def test_a_hold_via_power_limit_sets_the_limit_and_never_the_job() -> None:
+    run = Run(hold(via="power_limit"), rule(name="cap", action="power_cap",
+                                            power_cap_watts=150, **{"for": 0}))
+    run.rules.pop()
+    run.feed(gpu_temps(0, gpu0=83))
+    ranges = {"0": (100.0, 300.0)}
+    directives, caps = decide(run.rules, run.states, [job("a", "gpu0")],
+                              {"gpu-hold": {G0: 0.25}}, ranges)
+    assert directives["a"] == RUN
+    assert caps["gpu0"].watts == 150 and caps["gpu0"].rules == ("gpu-hold",)
+    assert "power limit 150 W (speed 0.25)" in caps["gpu0"].reasons[0]
+    assert decide(run.rules, run.states, [job("a", "gpu0")], {"gpu-hold": {G0: 1.0}},
+                  ranges)[1] == {}, "full speed: the limit goes back"
+    assert decide(run.rules, run.states, [], {"gpu-hold": {G0: 0.25}}, ranges)[1] == {}
+    assert decide(run.rules, run.states, [job("a", "gpu0")], {"gpu-hold": {G0: 0.25}},
+                  {})[1] == {}, "no range read: nothing set"
+
+
+def test_hold_loops_run_per_series_and_slow_a_hot_device() -> None:
+    run = Run(hold())
+    loops: HoldLoops = {}
+    jobs = [job("a", "gpu0")]
+    for t in range(40):
+        run.feed(gpu_temps(t * 0.5, gpu0=90, gpu1=90))
+        loops = step_holds(run.rules, loops, run.states,
+                           lambda r, labels: labels == G0, t * 0.5)
+    assert set(loops["gpu-hold"]) == {G0}, "gpu1 has no job: no loop"
+    speed = outputs(loops)["gpu-hold"][G0]
+    assert speed < 0.5
+    directives, _ = decide(run.rules, run.states, jobs, outputs(loops))
+    assert directives["a"].action in (Action.SLOW, Action.PAUSE)
+    # a missing reading holds the last output
+    run.feed(gpu_temps(20.5))
+    loops = step_holds(run.rules, loops, run.states, lambda r, labels: True, 20.5)
+    assert outputs(loops)["gpu-hold"][G0] == speed
+
+
+def test_a_reload_keeps_the_loops_of_a_hold_rule_with_the_same_target() -> None:
+    old = [hold()]
+    loops: HoldLoops = {"gpu-hold": {G0: start_hold(0.5)}}
+    assert carry_holds(old, [hold(min_speed=0.2)], loops)["gpu-hold"][G0].speed == 0.5
+    assert carry_holds(old, [hold(target=70)], loops) == {}, "a new target starts afresh"
+    assert carry_holds(old, [hold(via="power_limit")], loops) == {}
+    assert carry_holds(old, [], loops) == {}, "removed"
+    assert carry_holds(old, [hold(match={"gpu": "1"})], loops) == {"gpu-hold": {}}
+
+
+def test_the_rules_view_of_a_hold_rule() -> None:
+    run = Run(hold())
+    (empty,) = rule_states_view(run.rules, run.states, 0.0)
+    assert empty["target"] == 80 and empty["output"] is None and empty["threshold"] is None
+    run.feed(gpu_temps(0, gpu0=85))
+    (entry,) = rule_states_view(run.rules, run.states, 0.0, {"gpu-hold": {G0: 0.7}})
+    assert (entry["target"], entry["output"], entry["via"]) == (80, 0.7, "speed")
+    assert entry["direction"] is None and entry["value"] == 85

@@ -67,6 +67,24 @@ class PowerCapper:
         """GPU index -> the cap in watts now in force."""
         return {gpu: entry["cap_mw"] / 1000.0 for gpu, entry in self._capped.items()}
 
+    def limit_range(self, gpu: str) -> tuple[float, float] | None:
+        """(the driver's lowest limit, the limit before governor set one), in W, for a
+        hold rule's `via = "power_limit"`; None when it cannot be read (or caps cannot be
+        set here). The original is the journal's while the GPU is capped, else the limit
+        in force now."""
+        if self._nvml is None:
+            return None
+        try:
+            handle = self._nvml.nvmlDeviceGetHandleByIndex(int(gpu))
+            low, _ = self._nvml.nvmlDeviceGetPowerManagementLimitConstraints(handle)
+            entry = self._capped.get(gpu)
+            original = (entry["original_mw"] if entry is not None
+                        else self._nvml.nvmlDeviceGetPowerManagementLimit(handle))
+        except (self._nvml.NVMLError, ValueError) as exc:
+            log.debug("gpu %s: cannot read the power limit's range: %s", gpu, exc)
+            return None
+        return min(float(low), float(original)) / 1000.0, float(original) / 1000.0
+
     def apply(self, caps: Mapping[str, PowerCap]) -> list[tuple[str, str, PowerCap | None]]:
         """Cap the GPUs in `caps`, restore the others. Returns what changed:
         ("power_cap" | "restore", gpu, cap)."""

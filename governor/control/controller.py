@@ -28,6 +28,7 @@ from governor.control.events import (
     power_line,
     requested,
 )
+from governor.control.holds import HoldLoops, carry_holds, outputs, step_holds
 from governor.control.view import ControlView, DirectiveView, JobView, LazyRules
 from governor.jobs import process
 from governor.jobs.errors import (
@@ -41,7 +42,14 @@ from governor.jobs.errors import (
 from governor.jobs.exits import ExitWatch
 from governor.jobs.model import RUN, Action, Directive, Job, Mode
 from governor.jobs.registry import Caller, JobRegistry, JobRequest
-from governor.policy.directives import OPERATOR, PowerCap, decide, rule_states_view
+from governor.policy.directives import (
+    OPERATOR,
+    PowerCap,
+    decide,
+    device_of,
+    rule_states_view,
+    touched,
+)
 from governor.policy.rules import Phase, RuleStates, Transition, carry_over, evaluate_rules
 from governor.policy.rules import series_name as series_of
 from governor.safety.journal import Journal
@@ -74,6 +82,8 @@ class Controller:
         #: policy.max_defer, which every directive carries to cooperative clients
         self.max_defer = config.policy.max_defer
         self._states: RuleStates = {}
+        #: the hold rules' loops, beside the rule states (see control/holds.py)
+        self._holds: HoldLoops = {}
         self._journal = journal
         self._actuators = dict(actuators)
         self._unavailable_modes = dict(unavailable_modes or {})
@@ -110,6 +120,7 @@ class Controller:
             )
             for transition in transitions:
                 self._log_transition(transition)
+            self._step_holds(snapshot.monotonic)
             self._enforce()
 
     # ---- requests from the API -----------------------------------------------------------
@@ -272,6 +283,7 @@ class Controller:
     def reload(self, config: Config) -> list[dict[str, Any]]:
         with self._lock:
             self._states = carry_over(self._rules, config.rules, self._states)
+            self._holds = carry_holds(self._rules, config.rules, self._holds)
             self._rules = list(config.rules)
             self._forget_after = config.jobs.forget_gone_after
             self.max_defer = config.policy.max_defer
@@ -317,6 +329,9 @@ class Controller:
     def rule_states(self) -> RuleStates:
         return self._states
 
+    def hold_loops(self) -> HoldLoops:
+        return self._holds
+
     # ---- the work ------------------------------------------------------------------------
 
     def _owned(self, job_id: str, caller: Caller) -> Job:
@@ -326,9 +341,51 @@ class Controller:
                                "another user's job.")
         return job
 
+    def _live_jobs(self) -> tuple[list[Job], dict[str, list[Job]]]:
+        jobs = [job for job in self.registry.all() if job.gone_at is None]
+        by_device: dict[str, list[Job]] = {}
+        for job in jobs:
+            for bound in job.bound_devices:
+                by_device.setdefault(bound, []).append(job)
+        return jobs, by_device
+
+    def _step_holds(self, now: float) -> None:
+        """One round of the hold rules' loops, for the series that act on something: a
+        job to slow, or (via = "power_limit") a GPU whose limit can be set, with a job."""
+        jobs, by_device = self._live_jobs()
+
+        def acting(rule: RuleConfig, labels: tuple[tuple[str, str], ...]) -> bool:
+            device = device_of(rule, labels)
+            if rule.via == "power_limit" and (device is None or self._power is None
+                                              or self._power.unavailable is not None):
+                return False
+            return bool(touched(rule, device, jobs, by_device))
+
+        self._holds = step_holds(self._rules, self._holds, self._states, acting, now)
+
+    def _power_ranges(self) -> dict[str, tuple[float, float]]:
+        """The power limit's range of each GPU a hold rule sets the limit of."""
+        ranges: dict[str, tuple[float, float]] = {}
+        if self._power is None:
+            return ranges
+        for rule in self._rules:
+            if not (rule.holds and rule.via == "power_limit"):
+                continue
+            for labels in self._holds.get(rule.name, {}):
+                device = device_of(rule, labels)
+                if device is None:
+                    continue
+                gpu = device.removeprefix("gpu")
+                if gpu not in ranges:
+                    found = self._power.limit_range(gpu)
+                    if found is not None:
+                        ranges[gpu] = found
+        return ranges
+
     def _enforce(self) -> None:
         jobs = [job for job in self.registry.all() if job.gone_at is None]
-        directives, caps = decide(self._rules, self._states, jobs)
+        directives, caps = decide(self._rules, self._states, jobs, outputs(self._holds),
+                                  self._power_ranges())
         for job in jobs:
             self._apply(job, directives[job.id])
         if self._power is not None:
@@ -441,20 +498,21 @@ class Controller:
         if self._power_unavailable is None:
             return
         for rule in self._rules:
-            if rule.action == "power_cap":
-                log.warning("rule %s (power_cap) is not enforceable: %s", rule.name,
-                            self._power_unavailable)
+            if rule.action == "power_cap" or (rule.holds and rule.via == "power_limit"):
+                log.warning("rule %s (%s) is not enforceable: %s", rule.name,
+                            rule.action, self._power_unavailable)
 
     def _rules_view(self) -> Callable[[], list[dict[str, Any]]]:
         """What /v1/rules will say of this moment, made when first read."""
-        rules, states = list(self._rules), self._states
+        rules, states, holds = list(self._rules), self._states, outputs(self._holds)
         offset, unavailable = self._wall() - self._clock(), self._power_unavailable
 
         def make() -> list[dict[str, Any]]:
-            view = rule_states_view(rules, states, offset)
+            view = rule_states_view(rules, states, offset, holds)
             by_name = {r.name: r for r in rules}
             for entry in view:
-                if by_name[str(entry["name"])].action == "power_cap":
+                rule = by_name[str(entry["name"])]
+                if rule.action == "power_cap" or (rule.holds and rule.via == "power_limit"):
                     entry["enforceable"] = unavailable is None
                     if unavailable is not None:
                         entry["not_enforceable_because"] = unavailable

@@ -78,10 +78,43 @@ def touched(rule: RuleConfig, device: str | None, jobs: Sequence[Job],
     return [job for job in candidates if job.priority <= rule.max_priority]
 
 
+#: a hold loop's speed at or above 1 - this is full speed: no directive
+FULL_SPEED_EPSILON = 1e-3
+#: a hold loop's speed is given to jobs in steps of this much, so a loop settling by a
+#: thousandth does not make a new directive every round
+HOLD_SPEED_STEP = 0.01
+
+#: rule name -> series labels -> the speed its hold loop asks for
+HoldOutputs = Mapping[str, Mapping[Labels, float]]
+#: GPU index -> (the driver's lowest power limit, the limit before governor set any), W
+PowerRanges = Mapping[str, tuple[float, float]]
+
+
+def hold_reason(rule: RuleConfig, labels: Labels, value: float | None, speed: float,
+                watts: float | None = None) -> str:
+    """Why a hold rule holds back: its target, where the reading is, what the loop asks."""
+    now = "missing" if value is None else f"{value:g}"
+    what = f"speed {speed:.2f}" if watts is None else \
+        f"power limit {watts:.0f} W (speed {speed:.2f})"
+    assert rule.target is not None
+    return (f"{rule.name}: holding {series_name(rule, labels)} at {rule.target:g} "
+            f"(now {now}): {what}")
+
+
+def hold_watts(speed: float, low: float, original: float) -> float:
+    """The power limit a hold loop's speed stands for: the driver's lowest limit at 0, the
+    original limit at 1, linear between."""
+    return low + min(max(speed, 0.0), 1.0) * (original - low)
+
+
 def decide(
-    rules: Iterable[RuleConfig], states: RuleStates, jobs: Sequence[Job]
+    rules: Iterable[RuleConfig], states: RuleStates, jobs: Sequence[Job],
+    holds: HoldOutputs | None = None, power_ranges: PowerRanges | None = None,
 ) -> tuple[dict[str, Directive], dict[str, PowerCap]]:
-    """The directive of every job, and the power cap of every GPU that needs one."""
+    """The directive of every job, and the power cap of every GPU that needs one. A hold
+    rule acts by the speed its loop asks for (`holds`): below full speed it slows the jobs
+    the series touches (0 pauses them), or, with via = "power_limit", sets the GPU's power
+    limit between the ends of its range (`power_ranges`) instead."""
     asks: dict[str, list[Directive]] = {job.id: [] for job in jobs}
     caps: dict[str, PowerCap] = {}
     # one pass over the jobs, so that each series looks only at its device's jobs
@@ -93,6 +126,10 @@ def decide(
         if job.held_by_operator:
             asks[job.id].append(pause("operator pause", rules=(OPERATOR,)))
     for rule in rules:
+        if rule.holds:
+            _hold(rule, states, (holds or {}).get(rule.name, {}), power_ranges or {}, jobs,
+                  by_device, asks, caps)
+            continue
         for labels, state in states.get(rule.name, {}).items():
             if not state.holding:
                 continue
@@ -101,7 +138,9 @@ def decide(
             acted_on = touched(rule, device, jobs, by_device)
             if rule.action == "power_cap":
                 if device is not None and acted_on:
-                    caps[device] = _tighter(caps.get(device), rule, device, why)
+                    assert rule.power_cap_watts is not None
+                    caps[device] = _tighter(caps.get(device), rule, device,
+                                            rule.power_cap_watts, why)
                 continue
             for job in acted_on:
                 if rule.action == "pause":
@@ -113,33 +152,75 @@ def decide(
     return {job_id: strictest(d) if d else RUN for job_id, d in asks.items()}, caps
 
 
-def _tighter(current: PowerCap | None, rule: RuleConfig, device: str, why: str) -> PowerCap:
-    assert rule.power_cap_watts is not None
+def _hold(rule: RuleConfig, states: RuleStates, speeds: Mapping[Labels, float],
+          ranges: PowerRanges, jobs: Sequence[Job], by_device: Mapping[str, list[Job]],
+          asks: dict[str, list[Directive]], caps: dict[str, PowerCap]) -> None:
+    """What a hold rule's loops ask of the jobs (or of the GPUs) this round."""
+    series = states.get(rule.name, {})
+    for labels, speed in speeds.items():
+        if speed >= 1.0 - FULL_SPEED_EPSILON:
+            continue
+        state = series.get(labels)
+        value = state.value if state is not None else None
+        device = device_of(rule, labels)
+        acted_on = touched(rule, device, jobs, by_device)
+        if not acted_on:
+            continue
+        if rule.via == "power_limit":
+            limits = ranges.get(device.removeprefix("gpu")) if device is not None else None
+            if device is None or limits is None:
+                continue
+            watts = hold_watts(speed, *limits)
+            caps[device] = _tighter(caps.get(device), rule, device, watts,
+                                    hold_reason(rule, labels, value, speed, watts))
+            continue
+        given = max(round(round(speed / HOLD_SPEED_STEP) * HOLD_SPEED_STEP, 6), rule.min_speed)
+        if given >= 1.0 - FULL_SPEED_EPSILON:
+            continue
+        why = hold_reason(rule, labels, value, speed)
+        for job in acted_on:
+            asks[job.id].append(pause(why, rules=(rule.name,), defer=rule.defer)
+                                if given <= 0 else
+                                slow(given, why, rules=(rule.name,), defer=rule.defer))
+
+
+def _tighter(current: PowerCap | None, rule: RuleConfig, device: str, watts: float,
+             why: str) -> PowerCap:
     gpu = device.removeprefix("gpu")
     if current is None:
-        return PowerCap(gpu, rule.power_cap_watts, (rule.name,), (why,))
+        return PowerCap(gpu, watts, (rule.name,), (why,))
     return PowerCap(
         gpu,
-        min(current.watts, rule.power_cap_watts),
+        min(current.watts, watts),
         tuple(dict.fromkeys((*current.rules, rule.name))),
         tuple(dict.fromkeys((*current.reasons, why))),
     )
 
 
 def rule_states_view(
-    rules: Iterable[RuleConfig], states: RuleStates, wall_offset: float
+    rules: Iterable[RuleConfig], states: RuleStates, wall_offset: float,
+    holds: HoldOutputs | None = None,
 ) -> list[dict[str, object]]:
-    """/v1/rules: one entry per series a rule watches; `since` as wall-clock time."""
+    """/v1/rules: one entry per series a rule watches; `since` as wall-clock time. A hold
+    rule has no lines (direction, threshold and clear_threshold are None) but a `target`,
+    `via`, and per series the `output` its loop asks for (1: not holding back)."""
     view: list[dict[str, object]] = []
     for rule in rules:
         series: Mapping[Labels, SeriesState] = states.get(rule.name, {})
-        lines = {"metric": rule.metric, "direction": "above" if rule.trips_above else "below",
-                 "threshold": rule.threshold, "clear_threshold": rule.clear_threshold}
+        lines: dict[str, object] = {
+            "metric": rule.metric, "direction": "above" if rule.trips_above else "below",
+            "threshold": rule.threshold, "clear_threshold": rule.clear_threshold}
+        speeds = (holds or {}).get(rule.name, {})
+        if rule.holds:
+            lines = {"metric": rule.metric, "direction": None, "threshold": None,
+                     "clear_threshold": None, "target": rule.target, "via": rule.via}
         if not series:
             view.append({"name": rule.name, "series": None, "labels": {}, "state": "ok",
                          "clearing": False, "missing": False, "value": None, "since": None,
-                         "action": rule.action, **lines})
+                         "action": rule.action, **lines,
+                         **({"output": None} if rule.holds else {})})
         for labels, state in sorted(series.items()):
+            output = {"output": speeds.get(labels, 1.0)} if rule.holds else {}
             view.append({
                 "name": rule.name,
                 "series": series_name(rule, labels),
@@ -151,5 +232,6 @@ def rule_states_view(
                 "since": state.since + wall_offset,
                 "action": rule.action,
                 **lines,
+                **output,
             })
     return view

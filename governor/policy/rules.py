@@ -91,7 +91,10 @@ def past_clear_line(rule: RuleConfig, value: float) -> bool:
 
 
 def step(rule: RuleConfig, state: SeriesState | None, value: float, now: float) -> SeriesState:
-    """One reading of one series."""
+    """One reading of one series. A hold rule's series never trips: its state only keeps
+    the reading (the loop acts on it, see governor/control/holds.py)."""
+    if rule.holds:
+        return SeriesState(Phase.OK, state.since if state else now, value)
     if state is None or state.phase is Phase.OK:
         if not over(rule, value):
             return SeriesState(Phase.OK, state.since if state else now, value)
@@ -121,7 +124,11 @@ def step(rule: RuleConfig, state: SeriesState | None, value: float, now: float) 
 
 
 def step_missing(rule: RuleConfig, state: SeriesState, now: float) -> SeriesState | None:
-    """A series that reported before and did not this round; None forgets it."""
+    """A series that reported before and did not this round; None forgets it. A hold
+    rule's series is kept, missing (its loop holds its last output), unless
+    on_missing = "clear"."""
+    if rule.holds:
+        return None if rule.on_missing == "clear" else replace(state, value=None, missing=True)
     if rule.on_missing == "clear" or (rule.on_missing == "hold" and state.phase is Phase.OK):
         return None
     if rule.on_missing == "trip" and not state.holding:
