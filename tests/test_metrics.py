@@ -329,3 +329,31 @@ def test_action_counters_start_at_zero_for_every_rule_and_the_operator() -> None
         for action, name in [("pause", "cpu-hot"), ("slow", "cpu-hot"), ("resume", "cpu-hot"),
                              ("power_cap", "cap"), ("restore", "cap"),
                              ("pause", "operator"), ("resume", "operator")]}
+
+
+def test_hold_rules_export_their_output_and_target_and_no_lines() -> None:
+    from governor.policy.rules import Phase, SeriesState
+
+    held = RuleConfig.model_validate({"name": "gpu-hold", "metric": "gpu_temperature_celsius",
+                                      "action": "hold", "target": 80})
+    quiet = RuleConfig.model_validate({"name": "cpu-hold", "metric": "cpu_temperature_celsius",
+                                       "action": "hold", "target": 70})
+    states = {"gpu-hold": {(("gpu", "0"),): SeriesState(Phase.OK, 0.0, 83.0),
+                           (("gpu", "1"),): SeriesState(Phase.OK, 0.0, 60.0)}}
+    view = rule_states_view([held, quiet], states, 0.0, {"gpu-hold": {(("gpu", "0"),): 0.6}})
+    metrics = DaemonMetrics(SnapshotStore())
+    metrics.watch(SimpleNamespace(view=ControlView(rules=tuple(view)),  # type: ignore[arg-type]
+                                  power_caps={}))
+    text = metrics.render().decode()
+    assert samples(text, "governor_rule_output_ratio") == {
+        'governor_rule_output_ratio{rule="gpu-hold",series="gpu_temperature_celsius{gpu=\\"0\\"}"}':
+        0.6,
+        'governor_rule_output_ratio{rule="gpu-hold",series="gpu_temperature_celsius{gpu=\\"1\\"}"}':
+        1.0,
+    }, "a series without a loop (no job) is not held back"
+    assert samples(text, "governor_rule_target_celsius") == {
+        'governor_rule_target_celsius{metric="gpu_temperature_celsius",rule="gpu-hold"}': 80.0,
+        'governor_rule_target_celsius{metric="cpu_temperature_celsius",rule="cpu-hold"}': 70.0,
+    }
+    assert not samples(text, "governor_rule_threshold_celsius"), "a hold rule has no lines"
+    assert "governor_rule_target_ratio" not in text, "a family only for the units in use"

@@ -164,6 +164,7 @@ class ControlCollector(Collector):
                                  self.STATES[str(entry["state"])])
         yield rules
         yield from self._thresholds(view.rules)
+        yield from self._holds(view.rules)
         speed = GaugeMetricFamily(
             PREFIX + "job_speed_ratio", "Share of normal speed each job keeps: 1 running, "
             "0 paused, else the slow speed.", labels=["job", "id"])
@@ -214,13 +215,48 @@ class ControlCollector(Collector):
         seen: set[str] = set()
         for entry in entries:
             name, metric = str(entry["name"]), str(entry["metric"])
-            if name in seen:
+            if name in seen or entry["threshold"] is None:  # a hold rule has no lines
                 continue
             seen.add(name)
             family = families[threshold_unit(metric)]
             family.add_metric([name, metric, "trip"], float(entry["threshold"]))
             family.add_metric([name, metric, "clear"], float(entry["clear_threshold"]))
         yield from families.values()
+
+    @staticmethod
+    def _holds(entries: Iterable[Mapping[str, Any]]) -> Iterator[Metric]:
+        """The hold rules (CONTRACT section 8): the speed each series' loop asks for, and
+        each rule's target in its metric's unit (a family per unit in use, named as the
+        threshold families are)."""
+        output = GaugeMetricFamily(
+            PREFIX + "rule_output_ratio", "The speed the loop of a hold rule asks for, per "
+            "series it holds: 1 while it does not hold back, 0 a pause.",
+            labels=["rule", "series"])
+        targets: dict[str, GaugeMetricFamily] = {}
+        seen: set[str] = set()
+        for entry in entries:
+            if entry.get("target") is None:
+                continue
+            name, metric = str(entry["name"]), str(entry["metric"])
+            if entry["series"] is not None:
+                ratio = entry.get("output")
+                output.add_metric([name, str(entry["series"])],
+                                  1.0 if ratio is None else float(ratio))
+            if name in seen:
+                continue
+            seen.add(name)
+            unit = threshold_unit(metric)
+            family = targets.get(unit)
+            if family is None:
+                family = targets[unit] = GaugeMetricFamily(
+                    f"{PREFIX}rule_target_{unit}",
+                    f"The value the hold rules on *_{unit} metrics hold each series at, in "
+                    "the metric's unit.", labels=["rule", "metric"])
+            family.add_metric([name, metric], float(entry["target"]))
+        yield output
+        for unit in THRESHOLD_UNITS:
+            if unit in targets:
+                yield targets[unit]
 
 
 class DaemonMetrics:
