@@ -55,6 +55,9 @@ CPU_COOL = {"name": "cpu-hot", "metric": "cpu_temperature_celsius", "above": 150
             "action": "pause"}
 GPU_CAP = {"name": "gpu-cap", "metric": "gpu_temperature_celsius", "above": 90.0,
            "action": "power_cap", "power_cap_watts": 200.0}
+#: a hold rule, so /v1/rules answers with its target and output too
+CPU_HOLD = {"name": "cpu-hold", "metric": "cpu_temperature_celsius", "action": "hold",
+            "target": 140.0}
 
 
 @dataclass
@@ -113,7 +116,7 @@ def fuzz_run(request: pytest.FixtureRequest, sacrifices: list[int],
         "daemon": {"interval": 0.25},
         "sources": {"sysfs_root": str(sys_tree), "procfs_root": str(proc_tree),
                     "nvml": "off"},
-        "rules": [CPU_COOL, GPU_CAP],
+        "rules": [CPU_COOL, GPU_CAP, CPU_HOLD],
     })
     job_ids = [d.register(name=f"known-{i}")["id"] for i in range(KNOWN_JOBS)]
     headers = {"Authorization": f"Bearer {d.token}"} if request.param == "with token" else {}

@@ -146,3 +146,17 @@ def test_both_renderers_draw_the_json_and_its_model_alike() -> None:
         return console.export_text()
     assert drawn(data) == drawn(model)
     assert "audit log /var/lib/governor/audit.jsonl: 3 write errors" in drawn(model)
+
+
+def test_a_hold_rule_parses_and_status_shows_its_target_reading_and_output() -> None:
+    entry = {"name": "gpu-hold", "state": "ok", "series": 'gpu_temperature_celsius{gpu="0"}',
+             "metric": "gpu_temperature_celsius", "labels": {"gpu": "0"}, "value": 81.2,
+             "action": "hold", "direction": None, "threshold": None, "clear_threshold": None,
+             "target": 80.0, "output": 0.83, "via": "speed"}
+    rule = RuleSeries.parse(entry)
+    assert rule.holds and rule.holding_back and (rule.target, rule.output) == (80.0, 0.83)
+    table = report.render_rules([rule])
+    assert "81.2" in table and "hold at 80: output 0.83" in table
+    limited = RuleSeries.parse({**entry, "via": "power_limit", "output": 1.0})
+    assert not limited.holding_back
+    assert "hold at 80 via power limit: output 1.00" in report.render_rules([limited])

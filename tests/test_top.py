@@ -214,6 +214,22 @@ def test_power_cap_rule_that_cannot_be_enforced() -> None:
     line_with(out, "gpu-cap", "power_cap", "not enforceable: setting a power limit needs root")
 
 
+def test_a_hold_rule_shows_its_target_reading_and_output() -> None:
+    status = hand_made()
+    hold = {"direction": None, "threshold": None, "clear_threshold": None, "target": 80.0,
+            "via": "speed"}
+    status["rules"] = [
+        rule_series("gpu-hold", {"gpu": "0"}, "ok", 88.0, metric="gpu_temperature_celsius",
+                    action="hold", **{**hold, "output": 0.83}),
+        rule_series("gpu-hold", {"gpu": "1"}, "ok", 60.0, metric="gpu_temperature_celsius",
+                    action="hold", **{**hold, "output": 1.0})]
+    out = text(render(status, where=WHERE))
+    line_with(out, "gpu-hold", "gpu=0", "88.0 °C", "= 80.0 °C", "output 0.83", "ok holding")
+    line_with(out, "gpu-hold", "gpu=1", "60.0 °C", "= 80.0 °C", "output 1.00")
+    line_with(out, "gpu-hold", "hold at 80", "1 holding back")
+    line_with(out, "NVIDIA H100", "88 °C (held at 80.0 °C)")
+
+
 def a_big_node() -> dict[str, Any]:
     """hand_made, on a node with 16 GPUs, 4 accelerators, 2 CPU chips of 64 sensors and
     12 more jobs, so that no frame of a usual terminal holds it all."""

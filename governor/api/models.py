@@ -121,11 +121,20 @@ class RuleSeries(_Shape):
     missing: bool
     value: float | None
     since: float | None
-    action: Literal["slow", "pause", "power_cap"]
+    action: Literal["slow", "pause", "power_cap", "hold"]
     metric: str = Field(description="the metric the rule watches, without governor_")
-    direction: Literal["above", "below"] = Field(description="it trips above or below")
-    threshold: float = Field(description="where it trips")
-    clear_threshold: float = Field(description="where it clears (the hysteresis line)")
+    direction: Literal["above", "below"] | None = Field(
+        description="it trips above or below; null for a hold rule")
+    threshold: float | None = Field(description="where it trips; null for a hold rule")
+    clear_threshold: float | None = Field(
+        description="where it clears (the hysteresis line); null for a hold rule")
+    target: float | None = Field(default=None, description="hold rules only: the value "
+                                 "each series is held at")
+    output: float | None = Field(default=None, description="hold rules only: the speed the "
+                                 "series' loop asks for (1: not holding back); null while "
+                                 "the rule has seen no series")
+    via: Literal["speed", "power_limit"] | None = Field(
+        default=None, description="hold rules only: what the loop sets")
     enforceable: bool | None = Field(default=None, description="power_cap rules only")
     not_enforceable_because: str | None = Field(
         default=None, description="power_cap rules that cannot act here")

@@ -150,7 +150,8 @@ def render_rules(rules: Iterable[RuleSeries]) -> str:
         if not r.enforceable:
             state += f" (not enforceable: {r.not_enforceable_because})"
         value = "-" if r.value is None else f"{r.value:g}"
-        rows.append((r.name, r.series or "(no series yet)", state, value, r.action or ""))
+        action = r.hold_text() if r.holds else r.action or ""
+        rows.append((r.name, r.series or "(no series yet)", state, value, action))
     return "\n".join(table(rows, indent=""))
 
 

@@ -135,6 +135,27 @@ class RuleSeries:
     missing: bool = False
     enforceable: bool = True
     not_enforceable_because: str | None = None
+    #: hold rules (action "hold"): the value held, the speed the loop asks for (1: not
+    #: holding back; None before a series), and what it sets ("speed", "power_limit")
+    target: float | None = None
+    output: float | None = None
+    via: str | None = None
+
+    @property
+    def holds(self) -> bool:
+        """A hold rule, which has a target instead of trip lines."""
+        return self.target is not None
+
+    @property
+    def holding_back(self) -> bool:
+        """A hold rule's loop asks for less than full speed."""
+        return self.output is not None and self.output < 1.0 - 1e-3
+
+    def hold_text(self) -> str:
+        """What a hold rule's series does: its target and its loop's output."""
+        via = " via power limit" if self.via == "power_limit" else ""
+        output = "-" if self.output is None else f"{self.output:.2f}"
+        return f"hold at {self.target:g}{via}: output {output}"
 
     @classmethod
     def parse(cls, data: Mapping[str, Any]) -> RuleSeries:
@@ -155,6 +176,9 @@ class RuleSeries:
             missing=bool(data.get("missing")),
             enforceable=data.get("enforceable") is not False,
             not_enforceable_because=None if because is None else str(because),
+            target=_optional_float(data.get("target")),
+            output=_optional_float(data.get("output")),
+            via=None if data.get("via") is None else str(data["via"]),
         )
 
     @property

@@ -112,8 +112,11 @@ def _shown(status: Status, metric: str, value: float | None, labels: Mapping[str
         state = _worst([r.state for r in rules])
         out.stylize(RULE_STYLE.get(state, ""))
         first = rules[0]
-        arrow = ">" if first.above else "<"
-        out.append(f" (trips {arrow}{fmt_value(metric, first.threshold)})", style="dim")
+        if first.holds:
+            out.append(f" (held at {fmt_value(metric, first.target)})", style="dim")
+        else:
+            arrow = ">" if first.above else "<"
+            out.append(f" (trips {arrow}{fmt_value(metric, first.threshold)})", style="dim")
     return out
 
 
@@ -557,7 +560,7 @@ def _series(status: Status, frame: _Frame) -> _Part[Any]:
     taken_at = status.taken_at
 
     def quiet(r: RuleSeries) -> bool:
-        return r.state == "ok" and not r.clearing and not r.missing
+        return r.state == "ok" and not r.clearing and not r.missing and not r.holding_back
 
     rows = [(TIER_REST if quiet(r) else TIER_HOLDING, SERIES_RANK.get(r.state, 2), r)
             for r in series]
@@ -578,12 +581,17 @@ def _series(status: Status, frame: _Frame) -> _Part[Any]:
                 value.stylize("magenta")
             if state != "ok" and r.since is not None and taken_at is not None:
                 state_text.append(f" for {fmt_duration(taken_at - r.since)}")
-            cells.append([
-                r.name, fmt_labels(r.labels), value,
-                ("> " if above else "< ") + fmt_value(metric, r.threshold),
-                ("< " if above else "> ") + fmt_value(metric, r.clear_threshold),
-                state_text,
-            ])
+            if r.holds:
+                # a hold rule: its target where the lines are, and its loop's output
+                lines = ["= " + fmt_value(metric, r.target),
+                         "output " + ("-" if r.output is None else f"{r.output:.2f}")
+                         + (" (power)" if r.via == "power_limit" else "")]
+                if r.holding_back:
+                    state_text.append(" holding", style="yellow")
+            else:
+                lines = [("> " if above else "< ") + fmt_value(metric, r.threshold),
+                         ("< " if above else "> ") + fmt_value(metric, r.clear_threshold)]
+            cells.append([r.name, fmt_labels(r.labels), value, *lines, state_text])
         table = frame.table(("rule", "series", "value", "trips", "clears", "state"), cells,
                             wrap=() if frame.fitted else ("series",), optional=("clears",),
                             squeeze="series")
@@ -627,8 +635,15 @@ def _rules(status: Status, frame: _Frame) -> _Part[Any]:
                         summary.append(", ")
                     summary.append(f"{counts[key]} {key}",
                                    style=RULE_STYLE.get(key, "magenta") if key != "ok" else "")
-            cells.append([name, first.metric or "-", first.action or "-", state_text,
-                          summary])
+            action = first.action or "-"
+            if first.holds:
+                action = f"hold at {first.target:g}" + (
+                    " via power limit" if first.via == "power_limit" else "")
+                held = sum(1 for e in watched if e.holding_back)
+                if held:
+                    summary.append((", " if summary else "") + f"{held} holding back",
+                                   style="yellow")
+            cells.append([name, first.metric or "-", action, state_text, summary])
         table = frame.table(("rule", "metric", "action", "state", "series"), cells,
                             wrap=() if frame.fitted else ("metric", "state", "series"),
                             squeeze="metric")
