@@ -391,6 +391,8 @@ class Controller:
         if self._power is not None:
             for action, gpu, cap in self._power.apply(caps):
                 previous = self._caps.get(gpu)
+                if self._retuned_cap(action, previous, cap):
+                    continue
                 rules = cap.rules if cap is not None else (
                     previous.rules if previous is not None else ("unknown",))
                 self._count(action, rules)
@@ -415,7 +417,7 @@ class Controller:
             return
         job.directive = directive
         job.directive_version += 1
-        if not directive.same_hold(before):
+        if not directive.same_hold(before) and not self._retuned(before, directive):
             action = {Action.PAUSE: "pause", Action.SLOW: "slow", Action.RUN: "resume"}[
                 directive.action]
             rules = directive.rules if directive.action is not Action.RUN else before.rules
@@ -426,6 +428,24 @@ class Controller:
             self._events.action(action, ", ".join(by), job, before, rules,
                                 config=self._rules, states=self._states, round_=self._round)
         self._notify(job)
+
+    def _hold_rules(self) -> set[str]:
+        return {rule.name for rule in self._rules if rule.holds}
+
+    def _retuned(self, before: Directive, after: Directive) -> bool:
+        """A hold rule's loop moved the speed of a job it already slowed (the same rules
+        hold it): the directive changes, but it is no new action to count or audit, or
+        a loop settling would write an event every round."""
+        return (before.action is Action.SLOW and after.action is Action.SLOW
+                and before.rules == after.rules
+                and bool(self._hold_rules() & set(after.rules)))
+
+    def _retuned_cap(self, action: str, previous: PowerCap | None,
+                     cap: PowerCap | None) -> bool:
+        """As _retuned, for a power limit a hold rule's loop moved (journalled all the
+        same, by PowerCapper, before it changed)."""
+        return (action == "power_cap" and previous is not None and cap is not None
+                and previous.rules == cap.rules and bool(self._hold_rules() & set(cap.rules)))
 
     def _ref(self, job_id: str) -> dict[str, Any]:
         """The job as an audit event names it; just the id asked for if there is none."""
