@@ -285,3 +285,17 @@ def test_a_power_cap_rule_caps_a_simulated_gpu_in_the_daemon(
     d.register(name="on-gpu0", pid=spawn(children, ["sleep", "60"]), devices=["gpu0"])
     eventually(lambda: 'governor_gpu_power_limit_watts{gpu="0"} 250.0' in d.metrics())
     assert 'governor_gpu_power_cap_watts{gpu="0"} 250.0' in d.metrics()
+
+
+def test_power_capper_reads_the_range_a_hold_rule_sets_the_limit_in(tmp_path: Path) -> None:
+    """via = "power_limit": the driver's lowest limit and the original one, in W; the
+    original stays the one journalled while the GPU is capped."""
+    plant = Plant(tmp_path, "power_idle = 100\npower_max = 300\npower_limit_min = 150\n")
+    capper = PowerCapper(Journal(tmp_path / "state"), nvml=plant.sampler.nvml,
+                         is_root=lambda: True)
+    assert capper.limit_range("0") == (150.0, 300.0)
+    capper.apply({"h": PowerCap(gpu="0", watts=200.0, rules=("h",), reasons=("h",))})
+    assert capper.limit_range("0") == (150.0, 300.0), "the original, not the limit in force"
+    assert capper.limit_range("7") is None, "no such GPU"
+    assert PowerCapper(Journal(tmp_path / "other"), nvml=plant.sampler.nvml,
+                       is_root=lambda: False).limit_range("0") is None
