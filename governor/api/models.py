@@ -135,9 +135,11 @@ class RuleSeries(_Shape):
                                  "the rule has seen no series")
     via: Literal["speed", "power_limit"] | None = Field(
         default=None, description="hold rules only: what the loop sets")
-    enforceable: bool | None = Field(default=None, description="power_cap rules only")
+    enforceable: bool | None = Field(
+        default=None, description="power_cap rules and hold rules via power_limit only")
     not_enforceable_because: str | None = Field(
-        default=None, description="power_cap rules that cannot act here")
+        default=None, description="power_cap (or hold via power_limit) rules that cannot "
+        "act here")
 
 
 class Reloaded(_Shape):
