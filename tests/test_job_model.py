@@ -28,8 +28,8 @@ def test_a_record_is_the_jobs_json_with_what_a_restart_needs() -> None:
         "devices": ["gpu1", "gpu0"], "devices_from": "registration", "priority": 3,
         "state": "paused", "speed": 0.0, "reasons": ["operator pause"],
         "held_by_operator": True, "registered_at": 1700000000.25, "owner_uid": 1000,
-        "gone_at": None, "restricted_uid": 1000,
-        "saved": {"original_cgroup": "/sys/fs/cgroup/user.slice"},
+        "gone_at": None, "source": "api", "scheduler_id": None, "user": None,
+        "restricted_uid": 1000, "saved": {"original_cgroup": "/sys/fs/cgroup/user.slice"},
     }
     assert list(job.to_record()) == [*job.as_dict(), "restricted_uid", "saved"], \
         "the journal's key order"
