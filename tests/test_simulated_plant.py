@@ -29,7 +29,7 @@ from governor.sampling.simulated import (
 from tests.support.daemon import DaemonProcess
 from tests.support.processes import eventually
 from tests.support.scenario import spawn
-from tests.test_simulated_sampler import Clock, write_stat
+from tests.support.simulated import Clock, write_stat
 
 BASE = "[[gpu]]\nambient = 30\nheat = 10\ncool = 0.1\n"
 

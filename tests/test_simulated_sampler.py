@@ -20,6 +20,7 @@ from governor.sampling.simulated import (
     SimulatedSampler,
     load_scenario,
 )
+from tests.support.simulated import Clock, write_stat
 
 REPO = Path(__file__).resolve().parents[1]
 SCENARIO = """
@@ -34,20 +35,6 @@ start = 40
 heat = 10.0
 cool = 0.1
 """
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def write_stat(proc: Path, pid: int, ticks: int, started: int = 5000) -> None:
-    (proc / str(pid)).mkdir(parents=True, exist_ok=True)
-    fields = ["S"] + ["0"] * 10 + [str(ticks), "0"] + ["0"] * 6 + [str(started)] + ["0"] * 30
-    (proc / str(pid) / "stat").write_text(f"{pid} (job (one)) {' '.join(fields)}\n")
 
 
 def values(sampler: SimulatedSampler) -> dict[tuple[str, str], float]:

@@ -21,14 +21,11 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from governor.host.nvml import load_module
 from governor.policy.directives import PowerCap
 from governor.safety.journal import Journal
-
-if TYPE_CHECKING:
-    from governor.sampling.simulated import SimulatedNvml
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +39,9 @@ class PowerCapper:
         self,
         journal: Journal,
         *,
-        nvml: ModuleType | SimulatedNvml | None = None,
+        #: the pynvml module, or anything with its power-limit functions (the simulated
+        #: GPUs' stand-in, SimulatedSampler.nvml); None loads pynvml
+        nvml: Any = None,
         is_root: Callable[[], bool] = lambda: os.geteuid() == 0,
     ):
         self._journal = journal
