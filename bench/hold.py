@@ -155,6 +155,8 @@ def analyse(trace: Trace, gpu: GpuScenario, band: float) -> dict[str, Any]:
         "slowdown_seconds": round(sum(dt for dt, s in zip(dts, trace.slowdown, strict=True)
                                       if s), 2),
         "first_crossing": None if first is None else round(times[first], 1),
+        # the reading every 1 s (every 4th round), to see what happened
+        "temperature_trace": [round(t, 1) for t in temps[::4]],
     }
     if first is None:
         out.update(settle=None, seconds_over_after_settling=None, throughput=None,
@@ -165,7 +167,7 @@ def analyse(trace: Trace, gpu: GpuScenario, band: float) -> dict[str, Any]:
     until = len(times) if trace.step_at is None else next(
         (i for i, t in enumerate(times) if t >= trace.step_at), len(times))
     last_out = max((i for i in range(first, until) if abs(temps[i] - TARGET) > band),
-                   default=first)
+                   default=first - 1)
     settled = last_out + 1 if last_out + 1 < until else None
     out["settle"] = None if settled is None else round(times[settled] - times[first], 1)
     out["seconds_over_after_settling"] = None if settled is None else round(
@@ -216,7 +218,8 @@ def run(quick: bool) -> list[Row]:
             gpu = GpuScenario.model_validate(this)
             trace = one_run(this, rules, seconds, this.get("ambient_step", {}).get("at"))
             measured[strategy] = m = analyse(trace, gpu, band)
-            print(f"   {label} {strategy}: {m}", flush=True)
+            shown = {k: v for k, v in m.items() if k != "temperature_trace"}
+            print(f"   {label} {strategy}: {shown}", flush=True)
         thermostat = measured["thermostat"]
         limit = 3 / BASE["cool"]
         target = (f"0 s over {TARGET:g}+{band:g} after settling, overshoot <= 1 °C, "
