@@ -8,7 +8,7 @@ import re
 import time
 from collections.abc import Callable
 
-from bench import accuracy, footprint, reaction, round_cost, scrape, slurm_discovery
+from bench import accuracy, footprint, hold, reaction, round_cost, scrape, slurm_discovery
 from bench.common import REPO, Row, machine, table, write_results
 
 BENCHMARKS: dict[str, Callable[[bool], list[Row]]] = {
@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, Callable[[bool], list[Row]]] = {
     "scrape": scrape.run,
     "footprint": footprint.run,
     "slurm": slurm_discovery.run,
+    "hold": hold.run,
 }
 README = REPO / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
