@@ -38,6 +38,7 @@ from tests.support.dashboards import (
     GRAFANA,
     PROVISIONING,
     Dashboard,
+    check_panel,
     legend,
     promtool_parse_errors,
     regex_escape,
@@ -118,19 +119,11 @@ def test_every_panel_has_the_datasource_variable_a_description_a_unit_and_querie
     for row in board["panels"]:
         assert len(row.get("description", "")) > 20, row["title"]
     for panel in FLEET.panels():
-        title = panel["title"]
-        assert panel["datasource"] == DATASOURCE, title
-        assert len(panel.get("description", "")) > 20, f"{title}: no description"
-        assert panel["fieldConfig"]["defaults"].get("unit"), f"{title}: no unit"
-        assert panel["targets"], title
-        refs = [t["refId"] for t in panel["targets"]]
-        assert len(refs) == len(set(refs)), title
-        for target in panel["targets"]:
-            assert target.get("expr"), title
-            assert target.get("datasource", DATASOURCE) == DATASOURCE, title
-            if panel["type"] == "table":
-                assert target.get("format") == "table" and target.get("instant"), title
-        assert set(panel["gridPos"]) == {"h", "w", "x", "y"}, title
+        check_panel(panel)
+        if panel["type"] == "table":
+            for target in panel["targets"]:
+                assert target.get("format") == "table" and target.get("instant"), \
+                    panel["title"]
     for annotation in board["annotations"]["list"]:
         if not annotation.get("builtIn"):
             assert annotation["datasource"] == DATASOURCE and annotation["expr"]

@@ -30,6 +30,7 @@ from tests.support.dashboards import (
     GRAFANA,
     PROVISIONING,
     Dashboard,
+    check_panel,
     legend,
     promtool_parse_errors,
     regex_escape,
@@ -82,17 +83,7 @@ def test_every_panel_has_the_datasource_variable_a_description_a_unit_and_querie
     ids = [panel["id"] for panel in dashboard()["panels"]]
     assert len(ids) == len(set(ids))
     for panel in panels():
-        title = panel["title"]
-        assert panel["datasource"] == DATASOURCE, title
-        assert len(panel.get("description", "")) > 20, f"{title}: no description"
-        assert panel["fieldConfig"]["defaults"].get("unit"), f"{title}: no unit"
-        assert panel["targets"], title
-        refs = [t["refId"] for t in panel["targets"]]
-        assert len(refs) == len(set(refs)), title
-        for target in panel["targets"]:
-            assert target.get("expr"), title
-            assert target.get("datasource", DATASOURCE) == DATASOURCE, title
-        assert set(panel["gridPos"]) == {"h", "w", "x", "y"}, title
+        check_panel(panel)
     for annotation in dashboard()["annotations"]["list"]:
         if annotation.get("builtIn"):
             continue

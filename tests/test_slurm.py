@@ -72,6 +72,11 @@ def config(slurm: SlurmCluster, **settings: Any) -> dict[str, Any]:
             "rules": [rule]}
 
 
+def heat_gpu_of(gpus: dict[str, Any], job: dict[str, Any], temperature: float = 95) -> None:
+    """Make the GPU the job is bound to hot, in the state the caller then writes."""
+    gpus["gpus"][int(job["devices"][0].removeprefix("gpu"))]["temperature"] = temperature
+
+
 def slurm_jobs(d: DaemonProcess) -> dict[str, dict[str, Any]]:
     jobs = d.get("/v1/jobs").json()
     return {j["scheduler_id"]: j for j in jobs if j.get("source") == "slurm"}
@@ -174,7 +179,7 @@ def test_signal_hold_stops_this_nodes_processes_and_slurm_still_says_running(
     slurm.wait_state(job_id, "R")
     job = wait_for(lambda: slurm_jobs(d).get(job_id), 3.0, "governor job", d)
     assert job["mode"] == "signal"
-    gpus["gpus"][int(job["devices"][0].removeprefix("gpu"))]["temperature"] = 95
+    heat_gpu_of(gpus, job)
     nvml_state.write(gpus)
     wait_for(lambda: states(slurm.pids(job_id)) == {"T"}, 5.0, "every process stopped", d)
     assert slurm.state(job_id) == "R"
@@ -218,7 +223,7 @@ def test_an_administrators_resume_is_noticed_audited_and_not_fought(
     job_id = slurm.sbatch("-w", "node1", "--gres=gpu:1", "-J", "fought", wrap=SPIN)
     slurm.wait_state(job_id, "R")
     job = wait_for(lambda: slurm_jobs(d).get(job_id), 3.0, "governor job", d)
-    gpus["gpus"][int(job["devices"][0].removeprefix("gpu"))]["temperature"] = 95
+    heat_gpu_of(gpus, job)
     nvml_state.write(gpus)
     slurm.wait_state(job_id, "S", timeout=5)
     wait_for(lambda: states(slurm.pids(job_id)) <= {"T", "D"}, 5.0, "suspended processes", d)
@@ -239,7 +244,7 @@ def test_an_administrators_resume_is_noticed_audited_and_not_fought(
     gpus = cool()
     nvml_state.write(gpus)
     wait_for(lambda: slurm_jobs(d)[job_id]["state"] == "running", 5.0, "rule cleared", d)
-    gpus["gpus"][int(job["devices"][0].removeprefix("gpu"))]["temperature"] = 95
+    heat_gpu_of(gpus, job)
     nvml_state.write(gpus)
     slurm.wait_state(job_id, "S", timeout=5)
 
@@ -257,7 +262,7 @@ def test_new_steps_stay_one_job_and_their_processes_are_held(
     wait_for(lambda: len(slurm.pids(job_id)) >= 4, 10.0, "the steps' processes", d)
     d.wait_rounds(4)
     assert list(slurm_jobs(d)) == [job_id], "still one governor job"
-    gpus["gpus"][int(job["devices"][0].removeprefix("gpu"))]["temperature"] = 95
+    heat_gpu_of(gpus, job)
     nvml_state.write(gpus)
     wait_for(lambda: states(slurm.pids(job_id)) == {"T"}, 5.0,
              "every step's processes stopped", d)
@@ -317,7 +322,7 @@ def test_a_two_node_job_is_suspended_as_one(
     slurm.wait_state(job_id, "R")
     job = wait_for(lambda: slurm_jobs(d).get(job_id), 5.0, "governor job", d)
     wait_for(lambda: len(slurm.pids(job_id)) >= 5, 10.0, "the job's processes on both nodes", d)
-    gpus["gpus"][int(job["devices"][0].removeprefix("gpu"))]["temperature"] = 95
+    heat_gpu_of(gpus, job)
     nvml_state.write(gpus)
     slurm.wait_state(job_id, "S", timeout=5)
     wait_for(lambda: "R" not in states(slurm.pids(job_id)), 5.0,

@@ -130,7 +130,7 @@ class SuspendActuator:
         except OSError as exc:
             raise ActuatorError(f"cannot write the journal: {exc}") from exc
         try:
-            host.suspend(self._site, scheduler_id)
+            host.run_scontrol(self._site, "suspend", scheduler_id)
         except host.SlurmError as exc:
             self._drop(job)
             raise ActuatorError(f"scontrol suspend {scheduler_id} failed: {exc}") from exc
@@ -140,7 +140,7 @@ class SuspendActuator:
     def _resume(self, job: Job, state: _State) -> None:
         scheduler_id = str(job.scheduler_id)
         try:
-            host.resume(self._site, scheduler_id)
+            host.run_scontrol(self._site, "resume", scheduler_id)
         except host.SlurmError as exc:
             if not host.already(exc, "resume"):
                 raise ActuatorError(f"scontrol resume {scheduler_id} failed: {exc}") from exc
@@ -206,7 +206,7 @@ def undo_checked(entry: JournalEntry) -> tuple[bool, str]:
     except (KeyError, TypeError) as exc:
         return True, f"suspend hold of job {job} is malformed ({exc!r}); nothing resumed"
     try:
-        host.resume(site, scheduler_id)
+        host.run_scontrol(site, "resume", scheduler_id)
     except host.SlurmError as exc:
         if host.already(exc, "resume"):
             return True, f"job {job}: Slurm job {scheduler_id} was not suspended ({exc})"

@@ -4,8 +4,8 @@ Discovery must be cheap, because it runs every round: listing the spool director
 one `scandir`, and each running job step has a socket there named
 `<node>_<job>.<step>` (slurmstepd's; Slurm's own tools find steps the same way). Only when
 that set changes is `scontrol` run, once per new job, for its name, owner, QOS, partition
-and GPUs, and once for its pids. `scontrol suspend` and `resume` are how a job is held
-job-wide, on every node at once.
+and GPUs, and once for its pids. `run_scontrol` also carries the suspend actuator's `scontrol
+suspend` and `resume`, which are sent from governor/actuators/suspend.py alone.
 
 Nothing here decides anything: the job source and the suspend actuator do.
 """
@@ -221,14 +221,6 @@ def list_pids(site: SlurmSite, job_id: str, node: str | None = None) -> list[int
         if first.isdigit():
             pids.append(int(first))
     return pids
-
-
-def suspend(site: SlurmSite, job_id: str) -> None:
-    run_scontrol(site, "suspend", job_id)
-
-
-def resume(site: SlurmSite, job_id: str) -> None:
-    run_scontrol(site, "resume", job_id)
 
 
 def already(exc: SlurmError, what: str) -> bool:

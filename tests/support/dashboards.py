@@ -58,6 +58,22 @@ class Dashboard:
         return found
 
 
+def check_panel(panel: dict[str, Any]) -> None:
+    """What provisioning and Grafana need of every panel: the datasource variable, a
+    description, a unit, queries with unique refIds, and a grid position."""
+    title = panel["title"]
+    assert panel["datasource"] == DATASOURCE, title
+    assert len(panel.get("description", "")) > 20, f"{title}: no description"
+    assert panel["fieldConfig"]["defaults"].get("unit"), f"{title}: no unit"
+    assert panel["targets"], title
+    refs = [t["refId"] for t in panel["targets"]]
+    assert len(refs) == len(set(refs)), title
+    for target in panel["targets"]:
+        assert target.get("expr"), title
+        assert target.get("datasource", DATASOURCE) == DATASOURCE, title
+    assert set(panel["gridPos"]) == {"h", "w", "x", "y"}, title
+
+
 def variable_query(variable: dict[str, Any]) -> str:
     query = variable["query"]
     return str(query["query"] if isinstance(query, dict) else query)
