@@ -216,9 +216,14 @@ class SlurmCluster:
                    f"job {job_id} in state {state!r} (now {self.state(job_id)!r})")
 
     def pids(self, job_id: str) -> list[int]:
-        result = self.run("scontrol", "listpids", job_id, check=False)
-        return [int(line.split()[0]) for line in result.stdout.splitlines()[1:]
-                if line.split() and line.split()[0].isdigit()]
+        """The job's processes on every node of the cluster. Each node is asked by name:
+        with several slurmd on one host, `scontrol listpids` alone asks only one of them."""
+        found: list[int] = []
+        for node in self.nodes:
+            result = self.run("scontrol", "listpids", job_id, node, check=False)
+            found += [int(line.split()[0]) for line in result.stdout.splitlines()[1:]
+                      if line.split() and line.split()[0].isdigit()]
+        return sorted(set(found))
 
     # ---- tear-down -----------------------------------------------------------------
 
