@@ -14,6 +14,7 @@ from governor.control.laws import (
     MIN_QUOTA_US,
     DutyWindow,
     QuotaState,
+    job_demand,
     learn_demand,
     next_quota,
     retarget_duty,
@@ -46,6 +47,33 @@ def test_duty_cycle_converges_on_its_target_share(plant: object) -> None:
         assert step.demand == pytest.approx(2.0)
         fraction = step.fraction
     assert plant(fraction) == pytest.approx(target, abs=0.005)
+
+
+def test_a_job_that_waits_is_judged_by_its_rate_running_free() -> None:
+    """A job that uses a quarter of a core running free makes up for each stop as soon as
+    it runs again (1.4 times its free rate while running, say): judged by that rate, a
+    speed of 0.5 would let it do 0.7 of its free work. By its rate before it was slowed,
+    the duty cycle brings it to 0.5 of it."""
+    free, target, fraction = 0.25, 0.5, 0.5
+    for _ in range(20):
+        run_time = fraction * WINDOW
+        used = min(free * WINDOW, 1.4 * free * run_time)  # it cannot do more than free
+        step = steer_duty(fraction, target, DutyWindow(WINDOW, run_time, used, used,
+                                                       free_rate=free))
+        fraction = step.fraction
+    assert step.demand == pytest.approx(free)
+    assert min(free, 1.4 * free * fraction) / free == pytest.approx(target, abs=0.01)
+
+
+@pytest.mark.parametrize(("free", "running", "demand"), [
+    (None, 1.0, 1.0),   # never seen running free: the rate while running
+    (0.9, 1.0, 0.9),    # a computing job: much the same either way, the lower
+    (0.25, 0.35, 0.25),  # a waiting job: its free rate
+    (0.05, 1.0, 1.0),   # free while it was starting up: it has changed since
+])
+def test_job_demand(free: float | None, running: float, demand: float) -> None:
+    window = DutyWindow(WINDOW, 0.2, running * 0.2, running * 0.2, free_rate=free)
+    assert job_demand(window) == pytest.approx(demand)
 
 
 def test_duty_cycle_never_overshoots() -> None:

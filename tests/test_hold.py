@@ -1,13 +1,12 @@
-"""Hold rules end to end (CONTRACT section 8): a daemon with a simulated GPU, a real busy
-job launched on it, and a rule that holds the GPU's temperature at a target.
+"""Hold rules end to end (CONTRACT section 8): a daemon with a simulated GPU, a real job
+launched on it, and a rule that holds the GPU's temperature at a target.
 
 The plant settles fast (ambient 30 °C, heat 6 °C/s, cool 0.2/s: a 5 s time constant, 60 °C
-at full speed), so at a target of 36 °C the share of a core that holds it is
-s* = cool * (target - ambient) / heat = 0.2. The windows are wide, for a shared machine:
-the job's CPU share (what heats the simulated GPU) is what the scheduler gives it, so the
-job's speed settles at s* over the share a free-running process gets (measured beside it),
-and the speed test is skipped, saying so, when that share is too small to heat the GPU to
-the target at all.
+at full speed), so at a target of 36 °C the speed that holds it is
+s* = cool * (target - ambient) / heat = 0.2. The job uses a quarter of a core, and the
+simulated GPU counts a quarter of a core as fully busy (`busy_cores`), so what heats it is
+how much governor lets the job run, which a shared machine nearly always gives; the
+windows are still wide, for a shared machine.
 """
 
 from __future__ import annotations
@@ -26,10 +25,12 @@ from typing import Any
 import pytest
 
 from tests.support.daemon import REPO, DaemonProcess, to_toml
+from tests.support.paced_job import paced_job
 
 StartDaemon = Callable[..., DaemonProcess]
 
 AMBIENT, HEAT, COOL, TARGET = 30.0, 6.0, 0.2, 36.0
+JOB_CORES = 0.25
 SETTLED_SPEED = COOL * (TARGET - AMBIENT) / HEAT
 SCENARIO = f"""[[gpu]]
 ambient = {AMBIENT}
@@ -37,6 +38,7 @@ heat = {HEAT}
 cool = {COOL}
 power_idle = 50.0
 power_max = 300.0
+busy_cores = {JOB_CORES}
 """
 ORIGINAL_WATTS = 300.0
 
@@ -68,12 +70,12 @@ def launched() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 def launch_busy(d: DaemonProcess, launchers: list[subprocess.Popen[bytes]]) -> dict[str, Any]:
-    """`governor launch --device gpu0 -- python3 -c 'while True: pass'`; its job."""
+    """`governor launch --device gpu0 --` a job that uses JOB_CORES of a core; its job."""
     log = open(d.workdir / "job.log", "wb")  # noqa: SIM115 - the launcher outlives this call
     launchers.append(subprocess.Popen(
         [sys.executable, "-m", "governor", "launch", "--config", str(d.config_path),
          "--name", "busy", "--device", "gpu0", "--", sys.executable, "-c",
-         "while True: pass"],
+         paced_job(JOB_CORES)],
         cwd=REPO, env={**d.env, "GOVERNOR_CONFIG": str(d.config_path)}, stdout=log,
         stderr=log))
     log.close()
@@ -132,42 +134,29 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-@pytest.fixture
-def reference() -> Iterator[int]:
-    """An ungoverned busy process beside the job: the CPU share a free-running one gets
-    on this (shared) machine, which is what a job at full speed would heat its GPU by."""
-    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    yield proc.pid
-    proc.kill()
-    proc.wait()
-
-
 def test_hold_by_speed_settles_the_gpu_at_the_target(
-        daemon: StartDaemon, tmp_path: Path, launched: list[subprocess.Popen[bytes]],
-        reference: int) -> None:
+        daemon: StartDaemon, tmp_path: Path, launched: list[subprocess.Popen[bytes]]) -> None:
     d = daemon(config(tmp_path, hold_rule(min_speed=0.1)))
     job = launch_busy(d, launched)
-    watch(d, 45, job["id"])  # heat up, overshoot a little, settle
-    cpu, began = cpu_seconds(reference), time.monotonic()
+    watch(d, 40, job["id"])  # heat up, overshoot a little, settle
+    cpu, began = cpu_seconds(int(job["pid"])), time.monotonic()
     seen = watch(d, 15, job["id"])
-    share = (cpu_seconds(reference) - cpu) / (time.monotonic() - began)
+    share = (cpu_seconds(int(job["pid"])) - cpu) / (time.monotonic() - began) / JOB_CORES
     temperatures = [t for t in seen["temperature"] if t is not None]
     speeds, used = seen["speed"], [u for u in seen["utilization"] if u is not None]
-    expected = min(1.0, SETTLED_SPEED / share)
     what = (f"temperature {statistics.mean(temperatures):.2f} ({min(temperatures):.2f}-"
             f"{max(temperatures):.2f}), speed {statistics.mean(speeds):.2f} "
             f"({min(speeds):.2f}-{max(speeds):.2f}), utilization {statistics.mean(used):.2f}, "
-            f"a free process's CPU share {share:.2f}: expected speed {expected:.2f}")
+            f"the job's CPU {share:.2f} of what it uses running free: expected "
+            f"{SETTLED_SPEED:.2f}")
     print("\n" + what)
-    if share < SETTLED_SPEED + 0.1:
-        pytest.skip(f"the machine is too busy for this test: {what}")
-    assert abs(statistics.mean(temperatures) - TARGET) <= 3.0, (what, d.log())
-    assert all(abs(t - TARGET) <= 5.0 for t in temperatures), what
-    # what heats the GPU is the CPU the job gets: at the target, s* of a core
-    assert abs(statistics.mean(used) - SETTLED_SPEED) <= 0.2, what
-    # the job's speed is s* over what it would get running free (1 on an idle machine);
-    # the free share is measured beside it, hence the wider window
-    assert abs(statistics.mean(speeds) - expected) <= 0.25, what
+    assert abs(statistics.mean(temperatures) - TARGET) <= 2.0, (what, d.log())
+    assert all(abs(t - TARGET) <= 4.0 for t in temperatures), what
+    # what heats the GPU is how much the job runs: at the target, s* of it; the speed
+    # asked for and the CPU the job got say the same
+    assert abs(statistics.mean(used) - SETTLED_SPEED) <= 0.1, what
+    assert abs(statistics.mean(speeds) - SETTLED_SPEED) <= 0.1, what
+    assert abs(share - SETTLED_SPEED) <= 0.1, what
     assert min(speeds) >= 0.1, "never below min_speed"
     assert all(o is not None and abs(o - s) <= 0.06 for o, s in
                zip(seen["output"], speeds, strict=True)), (seen["output"], speeds)
@@ -202,11 +191,9 @@ def test_hold_via_power_limit_never_stops_the_job_and_the_limit_goes_back(
     assert set(seen["speed"]) == {1.0}, "the job itself runs at full speed"
     limits = [w for w in seen["limit"] if w is not None]
     assert min(limits) < ORIGINAL_WATTS - 20, limits
-    # a limit caps the utilization at the loop's speed, which bites only below the CPU
-    # share the job gets on this machine: the loop gets there slower than by speed, so
-    # only "near the target, far below the 60 °C of full speed" is asked here
     late = [t for t in seen["temperature"][-50:] if t is not None]
-    assert abs(statistics.mean(late) - TARGET) <= 5.0, (late, d.log())
+    assert abs(statistics.mean(late) - TARGET) <= 2.0, (late, d.log())
+    assert all(abs(t - TARGET) <= 4.0 for t in late), late
     assert "power_cap:0" in journal_holds(d), "journalled as a power cap is"
     assert "governor_gpu_power_cap_watts{gpu=\"0\"}" in d.metrics()
 

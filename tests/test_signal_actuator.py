@@ -28,6 +28,7 @@ from governor.actuators.base import ActuatorError, hold_key
 from governor.actuators.signal import SignalActuator, undo
 from governor.jobs.model import RUN, Job, Mode, pause, slow
 from governor.safety.journal import Journal
+from tests.support.paced_job import paced_job
 from tests.support.processes import favour
 
 BUSY = [sys.executable, "-c", "while True: pass"]
@@ -214,6 +215,24 @@ def test_slow_gives_a_two_process_job_its_share_and_no_more(
     print(f"slow 0.5, two busy processes: {before:.3f} and {after:.3f} cores free, "
           f"{slowed:.3f} slowed, ratio {slowed / free:.3f}")
     assert 0.35 <= slowed / free <= 0.65
+
+
+def test_slow_gives_a_job_that_waits_its_share_of_what_it_does_free(
+        spawn: Spawn, actuator: SignalActuator) -> None:
+    """A job that uses a quarter of a core and sleeps the rest (as one feeding a GPU
+    does) makes up for a stop as soon as it runs again; slowed to 0.5 after running free,
+    it does half of what it did free, not the more that its rate while running says."""
+    child = spawn([sys.executable, "-c", paced_job(0.25)])
+    favour([child.pid])
+    job = job_for(child.pid)
+    actuator.attach(job)
+    free = cpu_rate(child.pid, 2.0)
+    actuator.apply(job, slow(0.5, "warm"))
+    time.sleep(2.0)  # the duty cycle settles
+    slowed = cpu_rate(child.pid, 8.0)
+    print(f"slow 0.5, a job that waits: {free:.3f} cores free, {slowed:.3f} slowed, "
+          f"ratio {slowed / free:.3f}")
+    assert 0.35 <= slowed / free <= 0.62
 
 
 class CountingJournal(Journal):

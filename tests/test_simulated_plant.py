@@ -256,7 +256,50 @@ def test_steady_speed_settles_at_the_target(tmp_path: Path) -> None:
     assert steady_speed(spec, 500.0) == 1.0 and steady_speed(spec, 20.0) == 0.0
 
 
+# --- how busy a job keeps its GPU, and the trace of the true state ---
+
+
+def test_busy_cores_is_the_cpu_that_keeps_the_gpu_fully_busy(tmp_path: Path) -> None:
+    plant = Plant(tmp_path, "busy_cores = 4\n")
+    plant.round(1.0)  # one busy core of four
+    assert plant.utilization == pytest.approx(0.25)
+    assert plant.temperature == pytest.approx(heated(30.0, 0.25, 1.0), abs=0.01)
+    half = Plant(tmp_path, "busy_cores = 0.5\n")
+    half.round(1.0)  # a whole core is more than enough: capped at 1
+    assert half.utilization == pytest.approx(1.0)
+
+
+def test_the_trace_records_the_true_state_each_round(tmp_path: Path) -> None:
+    """Relative to the scenario's folder; the truth besides what a lagging, noisy sensor
+    reported; appended to, one line a round."""
+    plant = Plant(tmp_path, 'lag = 2\nnoise = 0.3\ntrace = "truth.csv"\n'
+                  "ambient_step = {at = 2, by = 5}\npower_limit = 175\nslowdown_at = 90\n")
+    for _ in range(3):
+        plant.round(1.0)
+    plant.sampler.close()
+    lines = (tmp_path / "truth.csv").read_text().splitlines()
+    assert lines[0] == "seconds,temperature,reported,utilization,hw_slowdown,power_limit,ambient"
+    rows = [[float(v) for v in line.split(",")] for line in lines[1:]]
+    assert [row[0] for row in rows] == [0.0, 1.0, 2.0, 3.0]
+    truth = [30.0, heated(30.0, 0.5, 1.0)]
+    truth.append(heated(truth[-1], 0.5, 1.0))
+    truth.append(heated(truth[-1], 0.5, 1.0, ambient=35.0))
+    assert [row[1] for row in rows] == pytest.approx(truth, abs=1e-3)
+    assert rows[3][2] == pytest.approx(truth[1], abs=1.5)  # 2 s late, with noise
+    assert [row[3] for row in rows] == [0.0, 0.5, 0.5, 0.5]
+    assert [row[4] for row in rows] == [0.0] * 4
+    assert [row[5] for row in rows] == [175.0] * 4
+    assert [row[6] for row in rows] == [30.0, 30.0, 35.0, 35.0]
+
+
+def test_a_trace_that_cannot_be_written_is_not_fatal(tmp_path: Path) -> None:
+    plant = Plant(tmp_path, 'trace = "no/such/folder/truth.csv"\n')
+    plant.round(1.0)
+    assert plant.temperature == pytest.approx(heated(30.0, 1.0, 1.0), abs=0.01)
+
+
 @pytest.mark.parametrize(("keys", "message"), [
+    ("busy_cores = 0\n", "gpu[0].busy_cores: Input should be greater than 0"),
     ("power_limit = 200\npower_limit_min = 250\n", "gpu[0].power_limit_min: is above power_limit"),
     ("power_limit_max = 250\n", "gpu[0].power_limit_max: is below power_limit"),
     ("lag = -1\n", "gpu[0].lag: Input should be greater than or equal to 0"),

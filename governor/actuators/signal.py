@@ -55,6 +55,8 @@ STOP_ROUNDS = 5
 WINDOW = 0.5
 #: weight of the newest toggle in the running mean of how late toggles go out
 LATE_WEIGHT = 0.2
+#: a stretch of running free shorter than this does not tell the job's free rate
+MIN_FREE_SECONDS = 1.0
 
 
 @dataclass(eq=False)
@@ -80,6 +82,8 @@ class _Cycle:
     window_cpu: float = 0.0
     #: the target changed: the window under way measured the old one, so it says nothing
     stale_window: bool = False
+    #: the cores the job used running free before it was slowed, when measured
+    free_rate: float | None = None
 
 
 @dataclass(eq=False)
@@ -98,6 +102,12 @@ class _Held:
     denied: set[int] = field(default_factory=set)
     #: hold only processes of this uid (a job a non-root user registered)
     only_uid: int | None = None
+    #: since when the job has run free, and its processes' CPU seconds then: what it
+    #: uses running free, which is what a speed is a share of (`job_demand`)
+    free_since: float | None = None
+    free_cpu: float = 0.0
+    #: the cores it used over the last stretch it ran free, when long enough to tell
+    free_rate: float | None = None
 
 
 class _Stopped(NamedTuple):
@@ -147,7 +157,8 @@ class SignalActuator:
     def attach(self, job: Job) -> None:
         with self._locked():
             if job.id not in self._held:
-                self._held[job.id] = self._make(job)
+                held = self._held[job.id] = self._make(job)
+                self._start_free(held)
 
     def apply(self, job: Job, directive: Directive) -> None:
         with self._locked():
@@ -199,6 +210,7 @@ class SignalActuator:
     # ---- the three states ----
 
     def _pause(self, held: _Held) -> None:
+        self._end_free(held)
         held.cycle = None
         result = self._stop(held, "stopped")
         if result.denied and not held.stopped.intersection(result.members):
@@ -224,10 +236,11 @@ class SignalActuator:
                 self._signal(held, p, 0) is None for p in members):
             raise ActuatorError(f"not allowed to stop the processes of job {held.job_id}")
         self._record(held, "slowed", members)
+        self._end_free(held, members)
         now = self._clock()
         running = not held.stopped
         cycle = _Cycle(target=speed, fraction=speed, running=running, phase_started=now,
-                       window_started=now, members=members)
+                       window_started=now, members=members, free_rate=held.free_rate)
         self._cpu_used(cycle, members)
         held.cycle, held.action = cycle, Action.SLOW
         self._schedule(held, cycle, now + speed * self._period if running else now)
@@ -239,7 +252,9 @@ class SignalActuator:
 
     def _release(self, held: _Held) -> None:
         held.cycle = None
-        self._continue(held, self._members(held))
+        members = self._members(held)
+        self._continue(held, members)
+        self._start_free(held, members)
         self._drop_hold(held)
         if held.action is not Action.RUN:
             log.info("job %s running at full speed", held.job_id)
@@ -314,7 +329,8 @@ class SignalActuator:
             cycle.stale_window = False
         else:
             step = steer_duty(cycle.fraction, cycle.target, DutyWindow(
-                now - cycle.window_started, cycle.run_time, cycle.run_cpu, cycle.window_cpu))
+                now - cycle.window_started, cycle.run_time, cycle.run_cpu, cycle.window_cpu,
+                cycle.free_rate))
             if step.achieved is not None:
                 cycle.fraction = step.fraction
                 log.debug("job %s: got %.3f of %.3f (%.2f cores while running); runs %.3f "
@@ -333,6 +349,23 @@ class SignalActuator:
         cycle.running = True
         cycle.phase_started = self._clock()
         self._schedule(held, cycle, cycle.phase_started + 2 * WINDOW)
+
+    def _start_free(self, held: _Held,
+                    members: list[ProcessIdentity] | None = None) -> None:
+        """The job runs free from now: start measuring what it uses so."""
+        held.free_since = self._clock()
+        held.free_cpu = _tree_cpu(self._members(held) if members is None else members)
+
+    def _end_free(self, held: _Held, members: list[ProcessIdentity] | None = None) -> None:
+        """The job is held from now: what it used running free since `_start_free` is its
+        free rate, if it ran free long enough to tell (else the last one stays)."""
+        since, held.free_since = held.free_since, None
+        if since is None:
+            return
+        seconds = self._clock() - since
+        if seconds >= MIN_FREE_SECONDS:
+            used = _tree_cpu(self._members(held) if members is None else members)
+            held.free_rate = max(0.0, used - held.free_cpu) / seconds
 
     def _cpu_used(self, cycle: _Cycle, members: list[ProcessIdentity]) -> float:
         """CPU seconds the members used since the last reading; a newcomer counts whole."""
@@ -498,6 +531,21 @@ def undo_checked(entry: JournalEntry) -> tuple[bool, str]:
 
 def _mean(mean: float | None, value: float) -> float:
     return value if mean is None else mean + LATE_WEIGHT * (value - mean)
+
+
+def _tree_cpu(members: list[ProcessIdentity]) -> float:
+    """The CPU seconds the members have used, those that can still be read."""
+    total = 0.0
+    for ident in members:
+        handle = _handle(ident)
+        if handle is None:
+            continue
+        try:
+            times = handle.cpu_times()
+        except psutil.Error:
+            continue
+        total += float(times.user + times.system)
+    return total
 
 
 def _handle(ident: ProcessIdentity) -> Any:

@@ -25,6 +25,9 @@ MAX_WINDOW = 5.0
 #: share of the error corrected per window; below 1, so the run fraction never overshoots
 GAIN = 0.5
 MIN_FRACTION = 0.01
+#: a rate measured running free below this share of the rate while running says the job
+#: has changed since (it was starting up, or waiting): the rate while running is used
+STALE_FREE_RATE = 0.5
 
 
 class DutyWindow(NamedTuple):
@@ -37,6 +40,8 @@ class DutyWindow(NamedTuple):
     run_cpu: float
     #: CPU seconds the job used over the whole window
     window_cpu: float
+    #: the cores the job used running free before it was slowed, when measured
+    free_rate: float | None = None
 
 
 class DutyStep(NamedTuple):
@@ -54,11 +59,25 @@ def clamp_fraction(fraction: float) -> float:
     return min(1.0, max(MIN_FRACTION, fraction))
 
 
+def job_demand(window: DutyWindow) -> float:
+    """The cores the job would use running free: its rate while running, or, lower, the
+    rate it used before it was slowed. A job that mostly waits (on a GPU, on I/O) makes up
+    for a stop the moment it runs again, so while running it uses more than it would
+    free, and a speed judged by that rate alone gives it more than it asked; a job that
+    mostly computes runs at the same rate either way. A rate before that is far lower than
+    the one while running is not used: the job has changed since (STALE_FREE_RATE)."""
+    running = window.run_cpu / window.run_time
+    free = window.free_rate
+    if free is None or free < STALE_FREE_RATE * running:
+        return running
+    return min(free, running)
+
+
 def steer_duty(fraction: float, target: float, window: DutyWindow) -> DutyStep:
     """Steer the run fraction by the share the job got over the window: the CPU it used
-    over what it would have used running free all along (its rate while running)."""
+    over what it would have used running free all along (`job_demand`)."""
     if window.run_cpu >= MIN_WINDOW_CPU and window.run_time > 0:
-        demand = window.run_cpu / window.run_time
+        demand = job_demand(window)
         achieved = window.window_cpu / (demand * window.window)
         return DutyStep(clamp_fraction(fraction + GAIN * (target - achieved)), True,
                         achieved, demand)
@@ -116,10 +135,13 @@ def next_quota(state: QuotaState, speed: float, *, demand: float | None,
 
 # ---- holding a series at a target (rule action "hold") ----
 #
-# A proportional-integral law with derivative on the reading, on a first-order plant
+# A model-based proportional-integral law with derivative on the reading, on a
+# first-order plant
 #     dT/dt = heat * speed - cool * (T - HOLD_PRIOR_AMBIENT) + offset
 # that it fits online (offset: the ambient's distance from the prior, and whatever else
-# heats the device). Why each piece:
+# heats the device). Its speed is the fitted plant's steady speed at the target, plus a
+# small integral correction, minus a proportional term on the error and the rise. Why
+# each piece:
 #
 # * Gains normalised by the plant, not tuned per machine: what sets the scale of the loop
 #   is `heat`, degrees per second per unit of speed (the plant's gain over its time
@@ -129,24 +151,34 @@ def next_quota(state: QuotaState, speed: float, *, demand: float | None,
 #   Kp = 1 / (heat * response), Ti = min(1 / cool, 4 * response), with one
 #   machine-independent knob, the closed loop's time constant `response` (8 s: a couple
 #   of seconds of sensor lag and the filter's second fit in it).
+# * The fitted plant's steady speed at the target (cool * (target - prior) - offset) /
+#   heat is the law's feedforward, so the integral has almost nothing left to do: a plain
+#   PI law has to integrate its way up to the steady speed while the reading climbs, and
+#   that integral is what overshoots the target and then takes a time constant to unwind.
+#   A change of ambient moves the fitted offset within seconds, and the steady speed with
+#   it, faster than an integral would.
+# * The integral only corrects what the fit gets wrong (a bias from lag or noise), and so
+#   it integrates only near a steady state at the target (the proportional term asks for
+#   less than HOLD_INTEGRATE_WITHIN of speed, and the reading moves less than that much
+#   speed would move it): on the way there, the feedforward and the proportional term
+#   steer, and nothing winds up that would overshoot.
 # * Taking over at one steady speed tells heat from offset only through the ambient's
 #   prior (30 degrees; a device cools towards its inlet air, 20-45 degrees, far more alike
 #   across machines than heat is), so the fit is usable before the speed has moved; the
 #   offset drifts fast in the fit and heat and cool slowly, so a change of ambient is
-#   learnt as one rather than as a change of heat (which would change the gains).
-# * Derivative on the reading, over half the response: a reading climbing towards the
-#   target from below slows the jobs before it crosses, so the first crossing overshoots
-#   little; on the reading, not the error, so a new target does not kick.
-# * Anti-windup by conditional integration: while the speed is pinned at 1 or at
-#   min_speed the integral does not integrate but tracks the speed that would hold the
-#   reading still (speed - rise / heat); held back by the step limit, it freezes. So the
-#   law leaves a bound the round the error turns, from where it should be, and taking over
-#   at full speed below the target it already brakes on the way up.
-# * Bumpless start: the integral starts at the speed taken over (1, or the jobs' current
-#   speed) and the first reading only starts the filters.
+#   learnt as one rather than as a change of heat (which would change the gains). The fit
+#   starts after HOLD_WARMUP filter time constants: until the filter has caught up with
+#   the reading, its slope says nothing about the plant.
+# * Derivative on the reading, over a quarter of the response: a reading climbing towards
+#   the target from below slows the jobs just before it crosses, so the first crossing
+#   overshoots little; on the reading, not the error, so a new target does not kick.
+# * Anti-windup: while the speed is pinned at 1 or at min_speed, or held back by the step
+#   limit, in the direction the error pushes, the integral does not move.
+# * Bumpless start: the first reading only starts the filters, and the speed then moves
+#   from the one taken over by at most the step limit.
 # * A first-order low-pass on the reading (`filter_s`) for sensor noise; the same filter on
-#   the speed, so the filtered pair still obeys the plant's equation and the fit is not
-#   biased by the filter's lag.
+#   the speed (plus HOLD_DELAY, the actuator's lag), so the filtered pair still obeys the
+#   plant's equation and the fit is not biased by the filter's lag.
 # * A bounded step (`max_rate`, speed per second) so one bad reading cannot slam the jobs.
 # * A missing reading (None) holds the speed and neither integrates nor learns.
 
@@ -157,6 +189,10 @@ HOLD_RESPONSE = 8.0
 HOLD_FILTER = 1.0
 #: most the speed moves per second
 HOLD_MAX_RATE = 0.25
+#: the lag the fit assumes between a speed and the device's response to it, seconds: an
+#: actuator takes a period or two of its duty cycle to reach a new speed, and a sensor
+#: reads late; assumed too long, it only makes the fitted heat larger and the loop gentler
+HOLD_DELAY = 0.5
 #: the plant's prior: heat (degrees per second per unit speed, loose: the first rounds'
 #: rise replace it) and cool (1/s, a 20 s plant, mid-range); the bounds keep a noisy fit
 #: sane, and with it the gains
@@ -176,6 +212,13 @@ HOLD_DRIFT = (1e-5, 1e-5, 1e-3)
 HOLD_SLOPE_NOISE = 0.05
 #: the fit's largest covariance trace, a guard against a long stretch that tells nothing
 HOLD_MAX_TRACE = 1e3
+#: the fit starts this many filter time constants after the first reading
+HOLD_WARMUP = 3.0
+#: the integral corrects only near a steady state: while the proportional term asks for
+#: less speed than this, and the reading moves less than this much speed would move it
+HOLD_INTEGRATE_WITHIN = 0.1
+#: the most the integral corrects the fitted steady speed by
+HOLD_MAX_CORRECTION = 0.5
 
 _Vec3 = tuple[float, float, float]
 _Mat3 = tuple[_Vec3, _Vec3, _Vec3]
@@ -187,6 +230,7 @@ class HoldTuning(NamedTuple):
     response: float = HOLD_RESPONSE
     filter_s: float = HOLD_FILTER
     max_rate: float = HOLD_MAX_RATE
+    delay: float = HOLD_DELAY
 
 
 #: the defaults, shared
@@ -198,14 +242,15 @@ class HoldState(NamedTuple):
 
     #: the speed given last
     speed: float
-    #: the integral part of the speed; starts at the speed taken over, so the first round
-    #: does not jump
-    integral: float
+    #: the integral correction to the fitted plant's steady speed at the target
+    integral: float = 0.0
     #: the low-passed rise of the reading, degrees per second: the law brakes ahead of
     #: a crossing
     rise: float = 0.0
     #: the time of the last reading taken, None before the first
     time: float | None = None
+    #: the time of the first reading: the fit starts HOLD_WARMUP filter constants later
+    started: float | None = None
     #: the low-passed reading and speed, None before the first reading
     reading: float | None = None
     filtered_speed: float | None = None
@@ -223,12 +268,15 @@ class HoldState(NamedTuple):
         """The plant's inverse time constant, as learnt (within its bounds)."""
         return min(max(-self.theta[1], HOLD_COOL_RANGE[0]), HOLD_COOL_RANGE[1])
 
+    def steady_speed(self, target: float) -> float:
+        """The speed at which the fitted plant would stay at `target` (unbounded)."""
+        return (self.cool * (target - HOLD_PRIOR_AMBIENT) - self.theta[2]) / self.heat
+
 
 def start_hold(speed: float = 1.0) -> HoldState:
     """The state taking over from jobs running at `speed` (1: free), so the first round
     starts from there rather than jumping."""
-    speed = min(max(speed, 0.0), 1.0)
-    return HoldState(speed=speed, integral=speed)
+    return HoldState(speed=min(max(speed, 0.0), 1.0))
 
 
 def _vec(v: list[float]) -> _Vec3:
@@ -264,40 +312,44 @@ def hold_step(state: HoldState, reading: float | None, now: float, *, target: fl
         return state._replace(speed=speed), speed
     if state.time is None or state.reading is None or state.filtered_speed is None:
         # the first reading: the filters start from it, nothing moves yet
-        return state._replace(speed=speed, time=now, reading=reading,
+        return state._replace(speed=speed, time=now, reading=reading, started=now,
                               filtered_speed=speed), speed
     dt = now - state.time
     alpha = dt / (tuning.filter_s + dt)
     filtered = state.reading + alpha * (reading - state.reading)
-    filtered_speed = state.filtered_speed + alpha * (speed - state.filtered_speed)
-
-    # learn the plant: the filtered reading's slope against the filtered speed and
-    # reading (the step's midpoints) and 1, the reading measured from the ambient's prior
+    filtered_speed = state.filtered_speed + dt / (tuning.filter_s + tuning.delay + dt) * (
+        speed - state.filtered_speed)
     slope = (filtered - state.reading) / dt
-    drift = (HOLD_DRIFT[0] * state.heat ** 2 * dt, HOLD_DRIFT[1] * state.cool ** 2 * dt,
-             HOLD_DRIFT[2] * dt)
-    theta, cov = _fit(state.theta, state.covariance,
-                      ((state.filtered_speed + filtered_speed) / 2,
-                       (state.reading + filtered) / 2 - HOLD_PRIOR_AMBIENT, 1.0), slope,
-                      drift)
-    learnt = state._replace(theta=theta, covariance=cov)
+
+    # learn the plant, once the filter has caught up: the filtered reading's slope
+    # against the filtered speed and reading (the step's midpoints) and 1, the reading
+    # measured from the ambient's prior
+    learnt = state
+    started = state.started if state.started is not None else state.time
+    if now - started >= HOLD_WARMUP * tuning.filter_s:
+        drift = (HOLD_DRIFT[0] * state.heat ** 2 * dt, HOLD_DRIFT[1] * state.cool ** 2 * dt,
+                 HOLD_DRIFT[2] * dt)
+        theta, cov = _fit(state.theta, state.covariance,
+                          ((state.filtered_speed + filtered_speed) / 2,
+                           (state.reading + filtered) / 2 - HOLD_PRIOR_AMBIENT, 1.0), slope,
+                          drift)
+        learnt = state._replace(theta=theta, covariance=cov)
 
     rise = state.rise + dt / (tuning.response + dt) * (slope - state.rise)
     kp = 1.0 / (learnt.heat * tuning.response)
     ti = min(1.0 / learnt.cool, 4.0 * tuning.response)
     error = filtered - target
-    integral = min(max(state.integral - kp / ti * error * dt, low), 1.0)
-    wanted = integral - kp * (error + tuning.response / 2 * rise)
+    integral = state.integral
+    if (kp * abs(error) <= HOLD_INTEGRATE_WITHIN
+            and abs(rise) <= HOLD_INTEGRATE_WITHIN * learnt.heat):
+        integral = min(max(integral - kp / ti * error * dt, -HOLD_MAX_CORRECTION),
+                       HOLD_MAX_CORRECTION)
+    feedforward = min(max(learnt.steady_speed(target), low), 1.0)
+    wanted = feedforward + integral - kp * (error + tuning.response / 4 * rise)
     bound = tuning.max_rate * dt
     new_speed = min(max(wanted, speed - bound, low), speed + bound, 1.0)
     if (wanted > new_speed and error < 0) or (wanted < new_speed and error > 0):
-        if new_speed in (low, 1.0):
-            # pinned at a bound: rather than wind up, the integral tracks the speed that
-            # would hold the reading still, so the law leaves the bound from where it
-            # should be (taking over at full speed below the target, it brakes ahead)
-            integral = min(max(new_speed - rise / learnt.heat, low), 1.0)
-        else:
-            # held back by the step limit: integrating would only wind up
-            integral = min(max(state.integral, low), 1.0)
+        # pinned at a bound or held back by the step limit: integrating would wind up
+        integral = state.integral
     return learnt._replace(speed=new_speed, integral=integral, rise=rise, time=now,
                            reading=filtered, filtered_speed=filtered_speed), new_speed

@@ -7,9 +7,10 @@ uuid, utilization, temperature, power and its limit, memory), so rules, metrics 
     dT/dt = heat * utilization - cool * (T - ambient)
 
 solved exactly between two rounds. Its utilization is the CPU the processes of the jobs
-bound to it (`--device gpu0`) really used since the last round, capped at 1: a job that
-is stopped, or that holds itself, stops heating its GPU, and one that keeps running
-inside a critical section keeps heating it. The daemon's wiring hands the sampler a
+bound to it (`--device gpu0`) really used since the last round, in units of `busy_cores`
+(default 1: one busy core keeps the GPU fully busy), capped at 1: a job that is stopped,
+or that holds itself, stops heating its GPU, and one that keeps running inside a critical
+section keeps heating it. The daemon's wiring hands the sampler a
 callable that lists those jobs from the controller's published view; the sampler only
 reads their CPU time under `sources.procfs_root`.
 
@@ -30,13 +31,17 @@ without them behaves as before):
 - `noise`: Gaussian noise of that standard deviation (°C) on the reported temperature,
   drawn from a generator seeded with `seed`, so a run is reproducible;
 - `ambient_step = {at = S, by = D}`: the ambient temperature moves by D °C, S seconds after
-  the sampler's first round.
+  the sampler's first round;
+- `trace`: a CSV file (relative to the scenario's folder) that each round appends the
+  GPU's true state to, for a benchmark to measure what the sensor's lag and noise hide:
+  TRACE_COLUMNS.
 
 `steady_speed` is the speed at which a GPU settles at a target temperature, for benchmarks.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -47,7 +52,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -60,6 +65,14 @@ from governor.snapshot import reading
 
 if TYPE_CHECKING:
     from governor.sampling.registry import SamplerContext
+
+log = logging.getLogger(__name__)
+
+#: what a `trace` file's lines hold: seconds since the sampler's first round, the true
+#: temperature then, what the sensor reported, the utilization over the round that ended
+#: then, 1 while the firmware slowed the GPU, the power limit (W) and the ambient (°C)
+TRACE_COLUMNS = ("seconds", "temperature", "reported", "utilization", "hw_slowdown",
+                 "power_limit", "ambient")
 
 #: (pid, the devices its job is bound to) for every live job with a process
 JobProcesses = Callable[[], Iterable[tuple[int, Iterable[str]]]]
@@ -105,6 +118,10 @@ class GpuScenario(BaseModel):
     #: seeds the noise
     seed: int = 0
     ambient_step: AmbientStep | None = None
+    #: CPU cores of its jobs that keep the GPU fully busy
+    busy_cores: float = Field(default=1.0, gt=0, le=1024)
+    #: a CSV file each round appends the GPU's true state to (TRACE_COLUMNS); None = none
+    trace: str | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> GpuScenario:
@@ -177,7 +194,7 @@ def load_scenario(path: str | os.PathLike[str]) -> Scenario:
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(f"{path}: not valid TOML: {exc}") from None
     try:
-        return Scenario.model_validate(_floats(data))
+        scenario = Scenario.model_validate(_floats(data))
     except ValidationError as exc:
         error = exc.errors()[0]
         key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
@@ -186,11 +203,15 @@ def load_scenario(path: str | os.PathLike[str]) -> Scenario:
             field, message = message.split(": ", 1)
             key += f".{field}"
         raise ScenarioError(f"{path}: {key.lstrip('.')}: {message}") from None
+    folder = Path(path).parent
+    return scenario.model_copy(update={"gpu": [
+        gpu if gpu.trace is None else gpu.model_copy(update={"trace": str(folder / gpu.trace)})
+        for gpu in scenario.gpu]})
 
 
 _FLOAT_KEYS = ("ambient", "heat", "cool", "start", "power_idle", "power_max", "power_limit",
                "power_limit_min", "power_limit_max", "memory_total", "memory_used",
-               "slowdown_at", "lag", "noise", "at", "by")
+               "slowdown_at", "lag", "noise", "at", "by", "busy_cores")
 
 
 def _floats(data: dict[str, object]) -> dict[str, object]:
@@ -312,6 +333,10 @@ class _Gpu:
     #: (time, true temperature then, utilization over the interval that ended then), oldest
     #: first: what a lagging sensor reports from
     history: deque[tuple[float, float, float]]
+    #: the open `trace` file, once the first round has written to it
+    trace: TextIO | None = None
+    #: the trace file could not be written: given up on
+    trace_failed: bool = False
 
 
 class SimulatedSampler:
@@ -352,7 +377,7 @@ class SimulatedSampler:
         result = SampleResult()
         for gpu in self._gpus:
             spec = gpu.spec
-            used = min(1.0, busy.get(f"gpu{gpu.index}", 0.0))
+            used = min(1.0, busy.get(f"gpu{gpu.index}", 0.0) / spec.busy_cores)
             cap = spec.utilization_cap(self.power_limits.get(gpu.index))
             limited = used > cap
             used = min(used, cap)
@@ -361,11 +386,13 @@ class SimulatedSampler:
                 used /= 2
             gpu.temperature = self._advance(spec, gpu.temperature, used, before, now)
             label = str(gpu.index)
+            reported = round(self._sensor(gpu, used, now), 2)
+            if spec.trace is not None and not gpu.trace_failed:
+                self._trace(gpu, now, reported, used, slowed)
             result.readings += [
                 reading("gpu_info", 1, gpu=label, uuid=gpu.uuid, name=spec.name),
                 reading("gpu_utilization_ratio", used, gpu=label),
-                reading("gpu_temperature_celsius", round(self._sensor(gpu, used, now), 2),
-                        gpu=label),
+                reading("gpu_temperature_celsius", reported, gpu=label),
                 reading("gpu_power_watts",
                         spec.power_idle + (spec.power_max - spec.power_idle) * used, gpu=label),
                 reading("gpu_power_limit_watts", self.power_limits.get(gpu.index), gpu=label),
@@ -409,6 +436,25 @@ class SimulatedSampler:
             reported += gpu.rng.gauss(0.0, spec.noise)
         return reported
 
+    def _trace(self, gpu: _Gpu, now: float, reported: float, used: float,
+               slowed: bool) -> None:
+        """Append this round's line to the GPU's `trace` file (TRACE_COLUMNS); a file that
+        cannot be written is given up on, not fatal: the GPU is still reported."""
+        spec = gpu.spec
+        since = now - (self._start if self._start is not None else now)
+        try:
+            if gpu.trace is None:
+                gpu.trace = open(str(spec.trace), "a", buffering=1)  # noqa: SIM115 - kept open
+                if gpu.trace.tell() == 0:
+                    gpu.trace.write(",".join(TRACE_COLUMNS) + "\n")
+            gpu.trace.write(f"{since:.3f},{gpu.temperature:.4f},{reported:.2f},{used:.4f},"
+                            f"{int(slowed)},{self.power_limits.get(gpu.index):g},"
+                            f"{spec.ambient_at(since):g}\n")
+        except OSError as exc:
+            gpu.trace_failed = True
+            log.warning("simulated gpu %d: cannot write its trace %s (%s); no more lines",
+                        gpu.index, spec.trace, exc.strerror or exc)
+
     def _utilization(self, elapsed: float) -> dict[str, float]:
         """Device -> the CPU share the processes bound to it used since the last round."""
         seen: dict[tuple[int, int], int] = {}
@@ -441,7 +487,10 @@ class SimulatedSampler:
             return None
 
     def close(self) -> None:
-        pass
+        for gpu in self._gpus:
+            if gpu.trace is not None:
+                gpu.trace.close()
+                gpu.trace = None
 
 
 def _step(temperature: float, spec: GpuScenario, used: float, elapsed: float,
