@@ -65,14 +65,16 @@ def test_a_job_that_waits_is_judged_by_its_rate_running_free() -> None:
     assert min(free, 1.4 * free * fraction) / free == pytest.approx(target, abs=0.01)
 
 
-@pytest.mark.parametrize(("free", "running", "demand"), [
-    (None, 1.0, 1.0),   # never seen running free: the rate while running
-    (0.9, 1.0, 0.9),    # a computing job: much the same either way, the lower
-    (0.25, 0.35, 0.25),  # a waiting job: its free rate
-    (0.05, 1.0, 1.0),   # free while it was starting up: it has changed since
+@pytest.mark.parametrize(("free", "running", "share", "demand"), [
+    (None, 1.0, 0.5, 1.0),    # never seen running free: the rate while running
+    (0.9, 1.0, 0.5, 0.9),     # a computing job: much the same either way, the lower
+    (0.25, 1.0, 0.075, 0.25),  # a waiting job, slowed hard: bursts when let run
+    (0.05, 1.0, 0.5, 1.0),    # free while starting up: slowed, it does far more now
 ])
-def test_job_demand(free: float | None, running: float, demand: float) -> None:
-    window = DutyWindow(WINDOW, 0.2, running * 0.2, running * 0.2, free_rate=free)
+def test_job_demand(free: float | None, running: float, share: float,
+                    demand: float) -> None:
+    """`share`: the cores the job used over the window."""
+    window = DutyWindow(WINDOW, 0.2, running * 0.2, share * WINDOW, free_rate=free)
     assert job_demand(window) == pytest.approx(demand)
 
 

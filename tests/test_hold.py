@@ -1,9 +1,10 @@
 """Hold rules end to end (CONTRACT section 8): a daemon with a simulated GPU, a real job
 launched on it, and a rule that holds the GPU's temperature at a target.
 
-The plant settles fast (ambient 30 °C, heat 6 °C/s, cool 0.2/s: a 5 s time constant, 60 °C
-at full speed), so at a target of 36 °C the speed that holds it is
-s* = cool * (target - ambient) / heat = 0.2. The job uses a quarter of a core, and the
+The plant settles fast (ambient 30 °C, heat 3 °C/s, cool 0.2/s: a 5 s time constant, 45 °C
+at full speed), so at a target of 39 °C the speed that holds it is
+s* = cool * (target - ambient) / heat = 0.6; the job runs free for a few seconds first,
+which is what the duty cycle judges its speed against. The job uses a quarter of a core, and the
 simulated GPU counts a quarter of a core as fully busy (`busy_cores`), so what heats it is
 how much governor lets the job run, which a shared machine nearly always gives; the
 windows are still wide, for a shared machine.
@@ -29,7 +30,7 @@ from tests.support.paced_job import paced_job
 
 StartDaemon = Callable[..., DaemonProcess]
 
-AMBIENT, HEAT, COOL, TARGET = 30.0, 6.0, 0.2, 36.0
+AMBIENT, HEAT, COOL, TARGET = 30.0, 3.0, 0.2, 39.0
 JOB_CORES = 0.25
 SETTLED_SPEED = COOL * (TARGET - AMBIENT) / HEAT
 SCENARIO = f"""[[gpu]]
@@ -150,8 +151,8 @@ def test_hold_by_speed_settles_the_gpu_at_the_target(
             f"the job's CPU {share:.2f} of what it uses running free: expected "
             f"{SETTLED_SPEED:.2f}")
     print("\n" + what)
-    assert abs(statistics.mean(temperatures) - TARGET) <= 2.0, (what, d.log())
-    assert all(abs(t - TARGET) <= 4.0 for t in temperatures), what
+    assert abs(statistics.mean(temperatures) - TARGET) <= 1.0, (what, d.log())
+    assert all(abs(t - TARGET) <= 2.5 for t in temperatures), what
     # what heats the GPU is how much the job runs: at the target, s* of it; the speed
     # asked for and the CPU the job got say the same
     assert abs(statistics.mean(used) - SETTLED_SPEED) <= 0.1, what
@@ -192,8 +193,8 @@ def test_hold_via_power_limit_never_stops_the_job_and_the_limit_goes_back(
     limits = [w for w in seen["limit"] if w is not None]
     assert min(limits) < ORIGINAL_WATTS - 20, limits
     late = [t for t in seen["temperature"][-50:] if t is not None]
-    assert abs(statistics.mean(late) - TARGET) <= 2.0, (late, d.log())
-    assert all(abs(t - TARGET) <= 4.0 for t in late), late
+    assert abs(statistics.mean(late) - TARGET) <= 1.0, (late, d.log())
+    assert all(abs(t - TARGET) <= 2.5 for t in late), late
     assert "power_cap:0" in journal_holds(d), "journalled as a power cap is"
     assert "governor_gpu_power_cap_watts{gpu=\"0\"}" in d.metrics()
 

@@ -55,8 +55,10 @@ STOP_ROUNDS = 5
 WINDOW = 0.5
 #: weight of the newest toggle in the running mean of how late toggles go out
 LATE_WEIGHT = 0.2
+#: a new speed this close to the last keeps the feedback window under way
+RETARGET_KEEPS_WINDOW = 0.1
 #: a stretch of running free shorter than this does not tell the job's free rate
-MIN_FREE_SECONDS = 1.0
+MIN_FREE_SECONDS = 0.5
 
 
 @dataclass(eq=False)
@@ -80,7 +82,7 @@ class _Cycle:
     run_time: float = 0.0
     run_cpu: float = 0.0
     window_cpu: float = 0.0
-    #: the target changed: the window under way measured the old one, so it says nothing
+    #: the target jumped: the window under way measured the old one, so it says nothing
     stale_window: bool = False
     #: the cores the job used running free before it was slowed, when measured
     free_rate: float | None = None
@@ -226,8 +228,10 @@ class SignalActuator:
         if cycle is not None:
             if speed != cycle.target:
                 cycle.fraction = retarget_duty(cycle.fraction, cycle.target, speed)
+                # a small step (a hold rule's loop moves the speed a little every round)
+                # leaves the window under way telling how the job responds; a jump does not
+                cycle.stale_window = abs(speed - cycle.target) > RETARGET_KEEPS_WINDOW
                 cycle.target = speed
-                cycle.stale_window = True
             return
         members = self._members(held)
         if not members and not held.stopped:

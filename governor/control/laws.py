@@ -25,9 +25,10 @@ MAX_WINDOW = 5.0
 #: share of the error corrected per window; below 1, so the run fraction never overshoots
 GAIN = 0.5
 MIN_FRACTION = 0.01
-#: a rate measured running free below this share of the rate while running says the job
-#: has changed since (it was starting up, or waiting): the rate while running is used
-STALE_FREE_RATE = 0.5
+#: a job slowed that used more than this many times its free rate over a window was not
+#: running free as it does now (it was starting up, or waiting): its rate while running is
+#: used instead (the margin is for CPU time counted in clock ticks)
+STALE_FREE_RATE = 1.25
 
 
 class DutyWindow(NamedTuple):
@@ -64,11 +65,12 @@ def job_demand(window: DutyWindow) -> float:
     rate it used before it was slowed. A job that mostly waits (on a GPU, on I/O) makes up
     for a stop the moment it runs again, so while running it uses more than it would
     free, and a speed judged by that rate alone gives it more than it asked; a job that
-    mostly computes runs at the same rate either way. A rate before that is far lower than
-    the one while running is not used: the job has changed since (STALE_FREE_RATE)."""
+    mostly computes runs at the same rate either way. A free rate the slowed job has
+    outdone over the window is not used: it was measured while the job did less than it
+    does now (STALE_FREE_RATE)."""
     running = window.run_cpu / window.run_time
     free = window.free_rate
-    if free is None or free < STALE_FREE_RATE * running:
+    if free is None or window.window_cpu > STALE_FREE_RATE * free * window.window:
         return running
     return min(free, running)
 
@@ -168,10 +170,12 @@ def next_quota(state: QuotaState, speed: float, *, demand: float | None,
 #   offset drifts fast in the fit and heat and cool slowly, so a change of ambient is
 #   learnt as one rather than as a change of heat (which would change the gains). The fit
 #   starts after HOLD_WARMUP filter time constants: until the filter has caught up with
-#   the reading, its slope says nothing about the plant.
-# * Derivative on the reading, over a quarter of the response: a reading climbing towards
-#   the target from below slows the jobs just before it crosses, so the first crossing
-#   overshoots little; on the reading, not the error, so a new target does not kick.
+#   the reading, its slope says nothing about the plant, and until then the feedforward is
+#   the speed taken over.
+# * Derivative on the reading, over a quarter of the response (HOLD_LEAD): a reading
+#   climbing towards the target from below slows the jobs just before it crosses, so the
+#   first crossing overshoots little; on the reading, not the error, so a new target does
+#   not kick.
 # * Anti-windup: while the speed is pinned at 1 or at min_speed, or held back by the step
 #   limit, in the direction the error pushes, the integral does not move.
 # * Bumpless start: the first reading only starts the filters, and the speed then moves
@@ -193,6 +197,10 @@ HOLD_MAX_RATE = 0.25
 #: actuator takes a period or two of its duty cycle to reach a new speed, and a sensor
 #: reads late; assumed too long, it only makes the fitted heat larger and the loop gentler
 HOLD_DELAY = 0.5
+#: how far ahead the derivative term looks, as a share of the response: a longer look
+#: brakes earlier on the way up but lets sensor noise move the speed more, which in the
+#: simulated sweep overshot more, not less
+HOLD_LEAD = 0.25
 #: the plant's prior: heat (degrees per second per unit speed, loose: the first rounds'
 #: rise replace it) and cool (1/s, a 20 s plant, mid-range); the bounds keep a noisy fit
 #: sane, and with it the gains
@@ -251,6 +259,8 @@ class HoldState(NamedTuple):
     time: float | None = None
     #: the time of the first reading: the fit starts HOLD_WARMUP filter constants later
     started: float | None = None
+    #: the speed taken over: the feedforward until the fit has started
+    taken_over: float = 1.0
     #: the low-passed reading and speed, None before the first reading
     reading: float | None = None
     filtered_speed: float | None = None
@@ -276,7 +286,8 @@ class HoldState(NamedTuple):
 def start_hold(speed: float = 1.0) -> HoldState:
     """The state taking over from jobs running at `speed` (1: free), so the first round
     starts from there rather than jumping."""
-    return HoldState(speed=min(max(speed, 0.0), 1.0))
+    speed = min(max(speed, 0.0), 1.0)
+    return HoldState(speed=speed, taken_over=speed)
 
 
 def _vec(v: list[float]) -> _Vec3:
@@ -326,7 +337,8 @@ def hold_step(state: HoldState, reading: float | None, now: float, *, target: fl
     # measured from the ambient's prior
     learnt = state
     started = state.started if state.started is not None else state.time
-    if now - started >= HOLD_WARMUP * tuning.filter_s:
+    fitted = now - started >= HOLD_WARMUP * tuning.filter_s
+    if fitted:
         drift = (HOLD_DRIFT[0] * state.heat ** 2 * dt, HOLD_DRIFT[1] * state.cool ** 2 * dt,
                  HOLD_DRIFT[2] * dt)
         theta, cov = _fit(state.theta, state.covariance,
@@ -344,8 +356,10 @@ def hold_step(state: HoldState, reading: float | None, now: float, *, target: fl
             and abs(rise) <= HOLD_INTEGRATE_WITHIN * learnt.heat):
         integral = min(max(integral - kp / ti * error * dt, -HOLD_MAX_CORRECTION),
                        HOLD_MAX_CORRECTION)
-    feedforward = min(max(learnt.steady_speed(target), low), 1.0)
-    wanted = feedforward + integral - kp * (error + tuning.response / 4 * rise)
+    # until the fit has started, the prior's steady speed says nothing of this device
+    feedforward = min(max(learnt.steady_speed(target) if fitted else state.taken_over, low),
+                      1.0)
+    wanted = feedforward + integral - kp * (error + HOLD_LEAD * tuning.response * rise)
     bound = tuning.max_rate * dt
     new_speed = min(max(wanted, speed - bound, low), speed + bound, 1.0)
     if (wanted > new_speed and error < 0) or (wanted < new_speed and error > 0):
