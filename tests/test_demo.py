@@ -40,23 +40,23 @@ JOBS = {"coop-search": ("cooperative", "gpu0", "examples/coop_search.py"),
         "plain-search": ("signal", "gpu1", "examples/plain_search.py")}
 
 
-def demo_config(tmp_path: Path) -> dict[str, Any]:
-    """config/demo/governor.toml with its scenario, sped up, and the daemon's own files
-    in tmp_path."""
+def demo_config(tmp_path: Path, speed_up: float = SPEED_UP) -> dict[str, Any]:
+    """config/demo/governor.toml with its scenario, sped up (1: as `make demo` runs), and
+    the daemon's own files in tmp_path."""
     config = tomllib.loads((REPO / "config/demo/governor.toml").read_text())
     scenario = tomllib.loads((REPO / "config/demo/scenario.toml").read_text())
     lines = []
     for gpu in scenario["gpu"]:
-        gpu["heat"] *= SPEED_UP
-        gpu["cool"] *= SPEED_UP
+        gpu["heat"] *= speed_up
+        gpu["cool"] *= speed_up
         lines += ["[[gpu]]"] + [f"{k} = {toml_value(v)}" for k, v in gpu.items()] + [""]
     (tmp_path / "scenario.toml").write_text("\n".join(lines))
     config["sources"]["simulate"] = str(tmp_path / "scenario.toml")
-    config["daemon"] = {"interval": 0.2}
+    config["daemon"] = {"interval": 0.2 if speed_up > 1 else config["daemon"]["interval"]}
     config["api"] = {}
     for rule in config["rules"]:
         for key in ("for", "clear_for"):
-            rule[key] = parse_duration(rule.get(key, 0)) / SPEED_UP
+            rule[key] = parse_duration(rule.get(key, 0)) / speed_up
     return config
 
 
@@ -159,6 +159,59 @@ def test_the_demo_heats_trips_slows_pauses_cools_and_resumes(
     plain = Worker(traces["plain-search"], launched[1])
     assert plain.named("critical-exit"), "the plain job wrote checkpoints"
     assert os.path.exists(traces["coop-search"].with_suffix(".json"))
+
+
+def demo_hold_rule() -> dict[str, Any]:
+    """The hold rule that config/demo/governor.toml offers, commented out, in place of
+    gpu-warm: what a newcomer uncomments."""
+    lines = (REPO / "config/demo/governor.toml").read_text().splitlines()
+    start = lines.index("# [[rules]]")
+    block = []
+    for line in lines[start + 1:]:
+        if not line.startswith("# ") or "=" not in line:
+            break
+        block.append(line.removeprefix("# "))
+    return tomllib.loads("\n".join(block))
+
+
+def test_the_demo_with_its_hold_rule_keeps_the_gpus_at_the_target(
+        daemon: StartDaemon, tmp_path: Path, launched: list[subprocess.Popen[bytes]]) -> None:
+    """The newcomer's change: gpu-warm replaced by the hold rule the config offers, the
+    demo at its own pace (its GPUs heat at 9 °C a second: sped up, they would heat faster
+    than any GPU does). Both GPUs settle at the target with the jobs slowed, and the pause
+    rules never trip. The cooperative job on gpu0 runs its checkpoint writes at full
+    speed (it defers a slow inside one), which lifts gpu0 by a few degrees each time."""
+    hold = demo_hold_rule()
+    assert hold["action"] == "hold", hold
+    config = demo_config(tmp_path, speed_up=1.0)
+    config["rules"] = [hold] + [r for r in config["rules"] if r["name"] != "gpu-warm"]
+    d = daemon(config)
+    for name in JOBS:
+        launched.append(launch(d, name, tmp_path / f"{name}.jsonl"))
+
+    late: dict[str, list[float]] = {"0": [], "1": []}
+    began = time.monotonic()
+    while (elapsed := time.monotonic() - began) < 50:
+        if elapsed > 35:  # settled
+            for reading in d.get("/v1/status").json()["readings"]:
+                if reading["metric"] == "gpu_temperature_celsius":
+                    late[reading["labels"]["gpu"]].append(reading["value"])
+        time.sleep(0.2)
+    jobs = d.get("/v1/jobs").json()
+    events = d.get("/v1/events").json()["events"]
+    what = (f"late temperatures {late}; jobs {[(j['name'], j['speed']) for j in jobs]}; "
+            f"events {[(e['what'], e['who']) for e in events]}")
+    for seen in late.values():
+        assert abs(sum(seen) / len(seen) - hold["target"]) <= 1.5, what
+        assert all(abs(t - hold["target"]) <= 6.0 for t in seen), what
+    assert all(0 < j["speed"] < 0.6 for j in jobs), what
+    # the loop itself may pause a job for a moment (speed 0: min_speed is 0), the pause
+    # rules never have to
+    assert not [e for e in events if e["what"] == "pause"
+                and ("gpu-hot" in e["who"] or "gpu-critical" in e["who"])], what
+    rules = d.get("/v1/rules").json()
+    held = [r for r in rules if r["name"] == "gpu-hold" and r["target"] == hold["target"]]
+    assert len({str(r["series"]) for r in held}) == 2, rules
 
 
 DEMO_LISTEN = ("127.0.0.1", 9480)

@@ -208,3 +208,26 @@ def test_tuning_is_optional_and_slower_tuning_is_gentler() -> None:
     gentle = simulate(HEAT, COOL, start=90.0, seconds=30,
                       tuning=HoldTuning(response=2 * HOLD_RESPONSE))
     assert min(gentle.speeds) > min(brisk.speeds)
+
+
+def test_a_stricter_hold_overriding_the_loop_neither_misleads_nor_winds_it_up() -> None:
+    """Held at the target, then paused for 40 s by a stricter rule (the jobs run at 0
+    whatever the loop asks): the law learns from the speed the jobs ran at, so the plant
+    it knows stays true, and goes on from it when the pause ends, so the reading comes
+    back to the target without overshooting it."""
+    state, temp = start_hold(), 40.0
+    temps: list[float] = []
+    for k in range(400):
+        paused = 200 <= k < 240
+        state, speed = hold_step(state, temp, float(k), target=TARGET, min_speed=0.0,
+                                 applied=0.0 if paused or k in (240,) else None)
+        ran = 0.0 if paused else speed
+        if paused:
+            assert abs(state.speed - 0.0) <= HOLD_MAX_RATE + 1e-9, "it follows the pause"
+        temps.append(temp)
+        for _ in range(10):
+            temp += 0.1 * (HEAT * ran - COOL * (temp - AMBIENT))
+    assert min(temps[200:260]) < TARGET - 5, "the pause cooled it"
+    assert max(temps[240:]) <= TARGET + 0.5
+    assert all(abs(t - TARGET) <= 0.5 for t in temps[340:])
+    assert HEAT / 2 <= state.heat <= HEAT * 2

@@ -361,7 +361,15 @@ class Controller:
                 return False
             return bool(touched(rule, device, jobs, by_device))
 
-        self._holds = step_holds(self._rules, self._holds, self._states, acting, now)
+        def applied(rule: RuleConfig, labels: tuple[tuple[str, str], ...]) -> float | None:
+            """The mean speed the series' jobs ran at since the last round (the directive
+            last applied to each): below the loop's when something stricter held them."""
+            held = touched(rule, device_of(rule, labels), jobs, by_device)
+            if not held:
+                return None
+            return sum(_running_speed(job.directive) for job in held) / len(held)
+
+        self._holds = step_holds(self._rules, self._holds, self._states, acting, now, applied)
 
     def _power_ranges(self) -> dict[str, tuple[float, float]]:
         """The power limit's range of each GPU a hold rule sets the limit of."""
@@ -569,3 +577,12 @@ def _refusal(exc: ActuatorError) -> RegistrationError:
     if isinstance(exc, ProtectedProcessError):
         return NotPermitted(str(exc))
     return Unacceptable(str(exc))
+
+
+def _running_speed(directive: Directive) -> float:
+    """The share of its free speed a job runs at under a directive."""
+    if directive.action is Action.PAUSE:
+        return 0.0
+    if directive.action is Action.SLOW:
+        return min(max(directive.speed, 0.0), 1.0)
+    return 1.0

@@ -27,11 +27,14 @@ HoldLoops = Mapping[str, Mapping[Labels, HoldState]]
 def step_holds(
     rules: Iterable[RuleConfig], loops: HoldLoops, states: RuleStates,
     acting: Callable[[RuleConfig, Labels], bool], now: float,
+    applied: Callable[[RuleConfig, Labels], float | None] = lambda rule, labels: None,
 ) -> dict[str, dict[Labels, HoldState]]:
     """One round of every hold rule's loops. A series whose rule state is gone is
     forgotten; one that acts on nothing (no job to slow, no GPU to limit) is forgotten too,
     so that it starts afresh, at full speed, when a job comes (the law would learn nothing
-    true from speeds that move nothing); a missing reading (value None) holds the output."""
+    true from speeds that move nothing); a missing reading (value None) holds the output.
+    `applied` says at what speed the series' jobs really ran since the last round (a
+    stricter hold may have overridden the loop's)."""
     stepped: dict[str, dict[Labels, HoldState]] = {}
     for rule in rules:
         if not rule.holds:
@@ -44,7 +47,8 @@ def step_holds(
                 continue
             loop = previous.get(labels) or start_hold(1.0)
             current[labels], _ = hold_step(loop, state.value, now, target=rule.target,
-                                           min_speed=rule.min_speed)
+                                           min_speed=rule.min_speed,
+                                           applied=applied(rule, labels))
         stepped[rule.name] = current
     return stepped
 

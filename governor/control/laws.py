@@ -177,7 +177,9 @@ def next_quota(state: QuotaState, speed: float, *, demand: float | None,
 #   first crossing overshoots little; on the reading, not the error, so a new target does
 #   not kick.
 # * Anti-windup: while the speed is pinned at 1 or at min_speed, or held back by the step
-#   limit, in the direction the error pushes, the integral does not move.
+#   limit, in the direction the error pushes, the integral does not move. Nor while a
+#   stricter hold overrides the loop (`applied`): the law then learns from the speed the
+#   jobs really ran at and goes on from it (bumpless transfer back), not from its own.
 # * Bumpless start: the first reading only starts the filters, and the speed then moves
 #   from the one taken over by at most the step limit.
 # * A first-order low-pass on the reading (`filter_s`) for sensor noise; the same filter on
@@ -227,6 +229,9 @@ HOLD_WARMUP = 3.0
 HOLD_INTEGRATE_WITHIN = 0.1
 #: the most the integral corrects the fitted steady speed by
 HOLD_MAX_CORRECTION = 0.5
+#: jobs that ran this much slower than the loop asked were held by something stricter
+#: (the margin covers the steps the speed is given in)
+HOLD_OVERRIDDEN = 0.02
 
 _Vec3 = tuple[float, float, float]
 _Mat3 = tuple[_Vec3, _Vec3, _Vec3]
@@ -313,11 +318,19 @@ def _fit(theta: _Vec3, p: _Mat3, x: _Vec3, y: float, drift: _Vec3) -> tuple[_Vec
 
 
 def hold_step(state: HoldState, reading: float | None, now: float, *, target: float,
-              min_speed: float, tuning: HoldTuning = HOLD_TUNING) -> tuple[HoldState, float]:
+              min_speed: float, tuning: HoldTuning = HOLD_TUNING,
+              applied: float | None = None) -> tuple[HoldState, float]:
     """One round of the hold law: the new state and the speed to give the jobs, within
-    [min_speed, 1] and at most `tuning.max_rate` per second from the last one."""
+    [min_speed, 1] and at most `tuning.max_rate` per second from the last one.
+
+    `applied`: the speed the jobs really ran at since the last round, when a stricter
+    hold (a pause rule, an operator) overrode the loop's; the law learns from it and goes
+    on from it, as from a bound, instead of from a speed nobody ran at."""
     low = min(max(min_speed, 0.0), 1.0)
     speed = min(max(state.speed, low), 1.0)
+    overridden = applied is not None and applied < speed - HOLD_OVERRIDDEN
+    if overridden and applied is not None:
+        speed = min(max(applied, 0.0), 1.0)
     if reading is None or (state.time is not None and now <= state.time):
         # nothing new: hold the speed, integrate and learn nothing
         return state._replace(speed=speed), speed
@@ -352,7 +365,7 @@ def hold_step(state: HoldState, reading: float | None, now: float, *, target: fl
     ti = min(1.0 / learnt.cool, 4.0 * tuning.response)
     error = filtered - target
     integral = state.integral
-    if (kp * abs(error) <= HOLD_INTEGRATE_WITHIN
+    if (not overridden and kp * abs(error) <= HOLD_INTEGRATE_WITHIN
             and abs(rise) <= HOLD_INTEGRATE_WITHIN * learnt.heat):
         integral = min(max(integral - kp / ti * error * dt, -HOLD_MAX_CORRECTION),
                        HOLD_MAX_CORRECTION)
