@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.c_nvml import CNvmlState
 from tests.support.daemon import DaemonProcess
 from tests.support.processes import stop
 from tests.support.terminal import Tmux, have_tmux
@@ -67,6 +68,12 @@ class NvmlStateFile:
 @pytest.fixture
 def nvml_state(tmp_path: Path) -> NvmlStateFile:
     return NvmlStateFile(tmp_path / "nvml.json")
+
+
+@pytest.fixture
+def c_nvml(tmp_path: Path) -> CNvmlState:
+    """The C fake NVML (tests/support/c_nvml.py), built once; skips the test without gcc."""
+    return CNvmlState(tmp_path / "nvml.state")
 
 
 @pytest.fixture
