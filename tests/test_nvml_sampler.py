@@ -369,3 +369,29 @@ def test_nvidia_ml_py_is_what_provides_pynvml() -> None:
     spec = importlib.util.find_spec("pynvml")
     assert spec is not None and spec.origin is not None
     assert spec.origin.endswith("site-packages/pynvml.py"), spec.origin
+
+
+def test_the_process_list_through_the_real_binding(driver: MakeDriver) -> None:
+    driver({"gpus": [h100(0, processes=[(4242, 3 * 2**30), (4343, 0)]), h100(1, pids=[])]})
+    result = NvmlSampler().sample()
+    assert result.gpu_pids == {"0": frozenset({4242, 4343}), "1": frozenset()}
+
+
+def test_a_driver_without_the_v3_process_list_falls_back_to_v2(two_gpus: TwoGpus) -> None:
+    """pynvml turns the process list's FunctionNotFound into NVMLLibraryMismatchError,
+    which is no NVMLError: it failed the whole round before governor fell back to _v2."""
+    fake = two_gpus()
+    fake.state["missing_functions"] = ["nvmlDeviceGetComputeRunningProcesses"]
+    fake.write()
+    sampler = NvmlSampler()
+    for _ in range(2):
+        result = sampler.sample()
+        assert result.gpu_pids == {"0": frozenset({4242, 4343}), "1": frozenset()}
+        assert result.problems == []
+    assert fake.calls.count("nvmlDeviceGetComputeRunningProcesses") == 1, "found once"
+    fake.state["missing_functions"].append("nvmlDeviceGetComputeRunningProcesses_v2")
+    fake.write()
+    result = NvmlSampler().sample()
+    assert result.gpu_pids == {}, "neither: no process list, and the rest still reports"
+    assert by_series(result.readings)['gpu_temperature_celsius{gpu="1"}'] == 88
+    assert result.problems == []

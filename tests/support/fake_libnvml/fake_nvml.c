@@ -118,7 +118,8 @@ static void load(void)
     }
     if (text && !strcmp(path, seen_path) && st.st_ino == seen.st_ino
         && st.st_size == seen.st_size && st.st_mtim.tv_sec == seen.st_mtim.tv_sec
-        && st.st_mtim.tv_nsec == seen.st_mtim.tv_nsec)
+        && st.st_mtim.tv_nsec == seen.st_mtim.tv_nsec
+        && st.st_ctim.tv_sec == seen.st_ctim.tv_sec && st.st_ctim.tv_nsec == seen.st_ctim.tv_nsec)
         return;
     FILE *f = fopen(path, "r");
     if (!f)
@@ -643,4 +644,11 @@ EXPORT nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t device,
                                                             nvmlProcessInfo_t *infos)
 {
     return processes("nvmlDeviceGetComputeRunningProcesses", device, count, infos);
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v2(nvmlDevice_t device,
+                                                            unsigned int *count,
+                                                            nvmlProcessInfo_t *infos)
+{
+    return processes("nvmlDeviceGetComputeRunningProcesses_v2", device, count, infos);
 }
