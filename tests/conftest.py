@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import subprocess
 import tempfile
@@ -51,23 +50,6 @@ def empty_sys(tmp_path: Path) -> Path:
     dest = tmp_path / "empty_sys"
     dest.mkdir()
     return dest
-
-
-class NvmlStateFile:
-    """The fake NVML's state as a JSON file that a running daemon re-reads."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def write(self, state: dict[str, Any]) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state))
-        tmp.replace(self.path)
-
-
-@pytest.fixture
-def nvml_state(tmp_path: Path) -> NvmlStateFile:
-    return NvmlStateFile(tmp_path / "nvml.json")
 
 
 @pytest.fixture
