@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import subprocess
 import tempfile
@@ -13,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.c_nvml import CNvmlState
 from tests.support.daemon import DaemonProcess
 from tests.support.processes import stop
 from tests.support.terminal import Tmux, have_tmux
@@ -52,21 +52,10 @@ def empty_sys(tmp_path: Path) -> Path:
     return dest
 
 
-class NvmlStateFile:
-    """The fake NVML's state as a JSON file that a running daemon re-reads."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def write(self, state: dict[str, Any]) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state))
-        tmp.replace(self.path)
-
-
 @pytest.fixture
-def nvml_state(tmp_path: Path) -> NvmlStateFile:
-    return NvmlStateFile(tmp_path / "nvml.json")
+def c_nvml(tmp_path: Path) -> CNvmlState:
+    """The C fake NVML (tests/support/c_nvml.py), built once; skips the test without gcc."""
+    return CNvmlState(tmp_path / "nvml.state")
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import pytest
 from governor.cli.main import since_spec
 from governor.config import parse_config
 from governor.service.audit import AuditLog
-from tests.conftest import NvmlStateFile
+from tests.support.c_nvml import CNvmlState
 from tests.support.cli import governor
 from tests.support.daemon import DaemonProcess
 from tests.support.fake_nvml import h100
@@ -306,16 +306,16 @@ def test_rule_made_actions_carry_the_readings_and_the_round(
 
 @pytest.mark.skipif(not ROOT, reason="setting a power limit needs root")
 def test_power_caps_are_audited_per_gpu(
-        daemon: StartDaemon, sys_tree: Path, proc_tree: Path, nvml_state: NvmlStateFile,
+        daemon: StartDaemon, sys_tree: Path, proc_tree: Path, c_nvml: CNvmlState,
         children: Children) -> None:
     gpus = {"gpus": [h100(0, temperature=60)]}
-    nvml_state.write(gpus)
+    c_nvml.write(gpus)
     rule = {"name": "cap", "metric": "gpu_temperature_celsius", "above": 80.0, "for": 0,
             "clear_below": 75.0, "action": "power_cap", "power_cap_watts": 250}
-    d = daemon(config(sys_tree, proc_tree, rule), fake_nvml_state=nvml_state.path)
+    d = daemon(config(sys_tree, proc_tree, rule), c_nvml=c_nvml)
     d.register(name="on-gpu0", pid=spawn(children), devices=["gpu0"])
     gpus["gpus"][0]["temperature"] = 85
-    nvml_state.write(gpus)
+    c_nvml.write(gpus)
     capped = one(d, "power_cap")
     assert (capped["who"], capped["gpu"], capped["watts"], capped["job"]) == (
         "rule cap", "0", 250, None)
@@ -323,7 +323,7 @@ def test_power_caps_are_audited_per_gpu(
                                           '{gpu="0"}', "value": 85.0, "threshold": 80.0,
                                           "state": "tripped"}]
     gpus["gpus"][0]["temperature"] = 70
-    nvml_state.write(gpus)
+    c_nvml.write(gpus)
     restored = one(d, "restore")
     assert restored["who"] == "rule cap" and restored["watts"] is None
     assert restored["why"]["reasons"] == ["cap cleared"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import NvmlStateFile
+from tests.support.c_nvml import CNvmlState
 from tests.support.cli import governor
 from tests.support.daemon import REPO, to_toml
 from tests.support.fake_nvml import h100
@@ -46,11 +46,10 @@ def fixture_config(tmp_path: Path, sys_tree: Path, proc_tree: Path) -> Path:
 
 
 def test_sample_table(tmp_path: Path, sys_tree: Path, proc_tree: Path,
-                      nvml_state: NvmlStateFile) -> None:
-    nvml_state.write({"gpus": [h100(0, pids=[4242]), h100(1, temperature=88)]})
+                      c_nvml: CNvmlState) -> None:
+    c_nvml.write({"gpus": [h100(0, pids=[4242]), h100(1, temperature=88)]})
     config = fixture_config(tmp_path, sys_tree, proc_tree)
-    result = governor("sample", "--config", str(config), "--window", "0.05", env={
-        "GOVERNOR_NVML_MODULE": "tests.support.fake_nvml", "FAKE_NVML_STATE": str(nvml_state.path)})
+    result = governor("sample", "--config", str(config), "--window", "0.05", env=c_nvml.env())
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for expected in ("Temperatures", "platform_coretemp_0", "Package id 0", "nvme_nvme0",
@@ -76,12 +75,11 @@ def test_sample_json_says_which_samplers_were_unavailable_and_why(
 
 
 def test_sample_with_nvml_required_and_absent_fails(tmp_path: Path,
-                                                    nvml_state: NvmlStateFile) -> None:
-    nvml_state.write({"init_error": "DRIVER_NOT_LOADED"})
+                                                    c_nvml: CNvmlState) -> None:
+    c_nvml.write({"init_error": "DRIVER_NOT_LOADED"})
     config = tmp_path / "governor.toml"
     config.write_text(to_toml({"sources": {"nvml": "required"}}))
-    result = governor("sample", "--config", str(config), env={
-        "GOVERNOR_NVML_MODULE": "tests.support.fake_nvml", "FAKE_NVML_STATE": str(nvml_state.path)})
+    result = governor("sample", "--config", str(config), env=c_nvml.env())
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         'governor: sources.nvml = "required" but NVML cannot be used: Driver Not Loaded '

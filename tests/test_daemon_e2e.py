@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import NvmlStateFile
+from tests.support.c_nvml import CNvmlState
 from tests.support.daemon import REPO, DaemonProcess, free_port, to_toml
 from tests.support.fake_nvml import h100
 from tests.support.stat_ticker import StatTicker
@@ -66,12 +66,12 @@ def series(exposition: str, prefix: str) -> list[str]:
 
 
 def test_golden_exposition(daemon: StartDaemon, sys_tree: Path, proc_tree: Path,
-                           nvml_state: NvmlStateFile) -> None:
-    nvml_state.write(two_gpu_state())
+                           c_nvml: CNvmlState) -> None:
+    c_nvml.write(two_gpu_state())
     config = fixture_config(sys_tree, proc_tree)
     config["daemon"]["interval"] = 0.5  # room for every sampler on a busy machine
     with StatTicker(proc_tree):
-        d = daemon(config, fake_nvml_state=nvml_state.path)
+        d = daemon(config, c_nvml=c_nvml)
         d.wait_rounds(3)  # the NPU's utilization needs two rounds
         got = stable(d.metrics())
     if os.environ.get("UPDATE_GOLDEN"):
@@ -81,9 +81,9 @@ def test_golden_exposition(daemon: StartDaemon, sys_tree: Path, proc_tree: Path,
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
 def test_promtool_on_the_daemons_exposition(daemon: StartDaemon, sys_tree: Path,
-                                            proc_tree: Path, nvml_state: NvmlStateFile) -> None:
-    nvml_state.write(two_gpu_state())
-    d = daemon(fixture_config(sys_tree, proc_tree), fake_nvml_state=nvml_state.path)
+                                            proc_tree: Path, c_nvml: CNvmlState) -> None:
+    c_nvml.write(two_gpu_state())
+    d = daemon(fixture_config(sys_tree, proc_tree), c_nvml=c_nvml)
     d.wait_rounds(2)
     result = subprocess.run(["promtool", "check", "metrics"], input=d.metrics(),
                             capture_output=True, text=True, timeout=30)
@@ -152,10 +152,10 @@ def test_without_nvml_the_daemon_runs_cpu_only(daemon: StartDaemon) -> None:
     assert "nvml: not available: NVML Shared Library Not Found" in d.log()
 
 
-def test_library_not_found_with_the_fake(daemon: StartDaemon, nvml_state: NvmlStateFile,
+def test_library_not_found_with_the_fake(daemon: StartDaemon, c_nvml: CNvmlState,
                                          sys_tree: Path, proc_tree: Path) -> None:
-    nvml_state.write({"init_error": "LIBRARY_NOT_FOUND"})
-    d = daemon(fixture_config(sys_tree, proc_tree), fake_nvml_state=nvml_state.path)
+    c_nvml.write({"init_error": "LIBRARY_NOT_FOUND"})
+    d = daemon(fixture_config(sys_tree, proc_tree), c_nvml=c_nvml)
     d.wait_rounds(2)
     assert d.get("/healthz").status_code == 200
     text = d.metrics()
@@ -163,15 +163,15 @@ def test_library_not_found_with_the_fake(daemon: StartDaemon, nvml_state: NvmlSt
     assert series(text, "governor_cpu_temperature_celsius{")
 
 
-def test_a_gpu_lost_mid_run(daemon: StartDaemon, nvml_state: NvmlStateFile, sys_tree: Path,
+def test_a_gpu_lost_mid_run(daemon: StartDaemon, c_nvml: CNvmlState, sys_tree: Path,
                             proc_tree: Path) -> None:
     state = two_gpu_state()
-    nvml_state.write(state)
-    d = daemon(fixture_config(sys_tree, proc_tree), fake_nvml_state=nvml_state.path)
+    c_nvml.write(state)
+    d = daemon(fixture_config(sys_tree, proc_tree), c_nvml=c_nvml)
     d.wait_rounds(1)
     assert series(d.metrics(), 'governor_gpu_temperature_celsius{gpu="1"}')
     state["gpus"][1]["lost"] = True
-    nvml_state.write(state)
+    c_nvml.write(state)
     d.wait_rounds(3)
     text = d.metrics()
     assert not [s for s in text.splitlines() if 'gpu="1"' in s]
@@ -182,20 +182,20 @@ def test_a_gpu_lost_mid_run(daemon: StartDaemon, nvml_state: NvmlStateFile, sys_
     assert nvml["problems"] == ["gpu 1: GPU is lost; skipped"]
 
 
-def test_driver_unloaded_and_back(daemon: StartDaemon, nvml_state: NvmlStateFile,
+def test_driver_unloaded_and_back(daemon: StartDaemon, c_nvml: CNvmlState,
                                   sys_tree: Path, proc_tree: Path) -> None:
     state = two_gpu_state()
-    nvml_state.write(state)
-    d = daemon(fixture_config(sys_tree, proc_tree), fake_nvml_state=nvml_state.path)
+    c_nvml.write(state)
+    d = daemon(fixture_config(sys_tree, proc_tree), c_nvml=c_nvml)
     d.wait_rounds(1)
-    nvml_state.write({**state, "count_error": "DRIVER_NOT_LOADED",
+    c_nvml.write({**state, "count_error": "DRIVER_NOT_LOADED",
                       "init_error": "DRIVER_NOT_LOADED"})
     d.wait_rounds(2)
     text = d.metrics()
     assert not series(text, "governor_gpu_")
     assert 'governor_sampler_up{sampler="nvml"} 0.0' in text, "a lost driver is a failure"
     assert d.get("/healthz").status_code == 200, "a lost driver does not make the daemon sick"
-    nvml_state.write(state)
+    c_nvml.write(state)
     d.wait_rounds(25)  # NVML is retried with a backoff that starts at 1 s
     assert series(d.metrics(), 'governor_gpu_temperature_celsius{gpu="1"}')
     assert 'governor_sampler_up{sampler="nvml"} 1.0' in d.metrics()
@@ -219,14 +219,12 @@ def test_bad_config_exits_1_naming_the_key(tmp_path: Path) -> None:
 
 
 def test_nvml_required_without_nvml_refuses_to_start(tmp_path: Path,
-                                                     nvml_state: NvmlStateFile) -> None:
-    nvml_state.write({"init_error": "LIBRARY_NOT_FOUND"})
+                                                     c_nvml: CNvmlState) -> None:
+    c_nvml.write({"init_error": "LIBRARY_NOT_FOUND"})
     config = tmp_path / "governor.toml"
     config.write_text(to_toml({"sources": {"nvml": "required"},
                                "api": {"listen": f"127.0.0.1:{free_port()}"}}))
-    result = run_cli("run", "--config", str(config), cwd=tmp_path, env={
-        "GOVERNOR_NVML_MODULE": "tests.support.fake_nvml",
-        "FAKE_NVML_STATE": str(nvml_state.path)})
+    result = run_cli("run", "--config", str(config), cwd=tmp_path, env=c_nvml.env())
     assert result.returncode == 1
     errors = result.stderr.strip().splitlines()
     assert errors == ['governor: sources.nvml = "required" but NVML cannot be used: '

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import NvmlStateFile
+from tests.support.c_nvml import CNvmlState
 from tests.support.daemon import DaemonProcess
 from tests.support.fake_nvml import h100
 from tests.support.processes import eventually, state
@@ -262,10 +262,10 @@ def test_a_broken_temperature_file(kind: str, daemon: StartDaemon, sys_tree: Pat
 
 
 def test_nvml_faults_mid_run(daemon: StartDaemon, sys_tree: Path, proc_tree: Path,
-                             nvml_state: NvmlStateFile,
+                             c_nvml: CNvmlState,
                              children: list[subprocess.Popen[bytes]]) -> None:
     gpus: dict[str, Any] = {"gpus": [h100(i, temperature=60) for i in range(3)]}
-    nvml_state.write(gpus)
+    c_nvml.write(gpus)
 
     def rule(gpu: int, on_missing: str) -> dict[str, Any]:
         return {"name": f"gpu{gpu}-hot", "metric": "gpu_temperature_celsius",
@@ -275,7 +275,7 @@ def test_nvml_faults_mid_run(daemon: StartDaemon, sys_tree: Path, proc_tree: Pat
     d = daemon({"daemon": {"interval": INTERVAL},
                 "sources": {"sysfs_root": str(sys_tree), "procfs_root": str(proc_tree)},
                 "rules": [rule(0, "hold"), rule(1, "trip"), rule(2, "clear")]},
-               fake_nvml_state=nvml_state.path)
+               c_nvml=c_nvml)
     pids = [spawn(children) for _ in range(3)]
     for gpu, pid in enumerate(pids):
         d.register(name=f"on-gpu{gpu}", pid=pid, devices=[f"gpu{gpu}"])
@@ -289,7 +289,7 @@ def test_nvml_faults_mid_run(daemon: StartDaemon, sys_tree: Path, proc_tree: Pat
         # GPU_IS_LOST on gpu1: its series go, the other GPUs keep reporting, its trip
         # rule pauses the job bound to it
         gpus["gpus"][1]["lost"] = True
-        nvml_state.write(gpus)
+        c_nvml.write(gpus)
         eventually(stopped(pids[1]), what="the job on the lost GPU is paused")
         nvml = samplers(d)["nvml"]
         assert nvml["state"] == "ok" and nvml["problems"] == ["gpu 1: GPU is lost; skipped"]
@@ -300,16 +300,16 @@ def test_nvml_faults_mid_run(daemon: StartDaemon, sys_tree: Path, proc_tree: Pat
         assert (value(text, 'governor_sampler_problems_total{sampler="nvml"}') or 0) >= 1
         assert state(pids[0]) in "RS" and state(pids[2]) in "RS"
         gpus["gpus"][1]["lost"] = False
-        nvml_state.write(gpus)
+        c_nvml.write(gpus)
         eventually(running(pids[1]), what="the GPU is back and cool: its job runs")
 
         # UNKNOWN from one field of gpu0 while its rule holds it: the field is absent, the
         # rest of the GPU reports, and on_missing = "hold" keeps the job paused
         gpus["gpus"][0]["temperature"] = 90
-        nvml_state.write(gpus)
+        c_nvml.write(gpus)
         eventually(stopped(pids[0]))
         gpus["gpus"][0]["errors"] = {"nvmlDeviceGetTemperatureV": "UNKNOWN"}
-        nvml_state.write(gpus)
+        c_nvml.write(gpus)
         eventually(lambda: temperature(0) is None, what="gpu0's temperature is absent")
         problems = samplers(d)["nvml"]["problems"]
         assert problems == ["gpu 0: nvmlDeviceGetTemperatureV: Unknown Error"], problems
@@ -320,14 +320,14 @@ def test_nvml_faults_mid_run(daemon: StartDaemon, sys_tree: Path, proc_tree: Pat
         assert state(pids[0]) == "T", "hold: the job stays paused"
         del gpus["gpus"][0]["errors"]
         gpus["gpus"][2]["temperature"] = 90
-        nvml_state.write(gpus)
+        c_nvml.write(gpus)
         eventually(stopped(pids[2]))
         eventually(lambda: temperature(0) == 90.0)
 
         # DRIVER_NOT_LOADED: every GPU series goes and NVML is down; gpu1's rule trips,
         # gpu0's holds, gpu2's clears; the other samplers and the API carry on
         broken = {**gpus, "count_error": "DRIVER_NOT_LOADED", "init_error": "DRIVER_NOT_LOADED"}
-        nvml_state.write(broken)
+        c_nvml.write(broken)
         eventually(lambda: samplers(d)["nvml"]["state"] == "error", what="NVML is down")
         eventually(stopped(pids[1]), what="trip: the job on gpu1 is paused")
         eventually(running(pids[2]), what="clear: the job on gpu2 is released")
@@ -345,7 +345,7 @@ def test_nvml_faults_mid_run(daemon: StartDaemon, sys_tree: Path, proc_tree: Pat
         # the driver comes back, every GPU cool: NVML is brought back, every job runs
         for gpu in gpus["gpus"]:
             gpu["temperature"] = 60
-        nvml_state.write(gpus)
+        c_nvml.write(gpus)
         eventually(lambda: samplers(d)["nvml"]["state"] == "ok", timeout=30,
                    what="NVML is back (after the runner's and NVML's backoff)")
         for pid in pids:

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import NvmlStateFile
+from tests.support.c_nvml import CNvmlState
 from tests.support.daemon import REPO, DaemonProcess, free_port
 from tests.support.dashboards import (
     DATASOURCE,
@@ -314,12 +314,12 @@ def fleet(cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory
     with contextlib.ExitStack() as stack:
         for node in ("node1", "node2"):
             (root / node).mkdir()
-            states[node] = NvmlStateFile(root / node / "nvml.json")
+            states[node] = CNvmlState(root / node / "nvml.state")
             states[node].write({"gpus": [h100(0, temperature=60), h100(1, temperature=55)]})
             daemons[node] = DaemonProcess(root / node, {
                 "daemon": {"interval": 0.5},
                 "slurm": {"discover": True, "conf": str(cluster.conf), "nodes": [node]},
-                "rules": [rule]}, fake_nvml_state=states[node].path)
+                "rules": [rule]}, c_nvml=states[node])
             daemons[node].start()
             stack.callback(daemons[node].stop)
         jobs = {node: cluster.sbatch("-w", node, "--gres=gpu:1", "-J", f"train-{node}",

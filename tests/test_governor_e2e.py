@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import NvmlStateFile
+from tests.support.c_nvml import CNvmlState
 from tests.support.daemon import DaemonProcess
 from tests.support.fake_nvml import h100
 from tests.support.processes import (
@@ -139,14 +139,14 @@ def test_cgroup_mode(version: str, daemon: StartDaemon, sys_tree: Path, proc_tre
 
 
 def test_two_gpus_heating_gpu1_pauses_only_its_job(
-        daemon: StartDaemon, sys_tree: Path, proc_tree: Path, nvml_state: NvmlStateFile,
+        daemon: StartDaemon, sys_tree: Path, proc_tree: Path, c_nvml: CNvmlState,
         children: list[subprocess.Popen[bytes]]) -> None:
     on_gpu0, on_gpu1, auto = spawn(children), spawn(children), spawn(children)
     gpus = {"gpus": [h100(0, temperature=60), h100(1, temperature=60, pids=[auto])]}
-    nvml_state.write(gpus)
+    c_nvml.write(gpus)
     rule = {"name": "gpu-hot", "metric": "gpu_temperature_celsius", "above": 85.0, "for": 0,
             "clear_below": 80.0, "action": "pause"}
-    d = daemon(config(sys_tree, proc_tree, rule), fake_nvml_state=nvml_state.path)
+    d = daemon(config(sys_tree, proc_tree, rule), c_nvml=c_nvml)
     d.register(name="zero", pid=on_gpu0, devices=["gpu0"])
     d.register(name="one", pid=on_gpu1, devices=["gpu1"])
     bound = d.register(name="auto", pid=auto)
@@ -154,12 +154,12 @@ def test_two_gpus_heating_gpu1_pauses_only_its_job(
                what="the unbound job is bound to gpu1 through NVML's process list")
     assert d.job(bound["id"])["devices_from"] == "nvml"
     gpus["gpus"][1]["temperature"] = 90
-    nvml_state.write(gpus)
+    c_nvml.write(gpus)
     eventually(stopped(on_gpu1), what="the job on gpu1 stops")
     eventually(stopped(auto), what="the job NVML binds to gpu1 stops")
     stays(running(on_gpu0), 0.5, what="the job on gpu0 keeps running")
     gpus["gpus"][1]["temperature"] = 70
-    nvml_state.write(gpus)
+    c_nvml.write(gpus)
     eventually(running(on_gpu1))
     eventually(running(auto))
 
@@ -378,26 +378,29 @@ def test_cooperative_directive_long_poll(daemon: StartDaemon, sys_tree: Path,
     assert quiet["version"] == changed["version"]
 
 
-def test_power_cap_rule_with_fake_nvml(
-        daemon: StartDaemon, sys_tree: Path, proc_tree: Path, nvml_state: NvmlStateFile,
+def test_power_cap_rule_with_the_c_fake_nvml(
+        daemon: StartDaemon, sys_tree: Path, proc_tree: Path, c_nvml: CNvmlState,
         children: list[subprocess.Popen[bytes]]) -> None:
     if not ROOT:
         pytest.skip("setting a power limit needs root")
     gpus = {"gpus": [h100(0, temperature=60)]}
-    nvml_state.write(gpus)
+    c_nvml.write(gpus)
     rule = {"name": "cap", "metric": "gpu_temperature_celsius", "above": 80.0, "for": 0,
             "clear_below": 75.0, "action": "power_cap", "power_cap_watts": 250}
-    d = daemon(config(sys_tree, proc_tree, rule), fake_nvml_state=nvml_state.path)
+    d = daemon(config(sys_tree, proc_tree, rule), c_nvml=c_nvml)
     d.register(name="on-gpu0", pid=spawn(children), devices=["gpu0"])
     gpus["gpus"][0]["temperature"] = 85
-    nvml_state.write(gpus)
+    c_nvml.write(gpus)
     eventually(lambda: 'governor_gpu_power_limit_watts{gpu="0"} 250.0' in d.metrics())
     assert 'governor_gpu_power_cap_watts{gpu="0"} 250.0' in d.metrics()
     assert d.get("/v1/rules").json()[0]["enforceable"] is True
+    assert c_nvml.limits() == {0: 250000}, "the driver was asked for 250 W"
     gpus["gpus"][0]["temperature"] = 70
-    nvml_state.write(gpus)
+    c_nvml.write(gpus)
     eventually(lambda: 'governor_gpu_power_limit_watts{gpu="0"} 700.0' in d.metrics())
     assert 'governor_actions_total{action="restore",rule="cap"} 1.0' in d.metrics()
+    assert c_nvml.limits() == {0: 700000}, "and then for the limit it had before"
+    assert "nvmlDeviceSetPowerManagementLimit" in c_nvml.calls()
 
 
 def test_power_cap_without_nvml_is_reported_not_enforceable(

@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import FIXTURES, NvmlStateFile
+from tests.conftest import FIXTURES
+from tests.support.c_nvml import CNvmlState
 from tests.support.daemon import REPO, DaemonProcess
 from tests.support.dashboards import (
     DATASOURCE,
@@ -185,15 +186,15 @@ def live(tmp_path_factory: pytest.TempPathFactory
     unpack(FIXTURES / "sys.ttar", root)
     sys_tree, proc_tree = root / "sys", root / "proc"
     shutil.copytree(FIXTURES / "proc", proc_tree, symlinks=True)
-    nvml_state = NvmlStateFile(root / "nvml.json")
+    c_nvml = CNvmlState(root / "nvml.state")
     gpus = {"gpus": [h100(0), h100(1)]}
-    nvml_state.write(gpus)
+    c_nvml.write(gpus)
     (root / "daemon").mkdir()
     (root / "prometheus").mkdir()
     d = DaemonProcess(root / "daemon", {
         "daemon": {"interval": 0.5},
         "sources": {"sysfs_root": str(sys_tree), "procfs_root": str(proc_tree)},
-        "rules": RULES}, fake_nvml_state=nvml_state.path)
+        "rules": RULES}, c_nvml=c_nvml)
     children: list[subprocess.Popen[bytes]] = []
     with contextlib.ExitStack() as stack:
         stack.enter_context(StatTicker(proc_tree))
@@ -211,7 +212,7 @@ def live(tmp_path_factory: pytest.TempPathFactory
         (sys_tree / CPU_PACKAGE).write_text("95000\n")
         gpus["gpus"][0].update(temperature=90, clock_events=0x4 | 0x20)
         gpus["gpus"][1].update(temperature=82)
-        nvml_state.write(gpus)
+        c_nvml.write(gpus)
         eventually(lambda: [d.job(j["id"])["state"] for j in (trainer, tuner, idle)]
                    == ["paused", "slowed", "running"], timeout=20,
                    what="the jobs are held by the hot sensors")

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import psutil
+import pynvml
 import pytest
 
 from governor.host import cgroupfs, nvml, procfs
@@ -93,9 +94,13 @@ def test_a_process_cgroups(tmp_path: Path) -> None:
 
 
 def test_nvml_module_and_error_kinds(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The Python fake here because this checks GOVERNOR_NVML_MODULE itself, the hook that
+    # loads it; the C fake is the real pynvml on a fake library and needs no hook.
     monkeypatch.setenv("GOVERNOR_NVML_MODULE", "tests.support.fake_nvml")
     module = nvml.load_module()
     assert module.__name__ == "tests.support.fake_nvml"
     assert nvml.error_code(ValueError()) == -1
+    assert nvml.error_code(pynvml.NVMLLibraryMismatchError("no _v3")) == (
+        nvml.ERROR_FUNCTION_NOT_FOUND), "pynvml's stand-in for FunctionNotFound"
     assert nvml.ERROR_GPU_IS_LOST in nvml.GPU_GONE
     assert nvml.ERROR_NOT_SUPPORTED in nvml.ABSENT

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import NvmlStateFile
+from tests.support.c_nvml import CNvmlState
 from tests.support.daemon import DaemonProcess
 from tests.support.fake_nvml import h100
 from tests.support.processes import busy_child, state, stop
@@ -122,17 +122,17 @@ def job_process() -> Iterator[subprocess.Popen[bytes]]:
 
 
 def test_fifty_clients_while_a_rule_trips_and_clears(
-        daemon: StartDaemon, sys_tree: Path, proc_tree: Path, nvml_state: NvmlStateFile,
+        daemon: StartDaemon, sys_tree: Path, proc_tree: Path, c_nvml: CNvmlState,
         job_process: subprocess.Popen[bytes],
         record_property: Callable[[str, Any], None]) -> None:
-    nvml_state.write({"gpus": [h100(0), h100(1, temperature=79)]})
+    c_nvml.write({"gpus": [h100(0), h100(1, temperature=79)]})
     heat(sys_tree, 60)
     rule = {"name": "cpu-hot", "metric": "cpu_temperature_celsius",
             "match": {"chip": "platform_coretemp_0", "sensor": "Package id 0"},
             "above": 80.0, "for": 0, "clear_below": 70.0, "clear_for": 0, "action": "pause"}
     d = daemon({"daemon": {"interval": INTERVAL},
                 "sources": {"sysfs_root": str(sys_tree), "procfs_root": str(proc_tree)},
-                "rules": [rule]}, fake_nvml_state=nvml_state.path)
+                "rules": [rule]}, c_nvml=c_nvml)
     pid = job_process.pid
     d.register(name="under-load", pid=pid)
     d.wait_rounds(2)

@@ -33,6 +33,10 @@ def full_exposition() -> str:
     """Every metric the catalog knows, with a sampler of each state."""
     from governor.sampling.nvml import NvmlSampler
 
+    # The Python fake, not the C one: these are checks of the exposition, which must run
+    # on a machine without a compiler (the C fake skips there), and this helper is called
+    # outside fixtures. The C fake gives the same readings (tests/test_nvml_sampler.py, and
+    # the golden exposition of tests/test_daemon_e2e.py).
     gpus = NvmlSampler(nvml=FakeNvml({"gpus": [h100(0), h100(1)]})).sample().readings
     examples = {
         "cpu_utilization_ratio": {"cpu": "0"}, "cpu_temperature_celsius":

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import NvmlStateFile
+from tests.support.c_nvml import CNvmlState
 from tests.support.daemon import REPO, DaemonProcess
 from tests.support.fake_nvml import h100
 from tests.support.slurm_cluster import SlurmCluster, slurm_missing
@@ -104,9 +104,9 @@ def states(pids: list[int]) -> set[str]:
 
 
 def test_a_batch_job_becomes_a_governor_job_and_goes_when_it_ends(
-        slurm: SlurmCluster, daemon: Start, nvml_state: NvmlStateFile) -> None:
-    nvml_state.write(cool())
-    d = daemon(config(slurm), fake_nvml_state=nvml_state.path)
+        slurm: SlurmCluster, daemon: Start, c_nvml: CNvmlState) -> None:
+    c_nvml.write(cool())
+    d = daemon(config(slurm), c_nvml=c_nvml)
     slurm.sbatch("-w", "node1", "--gres=gpu:1", "-J", "first", wrap="sleep 1000")
     job_id = slurm.sbatch("-w", "node1", "--gres=gpu:1", "-p", "urgent",
                           "-J", "train resnet", wrap="sleep 1000")
@@ -130,11 +130,11 @@ def test_a_batch_job_becomes_a_governor_job_and_goes_when_it_ends(
 
 
 def test_a_daemon_for_the_second_slurmd_of_a_host_finds_its_jobs_processes(
-        slurm: SlurmCluster, daemon: Start, nvml_state: NvmlStateFile) -> None:
+        slurm: SlurmCluster, daemon: Start, c_nvml: CNvmlState) -> None:
     """With several slurmd on one host, `scontrol listpids` without a node name asks the
     first node of slurm.conf: node2's daemon must name node2, or it never registers."""
-    nvml_state.write(cool())
-    d = daemon(config(slurm, nodes=["node2"]), fake_nvml_state=nvml_state.path)
+    c_nvml.write(cool())
+    d = daemon(config(slurm, nodes=["node2"]), c_nvml=c_nvml)
     on2 = slurm.sbatch("-w", "node2", "--gres=gpu:1", "-J", "on2", wrap="sleep 1000")
     on1 = slurm.sbatch("-w", "node1", "--gres=gpu:1", "-J", "on1", wrap="sleep 1000")
     slurm.wait_state(on2, "R")
@@ -146,10 +146,10 @@ def test_a_daemon_for_the_second_slurmd_of_a_host_finds_its_jobs_processes(
 
 
 def test_a_hot_gpu_suspends_the_job_on_it_and_only_that_one(
-        slurm: SlurmCluster, daemon: Start, nvml_state: NvmlStateFile) -> None:
+        slurm: SlurmCluster, daemon: Start, c_nvml: CNvmlState) -> None:
     gpus = cool()
-    nvml_state.write(gpus)
-    d = daemon(config(slurm), fake_nvml_state=nvml_state.path)
+    c_nvml.write(gpus)
+    d = daemon(config(slurm), c_nvml=c_nvml)
     on0 = slurm.sbatch("-w", "node1", "--gres=gpu:1", "-J", "on0", wrap=SPIN)
     on1 = slurm.sbatch("-w", "node1", "--gres=gpu:1", "-J", "on1", wrap=SPIN)
     slurm.wait_state(on0, "R")
@@ -157,42 +157,42 @@ def test_a_hot_gpu_suspends_the_job_on_it_and_only_that_one(
     wait_for(lambda: len(slurm_jobs(d)) == 2, 3.0, "both jobs registered", d)
     hot = 0 if slurm_jobs(d)[on0]["devices"] == ["gpu0"] else 1
     gpus["gpus"][hot]["temperature"] = 95
-    nvml_state.write(gpus)
+    c_nvml.write(gpus)
     slurm.wait_state(on0, "S", timeout=5)
     assert slurm.state(on1) == "R"
     assert slurm_jobs(d)[on0]["state"] == "paused"
     assert "gpu-hot" in " ".join(slurm_jobs(d)[on0]["reasons"])
 
     gpus["gpus"][hot]["temperature"] = 60
-    nvml_state.write(gpus)
+    c_nvml.write(gpus)
     slurm.wait_state(on0, "R", timeout=5)
     assert slurm_jobs(d)[on0]["state"] == "running"
     assert states(slurm.pids(on0)) & {"R"}, "its processes run again"
 
 
 def test_signal_hold_stops_this_nodes_processes_and_slurm_still_says_running(
-        slurm: SlurmCluster, daemon: Start, nvml_state: NvmlStateFile) -> None:
+        slurm: SlurmCluster, daemon: Start, c_nvml: CNvmlState) -> None:
     gpus = cool()
-    nvml_state.write(gpus)
-    d = daemon(config(slurm, hold="signal"), fake_nvml_state=nvml_state.path)
+    c_nvml.write(gpus)
+    d = daemon(config(slurm, hold="signal"), c_nvml=c_nvml)
     job_id = slurm.sbatch("-w", "node1", "--gres=gpu:1", "-J", "sig", wrap=SPIN)
     slurm.wait_state(job_id, "R")
     job = wait_for(lambda: slurm_jobs(d).get(job_id), 3.0, "governor job", d)
     assert job["mode"] == "signal"
     heat_gpu_of(gpus, job)
-    nvml_state.write(gpus)
+    c_nvml.write(gpus)
     wait_for(lambda: states(slurm.pids(job_id)) == {"T"}, 5.0, "every process stopped", d)
     assert slurm.state(job_id) == "R"
     gpus = cool()
-    nvml_state.write(gpus)
+    c_nvml.write(gpus)
     wait_for(lambda: "T" not in states(slurm.pids(job_id)), 5.0, "processes continued", d)
 
 
 def test_kill_9_resumes_what_governor_suspended_and_not_what_an_admin_did(
-        slurm: SlurmCluster, daemon: Start, nvml_state: NvmlStateFile) -> None:
+        slurm: SlurmCluster, daemon: Start, c_nvml: CNvmlState) -> None:
     gpus = cool()
-    nvml_state.write(gpus)
-    d = daemon(config(slurm), fake_nvml_state=nvml_state.path)
+    c_nvml.write(gpus)
+    d = daemon(config(slurm), c_nvml=c_nvml)
     ours = slurm.sbatch("-w", "node1", "--gres=gpu:1", "-J", "ours", wrap=SPIN)
     admins = slurm.sbatch("-w", "node1", "--gres=gpu:1", "-J", "admins", wrap=SPIN)
     slurm.wait_state(ours, "R")
@@ -202,7 +202,7 @@ def test_kill_9_resumes_what_governor_suspended_and_not_what_an_admin_did(
     slurm.wait_state(admins, "S")
     for gpu in gpus["gpus"]:
         gpu["temperature"] = 95
-    nvml_state.write(gpus)
+    c_nvml.write(gpus)
     slurm.wait_state(ours, "S", timeout=5)
     time.sleep(1)
     assert d.proc is not None
@@ -216,15 +216,15 @@ def test_kill_9_resumes_what_governor_suspended_and_not_what_an_admin_did(
 
 
 def test_an_administrators_resume_is_noticed_audited_and_not_fought(
-        slurm: SlurmCluster, daemon: Start, nvml_state: NvmlStateFile) -> None:
+        slurm: SlurmCluster, daemon: Start, c_nvml: CNvmlState) -> None:
     gpus = cool()
-    nvml_state.write(gpus)
-    d = daemon(config(slurm), fake_nvml_state=nvml_state.path)
+    c_nvml.write(gpus)
+    d = daemon(config(slurm), c_nvml=c_nvml)
     job_id = slurm.sbatch("-w", "node1", "--gres=gpu:1", "-J", "fought", wrap=SPIN)
     slurm.wait_state(job_id, "R")
     job = wait_for(lambda: slurm_jobs(d).get(job_id), 3.0, "governor job", d)
     heat_gpu_of(gpus, job)
-    nvml_state.write(gpus)
+    c_nvml.write(gpus)
     slurm.wait_state(job_id, "S", timeout=5)
     wait_for(lambda: states(slurm.pids(job_id)) <= {"T", "D"}, 5.0, "suspended processes", d)
     d.wait_rounds(2)
@@ -242,18 +242,18 @@ def test_an_administrators_resume_is_noticed_audited_and_not_fought(
                             if (d.workdir / "state" / "journal.json").exists() else "")
 
     gpus = cool()
-    nvml_state.write(gpus)
+    c_nvml.write(gpus)
     wait_for(lambda: slurm_jobs(d)[job_id]["state"] == "running", 5.0, "rule cleared", d)
     heat_gpu_of(gpus, job)
-    nvml_state.write(gpus)
+    c_nvml.write(gpus)
     slurm.wait_state(job_id, "S", timeout=5)
 
 
 def test_new_steps_stay_one_job_and_their_processes_are_held(
-        slurm: SlurmCluster, daemon: Start, nvml_state: NvmlStateFile) -> None:
+        slurm: SlurmCluster, daemon: Start, c_nvml: CNvmlState) -> None:
     gpus = cool()
-    nvml_state.write(gpus)
-    d = daemon(config(slurm, hold="signal"), fake_nvml_state=nvml_state.path)
+    c_nvml.write(gpus)
+    d = daemon(config(slurm, hold="signal"), c_nvml=c_nvml)
     script = "sleep 2; srun --overlap sleep 1000 & srun --overlap sleep 1000 & wait"
     job_id = slurm.sbatch("-w", "node1", "--gres=gpu:1", "-n", "1", "-J", "steps",
                           wrap=script)
@@ -263,17 +263,17 @@ def test_new_steps_stay_one_job_and_their_processes_are_held(
     d.wait_rounds(4)
     assert list(slurm_jobs(d)) == [job_id], "still one governor job"
     heat_gpu_of(gpus, job)
-    nvml_state.write(gpus)
+    c_nvml.write(gpus)
     wait_for(lambda: states(slurm.pids(job_id)) == {"T"}, 5.0,
              "every step's processes stopped", d)
 
 
 def test_the_task_prolog_and_epilog_register_and_unregister_a_job(
-        slurm: SlurmCluster, daemon: Start, nvml_state: NvmlStateFile) -> None:
-    nvml_state.write(cool())
+        slurm: SlurmCluster, daemon: Start, c_nvml: CNvmlState) -> None:
+    c_nvml.write(cool())
     socket_path = slurm.dir / "run" / "governor.sock"
     d = daemon({"daemon": {"interval": 0.25}, "api": {"socket": str(socket_path)}},
-               fake_nvml_state=nvml_state.path)
+               c_nvml=c_nvml)
     env = {"GOVERNOR": str(Path(sys.executable).parent / "governor"),
            "GOVERNOR_CONFIG": str(d.config_path)}
     job_id = slurm.sbatch("-w", "node1", "--gres=gpu:1", "-J", "prologged", env=env,
@@ -296,11 +296,11 @@ def test_the_task_prolog_and_epilog_register_and_unregister_a_job(
 
 
 def test_cgroup_hold_refuses_a_job_whose_cgroup_holds_slurmstepd(
-        slurm: SlurmCluster, daemon: Start, nvml_state: NvmlStateFile) -> None:
+        slurm: SlurmCluster, daemon: Start, c_nvml: CNvmlState) -> None:
     """Freezing the job's cgroup would freeze Slurm's step daemon with it: the job is
     left ungoverned, with the reason in the log, and never frozen."""
-    nvml_state.write(cool())
-    d = daemon(config(slurm, hold="cgroup"), fake_nvml_state=nvml_state.path)
+    c_nvml.write(cool())
+    d = daemon(config(slurm, hold="cgroup"), c_nvml=c_nvml)
     job_id = slurm.sbatch("-w", "node1", "--gres=gpu:1", "-J", "frozen?", wrap=SPIN)
     slurm.wait_state(job_id, "R")
     wait_for(lambda: "slurmstepd" in d.log(), 5.0, "the refusal in the log", d)
@@ -311,23 +311,23 @@ def test_cgroup_hold_refuses_a_job_whose_cgroup_holds_slurmstepd(
 
 
 def test_a_two_node_job_is_suspended_as_one(
-        slurm: SlurmCluster, daemon: Start, nvml_state: NvmlStateFile) -> None:
+        slurm: SlurmCluster, daemon: Start, c_nvml: CNvmlState) -> None:
     """The daemon of node1 suspends a job that spans node1 and node2 (two slurmd on this
     host): Slurm stops its processes on both nodes at once, and resumes them together."""
     gpus = cool()
-    nvml_state.write(gpus)
-    d = daemon(config(slurm), fake_nvml_state=nvml_state.path)
+    c_nvml.write(gpus)
+    d = daemon(config(slurm), c_nvml=c_nvml)
     job_id = slurm.sbatch("-N", "2", "--gres=gpu:1", "-J", "wide",
                           wrap="srun python3 -c 'while True: pass'")
     slurm.wait_state(job_id, "R")
     job = wait_for(lambda: slurm_jobs(d).get(job_id), 5.0, "governor job", d)
     wait_for(lambda: len(slurm.pids(job_id)) >= 5, 10.0, "the job's processes on both nodes", d)
     heat_gpu_of(gpus, job)
-    nvml_state.write(gpus)
+    c_nvml.write(gpus)
     slurm.wait_state(job_id, "S", timeout=5)
     wait_for(lambda: "R" not in states(slurm.pids(job_id)), 5.0,
              "every process of both nodes stopped", d)
     gpus = cool()
-    nvml_state.write(gpus)
+    c_nvml.write(gpus)
     slurm.wait_state(job_id, "R", timeout=5)
     wait_for(lambda: "R" in states(slurm.pids(job_id)), 5.0, "the processes running again", d)

@@ -49,5 +49,9 @@ def load_module() -> ModuleType:
 
 
 def error_code(exc: BaseException) -> int:
-    """The NVML return code of an NVMLError; -1 for anything else."""
+    """The NVML return code of an NVMLError; -1 for anything else. pynvml's
+    NVMLLibraryMismatchError stands for FunctionNotFound (the driver lacks the versioned
+    function the binding asked for) and carries no code."""
+    if type(exc).__name__ == "NVMLLibraryMismatchError":
+        return ERROR_FUNCTION_NOT_FOUND
     return int(getattr(exc, "value", -1))

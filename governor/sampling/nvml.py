@@ -97,7 +97,14 @@ class NvmlSampler:
         clock: Callable[[], float] = time.monotonic,
     ):
         self._nvml = nvml if nvml is not None else load_module()
-        self._error: type[BaseException] = self._nvml.NVMLError
+        #: NVMLError, and the error pynvml raises instead of FunctionNotFound from the
+        #: functions it decorates with throwOnVersionMismatch (the process list): an
+        #: ordinary outcome on older drivers, not a failed round
+        self._error: tuple[type[BaseException], ...] = tuple(
+            error for error in (self._nvml.NVMLError,
+                                getattr(self._nvml, "NVMLLibraryMismatchError", None))
+            if isinstance(error, type) and issubclass(error, BaseException)
+        )
         self._clock = clock
         self._initialized = False
         #: why NVML cannot be used now; None while it works
@@ -252,7 +259,8 @@ class NvmlSampler:
         """The newest of several functions that the binding and the driver both have.
 
         nvmlDeviceGetTemperature and ...ThrottleReasons are deprecated in NVML 13; older
-        drivers lack their successors and answer FunctionNotFound.
+        drivers lack their successors and answer FunctionNotFound. pynvml's process list
+        asks for `..._v3`, which drivers before R510 lack: `_v2` serves them.
         """
         chosen = self._chosen.get(family)
         candidates = (chosen,) if chosen else names
@@ -318,7 +326,11 @@ class NvmlSampler:
             for bit, label in CLOCK_EVENT_REASONS:
                 active = 1.0 if int(reasons) & bit else 0.0
                 readings.append(reading("gpu_clock_event_active", active, gpu=gpu, reason=label))
-        processes = self._get(nvml.nvmlDeviceGetComputeRunningProcesses, handle)
+        processes = self._get_versioned(
+            "processes",
+            ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetComputeRunningProcesses_v2"),
+            handle,
+        )
         if processes is not None:
             result.gpu_pids[gpu] = frozenset(int(p.pid) for p in processes)
         # Only a GPU read to the end counts: a GPU lost halfway leaves no partial series.

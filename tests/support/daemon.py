@@ -11,9 +11,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
+
+if TYPE_CHECKING:
+    from tests.support.c_nvml import CNvmlState
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -59,6 +62,7 @@ class DaemonProcess:
         config: dict[str, Any],
         env: dict[str, str] | None = None,
         fake_nvml_state: Path | None = None,
+        c_nvml: CNvmlState | None = None,
     ):
         self.workdir = workdir
         self.port = free_port()
@@ -77,6 +81,9 @@ class DaemonProcess:
         if fake_nvml_state is not None:
             self.env["GOVERNOR_NVML_MODULE"] = "tests.support.fake_nvml"
             self.env["FAKE_NVML_STATE"] = str(fake_nvml_state)
+        if c_nvml is not None:  # the real pynvml, on the C fake's libnvidia-ml.so.1
+            self.env.pop("GOVERNOR_NVML_MODULE", None)
+            self.env.update(c_nvml.env())
         self.env.update(env or {})
         self.log_path = workdir / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
