@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import gc
 import itertools
+import json
+import os
 import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 
@@ -27,6 +30,8 @@ from tests.conftest import NvmlStateFile
 from tests.support import fake_nvml
 from tests.support.fake_nvml import h100
 
+REPO = Path(__file__).resolve().parent.parent
+
 #: rounds before the first snapshot: every series, rule state and cache has been made
 WARM_ROUNDS = 500
 #: of those, the last ones traced: what a round replaces (the snapshot, the cached
@@ -38,6 +43,32 @@ STRETCH = 1000
 PER_ROUND = 16
 #: a scrape every this many rounds, as Prometheus would at a 1 s interval and 10 ms rounds
 SCRAPE_EVERY = 10
+
+#: what only the command's other verbs use: a running daemon never imports them
+CLI_ONLY = ("httpx", "rich", "pygments", "governor.client.rest", "governor.client.cooperative",
+            "governor.cli.top", "governor.cli.report", "governor.cli.launch",
+            "governor.sampling.simulated")
+
+#: the daemon as `governor run` starts it, short of listening: what it has imported then
+STARTED = """
+import json, sys
+from pathlib import Path
+
+import governor.cli.main  # what `python -m governor` runs: the command
+from governor.api.app import create_app
+from governor.api.auth import Authenticator
+from governor.config import load_config
+from governor.service.daemon import Daemon
+
+daemon = Daemon(load_config(Path(sys.argv[1])), Path(sys.argv[1]))
+try:
+    daemon.loop.run_once()
+    create_app(daemon, Authenticator("token", False), allowed_hosts=["*"])
+    daemon.metrics.render()
+    print(json.dumps(sorted(sys.modules)))
+finally:
+    daemon.close()
+"""
 
 RULES = [
     # the footprint bench's rules, which never trip
@@ -113,3 +144,21 @@ def growth(before: tracemalloc.Snapshot, after: tracemalloc.Snapshot) -> dict[st
     """Bytes gained between two snapshots, by the line that allocated them."""
     return {str(stat.traceback[0]): stat.size_diff
             for stat in after.compare_to(before, "lineno")}
+
+
+def test_the_daemon_imports_nothing_the_cli_alone_needs(tmp_path: Path, sys_tree: Path,
+                                                        proc_tree: Path) -> None:
+    """httpx and rich are a sixth of the daemon's resident memory; the command that starts
+    it imports them only for the verbs that talk to a daemon."""
+    config = tmp_path / "governor.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n'
+                      f'[api]\ntoken_file = "{tmp_path / "token"}"\n'
+                      f'[sources]\nsysfs_root = "{sys_tree}"\nprocfs_root = "{proc_tree}"\n')
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("GOVERNOR_NVML_MODULE", "FAKE_NVML_STATE")}
+    result = subprocess.run([sys.executable, "-c", STARTED, str(config)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    loaded = set(json.loads(result.stdout.strip().splitlines()[-1]))
+    assert "governor.cli.main" in loaded and "fastapi" in loaded
+    assert not [name for name in loaded if name.split(".")[0] in CLI_ONLY or name in CLI_ONLY]
