@@ -99,22 +99,3 @@ def test_nvml_module_and_error_kinds(monkeypatch: pytest.MonkeyPatch) -> None:
     assert nvml.error_code(ValueError()) == -1
     assert nvml.ERROR_GPU_IS_LOST in nvml.GPU_GONE
     assert nvml.ERROR_NOT_SUPPORTED in nvml.ABSENT
-
-
-def test_nvml_without_its_library_is_pynvml_failing_to_load(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without libnvidia-ml.so.1, pynvml is not imported; its stand-in fails as pynvml's
-    nvmlInit would, with the same code and message."""
-    import pynvml
-
-    monkeypatch.delenv("GOVERNOR_NVML_MODULE", raising=False)
-    monkeypatch.setattr(nvml, "LIBRARY", "libgovernor-test-absent.so.1")
-    module = nvml.load_module()
-    assert module is not pynvml
-    with pytest.raises(module.NVMLError) as failed:
-        module.nvmlInit()
-    real = pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
-    assert nvml.error_code(failed.value) == nvml.error_code(real) == nvml.ERROR_LIBRARY_NOT_FOUND
-    assert str(failed.value) == str(real)
-    with pytest.raises(AttributeError):
-        module.__wrapped__  # noqa: B018

@@ -3,15 +3,10 @@ the module to load, and the kinds of its errors.
 
 `GOVERNOR_NVML_MODULE` names another module with pynvml's interface; the test suite uses
 it to run the daemon against a fake NVML. It is never needed in production.
-
-Where the NVIDIA library is not installed, pynvml is not imported at all (it is ~1.5 MB
-resident, a tenth of what the daemon adds to the interpreter): its stand-in fails
-`nvmlInit` as pynvml's would, with the same error code and message.
 """
 
 from __future__ import annotations
 
-import ctypes
 import importlib
 import os
 from types import ModuleType
@@ -48,49 +43,9 @@ NVML_GONE = frozenset({
 })
 
 
-#: the library pynvml's nvmlInit loads on Linux
-LIBRARY = "libnvidia-ml.so.1"
-
-
-class LibraryNotFound(Exception):
-    """What pynvml's nvmlInit raises when it cannot load the library (its
-    NVMLError_LibraryNotFound: the same code and message)."""
-
-    value = ERROR_LIBRARY_NOT_FOUND
-
-    def __str__(self) -> str:
-        return "NVML Shared Library Not Found"
-
-
-def _without_library() -> ModuleType:
-    """pynvml's shape on a machine without the library: every NVML call fails as
-    pynvml's first one, nvmlInit, would there."""
-    module = ModuleType("pynvml_without_library")
-
-    def fail(*_: object) -> None:
-        raise LibraryNotFound
-
-    def function(name: str) -> object:
-        if name.startswith("nvml"):
-            return fail
-        raise AttributeError(name)
-
-    module.NVMLError = LibraryNotFound  # type: ignore[attr-defined]
-    module.__getattr__ = function  # type: ignore[method-assign]
-    return module
-
-
 def load_module() -> ModuleType:
-    """`pynvml` (from nvidia-ml-py), or the module GOVERNOR_NVML_MODULE names; without
-    the NVIDIA library, a stand-in whose calls raise LibraryNotFound."""
-    name = os.environ.get("GOVERNOR_NVML_MODULE")
-    if name:
-        return importlib.import_module(name)
-    try:
-        ctypes.CDLL(LIBRARY)  # as pynvml loads it; a loaded library is not loaded twice
-    except OSError:
-        return _without_library()
-    return importlib.import_module("pynvml")
+    """`pynvml` (from nvidia-ml-py), or the module GOVERNOR_NVML_MODULE names."""
+    return importlib.import_module(os.environ.get("GOVERNOR_NVML_MODULE", "pynvml"))
 
 
 def error_code(exc: BaseException) -> int:
