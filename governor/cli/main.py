@@ -18,12 +18,16 @@ import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from governor import __version__
 from governor.actuators.modes import MODE_NAMES
-from governor.client import ApiClient, ClientError
+from governor.client.errors import ClientError
 from governor.config import Config, ConfigError, find_config, load_config, state_dir_despite
 from governor.sampling.nvml import NvmlUnavailableError
+
+if TYPE_CHECKING:
+    from governor.client.rest import ApiClient
 
 log = logging.getLogger("governor")
 
@@ -133,6 +137,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> ApiClient:
+    from governor.client.rest import ApiClient
+
     config, _ = _load(args.config)
     return ApiClient(config.api.client_settings())
 
@@ -264,6 +270,7 @@ def cmd_top(args: argparse.Namespace) -> int:
         once_console,
         render,
     )
+    from governor.client.rest import ApiClient
 
     config, _ = _load(args.config)
     console = once_console()

@@ -39,8 +39,9 @@ from typing import Any, Literal
 
 import httpx
 
+from governor.client.errors import ClientError
 from governor.client.progress import STEP_BUCKETS, ProgressReport
-from governor.client.rest import ApiClient, ClientError
+from governor.client.rest import ApiClient
 from governor.client.settings import ClientSettings, SettingsError
 
 log = logging.getLogger("governor.job")

@@ -21,17 +21,10 @@ from typing import Any
 
 import httpx
 
+from governor.client.errors import ClientError
 from governor.client.settings import ClientSettings
 
 __all__ = ["ApiClient", "ClientError", "daemon_url", "read_token", "tls_context"]
-
-
-class ClientError(Exception):
-    """A request failed; the message is one sentence for the user."""
-
-    def __init__(self, message: str, status: int | None = None):
-        self.status = status
-        super().__init__(message)
 
 
 def daemon_url(settings: ClientSettings) -> str:

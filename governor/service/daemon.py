@@ -19,7 +19,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
@@ -44,13 +44,15 @@ from governor.safety.release import release_holds
 from governor.safety.state_lock import LockHeld, StateLock
 from governor.sampling.registry import build_samplers
 from governor.sampling.runner import SamplerRunner
-from governor.sampling.simulated import SimulatedSampler
 from governor.service.audit import FILENAME as AUDIT_FILENAME
 from governor.service.audit import AuditLog
 from governor.service.loop import SamplingLoop
 from governor.service.metrics import DaemonMetrics
 from governor.service.sd_notify import Notifier, summary
 from governor.snapshot import Snapshot, SnapshotStore
+
+if TYPE_CHECKING:
+    from governor.sampling.simulated import SimulatedSampler
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +211,12 @@ class Daemon:
         raise_fd_limit()  # a pidfd per job
         samplers = build_samplers(config.sources, jobs=self._job_processes)
         #: the simulated GPUs (sources.simulate), whose power limits power_cap rules set
-        self._simulated = next((s for s in samplers if isinstance(s, SimulatedSampler)), None)
+        self._simulated: SimulatedSampler | None = None
+        if config.sources.simulate:  # their module is imported only then
+            from governor.sampling.simulated import SimulatedSampler
+
+            self._simulated = next(
+                (s for s in samplers if isinstance(s, SimulatedSampler)), None)
         state_dir = Path(config.daemon.state_dir)
         self.lock = StateLock(state_dir)
         try:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,10 @@ class FakeNvml:
         self._lock = threading.Lock()
         self.initialized = False
         self.init_calls = 0
-        self.calls: list[str] = []
+        #: how often each function was called: a tally, not a log, as a daemon that loads
+        #: this module calls it ~100 times a round and a log would grow by as many
+        #: entries (~750 bytes) every round of its life
+        self.calls: Counter[str] = Counter()
         #: GPU index -> power limit set through nvmlDeviceSetPowerManagementLimit (mW),
         #: mirrored to <state>.limits so a test, or a later process, sees what was set
         self.set_limits: dict[int, int] = {}
@@ -129,7 +133,7 @@ class FakeNvml:
 
     def _call(self, name: str, handle: Handle | None = None) -> dict[str, Any] | None:
         """Record the call, raise what the state says it raises, return the GPU's state."""
-        self.calls.append(name)
+        self.calls[name] += 1
         state = self.state()
         if name in state.get("missing_functions", []):
             raise error("FUNCTION_NOT_FOUND")
@@ -151,7 +155,7 @@ class FakeNvml:
     # ---- the pynvml interface ----
 
     def nvmlInit(self) -> None:
-        self.calls.append("nvmlInit")
+        self.calls["nvmlInit"] += 1
         self.init_calls += 1
         failure = self.state(reread=True).get("init_error")
         if failure:
