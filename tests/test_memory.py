@@ -26,7 +26,6 @@ import pytest
 from governor.config import parse_config
 from governor.jobs.registry import ROOT, JobRequest
 from governor.service.daemon import Daemon
-from tests.conftest import NvmlStateFile
 from tests.support import fake_nvml
 from tests.support.fake_nvml import h100
 
@@ -83,14 +82,17 @@ RULES = [
 
 
 def test_no_allocation_site_grows_round_by_round(
-        tmp_path: Path, sys_tree: Path, proc_tree: Path, nvml_state: NvmlStateFile,
+        tmp_path: Path, sys_tree: Path, proc_tree: Path,
         children: list[subprocess.Popen[bytes]], monkeypatch: pytest.MonkeyPatch) -> None:
     children.extend(subprocess.Popen(["sleep", "600"]) for _ in range(4))
     # gpu0 names its job's process (bound by NVML), gpu1 is bound by registration
-    nvml_state.write({"gpus": [h100(0, pids=[children[0].pid]),
-                               h100(1, utilization=100)]})
+    # the Python fake, in process: the per-round leak this test was written for lived in
+    # it (a log of every call), and the benchmarks that still run on it must not grow
+    state = tmp_path / "nvml.json"
+    state.write_text(json.dumps({"gpus": [h100(0, pids=[children[0].pid]),
+                                          h100(1, utilization=100)]}))
     monkeypatch.setenv("GOVERNOR_NVML_MODULE", "tests.support.fake_nvml")
-    monkeypatch.setenv("FAKE_NVML_STATE", str(nvml_state.path))
+    monkeypatch.setenv("FAKE_NVML_STATE", str(state))
     monkeypatch.setattr(fake_nvml, "_driver", None)  # one built from this test's state
     config = parse_config({
         "daemon": {"interval": 1.0, "state_dir": str(tmp_path / "state")},

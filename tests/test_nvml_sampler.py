@@ -314,8 +314,8 @@ def test_old_drivers_without_the_v_functions(two_gpus: TwoGpus) -> None:
         assert found['gpu_temperature_celsius{gpu="1"}'] == 88
         assert found['gpu_clock_event_active{gpu="0",reason="sw_power_cap"}'] == 1
     # the deprecated functions were found once and then used directly
-    assert fake.calls["nvmlDeviceGetTemperatureV"] == 1
-    assert fake.calls["nvmlDeviceGetTemperature"] == 4
+    assert fake.calls.count("nvmlDeviceGetTemperatureV") == 1
+    assert fake.calls.count("nvmlDeviceGetTemperature") == 4
 
 
 def test_new_drivers_use_the_v_functions(two_gpus: TwoGpus) -> None:
