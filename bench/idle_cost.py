@@ -25,17 +25,17 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 
 def threads(pid: int) -> dict[int, tuple[str, float, int]]:
-    """Each live thread: its name, CPU seconds and context switches so far."""
+    """Each live thread: a name (Python leaves the OS's thread names alone: "main" or
+    its thread id), CPU seconds (schedstat's, in ns, finer than stat's ticks) and
+    context switches so far."""
     found: dict[int, tuple[str, float, int]] = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            stat = (task / "stat").read_text()
+            cpu = int((task / "schedstat").read_text().split()[0]) / 1e9
             status = (task / "status").read_text()
         except (FileNotFoundError, ProcessLookupError):
             continue  # a thread that ended meanwhile
-        name = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
-        cpu = (int(fields[11]) + int(fields[12])) / TICK
+        name = "main" if int(task.name) == pid else f"thread {task.name}"
         switches = sum(int(line.split()[1]) for line in status.splitlines()
                        if line.startswith(("voluntary_ctxt_switches",
                                            "nonvoluntary_ctxt_switches")))
@@ -88,8 +88,10 @@ def measure(d: DaemonProcess, seconds: float, scrape: bool) -> dict[str, Any]:
     }
 
 
-def idle_cost(seconds: float) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The daemon at its default interval: one window unscraped, one scraped every 15 s."""
+def idle_cost(seconds: float, env: dict[str, str] | None = None,
+              ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The daemon at its default interval: one window unscraped, one scraped every 15 s.
+    `env` adds to the daemon's environment (a profiler's hook)."""
     with workdir("idle") as path:
         sys_root = build_sysfs(path)
         nvml = CNvmlState(path / "nvml.state")
@@ -97,7 +99,7 @@ def idle_cost(seconds: float) -> tuple[dict[str, Any], dict[str, Any]]:
         config = {"sources": {"sysfs_root": str(sys_root), "nvml": "auto"},
                   "rules": QUIET_RULES}  # no [daemon] interval: the default, 1 s
         (path / "d").mkdir()
-        d = DaemonProcess(path / "d", config, c_nvml=nvml)
+        d = DaemonProcess(path / "d", config, env=env, c_nvml=nvml)
         d.env.pop("FAKE_NVML_LOG", None)  # a driver keeps no log of every call
         with children(*[["sleep", "3600"]] * 16) as kids:
             d.start()
