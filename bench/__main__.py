@@ -8,7 +8,16 @@ import re
 import time
 from collections.abc import Callable
 
-from bench import accuracy, footprint, hold, reaction, round_cost, scrape, slurm_discovery
+from bench import (
+    accuracy,
+    footprint,
+    hold,
+    idle_cost,
+    reaction,
+    round_cost,
+    scrape,
+    slurm_discovery,
+)
 from bench.common import REPO, Row, machine, table, write_results
 
 BENCHMARKS: dict[str, Callable[[bool], list[Row]]] = {
@@ -19,6 +28,7 @@ BENCHMARKS: dict[str, Callable[[bool], list[Row]]] = {
     "footprint": footprint.run,
     "slurm": slurm_discovery.run,
     "hold": hold.run,
+    "idle": idle_cost.run,
 }
 README = REPO / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
