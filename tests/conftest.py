@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -104,3 +105,18 @@ def children() -> Iterator[list[subprocess.Popen[bytes]]]:
     yield started
     for child in started:
         stop(child)
+
+
+@pytest.fixture
+def launched() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """`governor launch` processes a test starts; each is asked to stop (so it releases
+    and unregisters its job) and killed if it will not."""
+    launchers: list[subprocess.Popen[bytes]] = []
+    yield launchers
+    for launcher in launchers:
+        if launcher.poll() is None:
+            launcher.send_signal(signal.SIGTERM)
+            try:
+                launcher.wait(15)
+            except subprocess.TimeoutExpired:
+                launcher.kill()

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,19 +58,6 @@ def demo_config(tmp_path: Path, speed_up: float = SPEED_UP) -> dict[str, Any]:
         for key in ("for", "clear_for"):
             rule[key] = parse_duration(rule.get(key, 0)) / speed_up
     return config
-
-
-@pytest.fixture
-def launched(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
-    launchers: list[subprocess.Popen[bytes]] = []
-    yield launchers
-    for launcher in launchers:
-        if launcher.poll() is None:
-            launcher.send_signal(signal.SIGTERM)
-            try:
-                launcher.wait(15)
-            except subprocess.TimeoutExpired:
-                launcher.kill()
 
 
 def launch(d: DaemonProcess, name: str, trace: Path) -> subprocess.Popen[bytes]:

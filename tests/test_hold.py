@@ -19,11 +19,9 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from tests.support.daemon import REPO, DaemonProcess, to_toml
 from tests.support.paced_job import paced_job
@@ -55,19 +53,6 @@ def config(tmp_path: Path, *rules: dict[str, Any]) -> dict[str, Any]:
     return {"daemon": {"interval": 0.25},
             "sources": {"simulate": str(scenario), "nvml": "off"},
             "rules": list(rules)}
-
-
-@pytest.fixture
-def launched() -> Iterator[list[subprocess.Popen[bytes]]]:
-    launchers: list[subprocess.Popen[bytes]] = []
-    yield launchers
-    for launcher in launchers:
-        if launcher.poll() is None:
-            launcher.send_signal(signal.SIGTERM)
-            try:
-                launcher.wait(15)
-            except subprocess.TimeoutExpired:
-                launcher.kill()
 
 
 def launch_busy(d: DaemonProcess, launchers: list[subprocess.Popen[bytes]]) -> dict[str, Any]:

@@ -378,13 +378,9 @@ class SignalActuator:
         handles: dict[ProcessIdentity, Any] = {}
         for ident in members:
             handle = cycle.handles.get(ident) or _handle(ident)
-            if handle is None:
+            seconds = _cpu_seconds(handle)
+            if seconds is None:
                 continue
-            try:
-                times = handle.cpu_times()
-            except psutil.Error:
-                continue
-            seconds = float(times.user + times.system)
             used += max(0.0, seconds - cycle.cpu.get(ident, 0.0))
             readings[ident], handles[ident] = seconds, handle
         cycle.cpu, cycle.handles = readings, handles
@@ -539,17 +535,20 @@ def _mean(mean: float | None, value: float) -> float:
 
 def _tree_cpu(members: list[ProcessIdentity]) -> float:
     """The CPU seconds the members have used, those that can still be read."""
-    total = 0.0
-    for ident in members:
-        handle = _handle(ident)
-        if handle is None:
-            continue
-        try:
-            times = handle.cpu_times()
-        except psutil.Error:
-            continue
-        total += float(times.user + times.system)
-    return total
+    return sum(seconds for ident in members
+               if (seconds := _cpu_seconds(_handle(ident))) is not None)
+
+
+def _cpu_seconds(handle: Any) -> float | None:
+    """User and system CPU seconds of a process handle; None for no handle, or a process
+    that can no longer be read."""
+    if handle is None:
+        return None
+    try:
+        times = handle.cpu_times()
+    except psutil.Error:
+        return None
+    return float(times.user + times.system)
 
 
 def _handle(ident: ProcessIdentity) -> Any:

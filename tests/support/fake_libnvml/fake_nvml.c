@@ -488,6 +488,14 @@ EXPORT nvmlReturn_t nvmlDeviceGetPowerManagementDefaultLimit(nvmlDevice_t device
                       limit);
 }
 
+/* Two of GPU `index`'s numbers: the first error, if either is missing. */
+static nvmlReturn_t two_numbers(int index, const char *a, unsigned long long *x,
+                                const char *b, unsigned long long *y)
+{
+    nvmlReturn_t ret = number(index, a, x);
+    return ret ? ret : number(index, b, y);
+}
+
 EXPORT nvmlReturn_t nvmlDeviceGetPowerManagementLimitConstraints(
     nvmlDevice_t device, unsigned int *low, unsigned int *high)
 {
@@ -496,9 +504,7 @@ EXPORT nvmlReturn_t nvmlDeviceGetPowerManagementLimitConstraints(
     nvmlReturn_t ret = enter("nvmlDeviceGetPowerManagementLimitConstraints", device, &index);
     if (ret)
         return ret;
-    ret = number(index, "power_min_mw", &min);
-    if (!ret)
-        ret = number(index, "power_max_mw", &max);
+    ret = two_numbers(index, "power_min_mw", &min, "power_max_mw", &max);
     if (!ret) {
         *low = (unsigned int)min;
         *high = (unsigned int)max;
@@ -545,7 +551,7 @@ EXPORT nvmlReturn_t nvmlDeviceSetPowerManagementLimit(nvmlDevice_t device, unsig
     const char *failure = get("set_power_error");
     if (failure && *failure)
         return leave(error_code(failure));
-    if (number(index, "power_min_mw", &min) || number(index, "power_max_mw", &max))
+    if (two_numbers(index, "power_min_mw", &min, "power_max_mw", &max))
         return leave(NVML_ERROR_NOT_SUPPORTED);
     if (limit < min || limit > max)
         return leave(NVML_ERROR_INVALID_ARGUMENT);
@@ -561,9 +567,7 @@ EXPORT nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *m
     nvmlReturn_t ret = enter("nvmlDeviceGetMemoryInfo", device, &index);
     if (ret)
         return ret;
-    ret = number(index, "memory_used", &used);
-    if (!ret)
-        ret = number(index, "memory_total", &total);
+    ret = two_numbers(index, "memory_used", &used, "memory_total", &total);
     if (!ret) {
         memory->used = used;
         memory->total = total;
