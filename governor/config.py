@@ -405,6 +405,47 @@ class SlurmConfig(_Section):
     partition_priority: dict[str, int] = Field(default_factory=dict)
 
 
+class KubernetesConfig(_Section):
+    """`[kubernetes]` (CONTRACT section 7): the pods on this node that hold a GPU, found
+    through the kubelet's node-local APIs and governed as jobs named "namespace/pod"."""
+
+    #: every pod on this node that holds a GPU is a job, bound to the GPUs the kubelet
+    #: allocated it, unregistered when the pod goes
+    discover: bool = False
+    #: how a pause holds a pod: "cgroup" (freeze, or a CPU quota on, the pod's cgroup) or
+    #: "signal" (its processes)
+    hold: Literal["cgroup", "signal"] = "cgroup"
+    #: the kubelet's pod-resources socket (v1 List: which pod holds which device)
+    pod_resources_socket: str = "/var/lib/kubelet/pod-resources/kubelet.sock"
+    #: the kubelet's pod log directories, "<namespace>_<pod>_<uid>": a pod's uid, read
+    #: on the node without any permission
+    pod_logs_dir: str = "/var/log/pods"
+    #: the kubelet's API, for the pods' annotations and priority classes (GET /pods);
+    #: "" = not read: then only the namespaces below exempt a pod
+    kubelet_url: str = ""
+    #: the bearer token sent to the kubelet (the pod's service account token)
+    kubelet_token_file: str = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    #: the CA that signed the kubelet's serving certificate; "" = not verified (a
+    #: kubelet's certificate is self-signed unless serverTLSBootstrap is on)
+    kubelet_ca_file: str = ""
+    #: where the host's cgroup tree is mounted (in the DaemonSet, the host's
+    #: /sys/fs/cgroup mounted read-write)
+    cgroup_root: str = "/sys/fs/cgroup"
+    #: the kubelet's cgroup driver: "auto" finds the pod's cgroup under either layout
+    cgroup_driver: Literal["auto", "cgroupfs", "systemd"] = "auto"
+    #: the extended resources that are GPUs (MIG devices, "nvidia.com/mig-*", are matched
+    #: to their parent GPU)
+    resources: list[str] = Field(default_factory=lambda: ["nvidia.com/gpu", "nvidia.com/mig-*"])
+    default_priority: int = 0
+    namespace_priority: dict[str, int] = Field(default_factory=dict)
+    priority_class_priority: dict[str, int] = Field(default_factory=dict)
+    #: pods never held; kube-system is always among them
+    exempt_namespaces: list[str] = Field(default_factory=lambda: ["kube-system"])
+    #: priority classes never held; the two system classes are always among them
+    exempt_priority_classes: list[str] = Field(
+        default_factory=lambda: ["system-node-critical", "system-cluster-critical"])
+
+
 class Config(_Section):
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
@@ -413,6 +454,7 @@ class Config(_Section):
     audit: AuditConfig = Field(default_factory=AuditConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+    kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
     rules: list[RuleConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
