@@ -395,3 +395,28 @@ def test_a_driver_without_the_v3_process_list_falls_back_to_v2(two_gpus: TwoGpus
     assert result.gpu_pids == {}, "neither: no process list, and the rest still reports"
     assert by_series(result.readings)['gpu_temperature_celsius{gpu="1"}'] == 88
     assert result.problems == []
+
+
+def test_a_gpus_identity_is_asked_once_per_init_and_again_after_it_was_lost(
+        two_gpus: TwoGpus) -> None:
+    """The handle, UUID and name do not change while NVML stays initialized: a round
+    asks only for what changes (issue 15: 3 of a GPU's 12 calls a round)."""
+    fake = two_gpus()
+    sampler = NvmlSampler()
+    for _ in range(3):
+        found = by_series(sampler.sample().readings)
+        assert found['gpu_info{gpu="1",uuid="GPU-00000000-0000-0000-0000-000000000001",'
+                     'name="NVIDIA H100 80GB HBM3"}'] == 1
+        assert found['gpu_clock_event_active{gpu="0",reason="sw_power_cap"}'] == 1
+    calls = fake.calls
+    assert calls.count("nvmlDeviceGetUUID") == 2 and calls.count("nvmlDeviceGetName") == 2
+    assert calls.count("nvmlDeviceGetHandleByIndex") == 2
+    assert calls.count("nvmlDeviceGetTemperatureV") == 6, "what changes is read each round"
+    fake.state["gpus"][1]["lost"] = True
+    fake.write()
+    sampler.sample()
+    fake.state["gpus"][1]["lost"] = False
+    fake.write()
+    assert 'gpu_info{gpu="1",' in " ".join(by_series(sampler.sample().readings))
+    assert fake.calls.count("nvmlDeviceGetUUID") == 3, "gpu 1 is identified again"
+    sampler.close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +36,7 @@ from governor.host.nvml import (
     load_module,
 )
 from governor.sampling.base import SampleResult, SamplerUnavailable
-from governor.snapshot import reading
+from governor.snapshot import Labels, Reading, reading
 
 if TYPE_CHECKING:
     from governor.sampling.registry import SamplerContext
@@ -86,6 +87,15 @@ class _GpuGone(Exception):
     pass
 
 
+@dataclass(frozen=True, slots=True)
+class _Identity:
+    handle: Any
+    #: the gpu_info reading: uuid and name
+    info: Reading
+    #: the labels of each CLOCK_EVENT_REASONS series, in its order
+    events: tuple[Labels, ...]
+
+
 class NvmlSampler:
     name = "nvml"
 
@@ -120,6 +130,10 @@ class NvmlSampler:
         self._ever_worked = False
         #: problems of single fields of the GPU being read
         self._field_problems: list[str] = []
+        #: index -> what does not change while NVML stays initialized: the handle, the
+        #: gpu_info reading and the clock event series' labels. Read once per init, not
+        #: once a round: 3 of a GPU's 12 calls, and 9 label tuples (issue 15)
+        self._identity: dict[int, _Identity] = {}
         self._init()
         if required and self.unavailable_reason is not None:
             raise NvmlUnavailableError(
@@ -163,6 +177,7 @@ class NvmlSampler:
         self._retry_delay = min(RETRY_MAX, self._retry_delay * 2)
 
     def _shutdown(self) -> None:
+        self._identity.clear()  # handles are only good until nvmlShutdown
         if self._initialized:
             self._initialized = False
             try:
@@ -224,6 +239,7 @@ class NvmlSampler:
             try:
                 self._sample_gpu(index, result)
             except _GpuGone as exc:
+                self._identity.pop(index, None)  # asked again once it is back
                 failed += 1
                 result.problems.append(f"gpu {index}: {exc.__cause__ or exc}; skipped")
             except self._error as exc:
@@ -280,7 +296,11 @@ class NvmlSampler:
             return value
         return None
 
-    def _sample_gpu(self, index: int, result: SampleResult) -> None:
+    def _identify(self, index: int) -> _Identity:
+        """The GPU's handle and identity, asked of NVML the first time after an init."""
+        known = self._identity.get(index)
+        if known is not None:
+            return known
         nvml = self._nvml
         try:
             handle = nvml.nvmlDeviceGetHandleByIndex(index)
@@ -289,11 +309,23 @@ class NvmlSampler:
                 raise _GpuGone(str(exc)) from exc
             raise
         gpu = str(index)
-        readings = []
-        self._field_problems = []
         uuid = self._get(nvml.nvmlDeviceGetUUID, handle)
         name = self._get(nvml.nvmlDeviceGetName, handle)
-        readings.append(reading("gpu_info", 1, gpu=gpu, uuid=_text(uuid), name=_text(name)))
+        info = reading("gpu_info", 1, gpu=gpu, uuid=_text(uuid), name=_text(name))
+        events = tuple(reading("gpu_clock_event_active", 0.0, gpu=gpu, reason=label).labels
+                       for _, label in CLOCK_EVENT_REASONS)
+        identity = _Identity(handle, info, events)
+        if uuid is not None and name is not None:  # a field that failed is asked again
+            self._identity[index] = identity
+        return identity
+
+    def _sample_gpu(self, index: int, result: SampleResult) -> None:
+        nvml = self._nvml
+        self._field_problems = []
+        identity = self._identify(index)
+        handle = identity.handle
+        gpu = str(index)
+        readings = [identity.info]
 
         util = self._get(nvml.nvmlDeviceGetUtilizationRates, handle)
         if util is not None:
@@ -323,9 +355,10 @@ class NvmlSampler:
             handle,
         )
         if reasons is not None:
-            for bit, label in CLOCK_EVENT_REASONS:
-                active = 1.0 if int(reasons) & bit else 0.0
-                readings.append(reading("gpu_clock_event_active", active, gpu=gpu, reason=label))
+            bits = int(reasons)
+            readings += [Reading("gpu_clock_event_active", labels, 1.0 if bits & bit else 0.0)
+                         for (bit, _), labels in zip(CLOCK_EVENT_REASONS, identity.events,
+                                                     strict=True)]
         processes = self._get_versioned(
             "processes",
             ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetComputeRunningProcesses_v2"),
