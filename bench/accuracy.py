@@ -2,12 +2,19 @@
 0.75 for 10 s each, in signal and in cgroup mode, and the same job under `cpulimit -l`
 one after the other in the same run.
 
-Speed s means the job keeps s of what it uses running free, measured for 2 s first (about
-1 core for one thread, 2 for two). Errors are in points of a core: mean error = mean
+Speed s means the job keeps s of what it uses running free, measured for 2 s just before
+each hold (about 1 core for one thread; for two, 2 less what else on the 2 cores takes:
+what the job can have free changes with the machine's load, so it is measured next to
+each hold, not once for the run). Errors are in points of a core: mean error = mean
 cores used - target; window deviation = the standard deviation of the 0.5 s windows;
 settling = the end of the first window within 2 points of the target, from the moment the
 hold began (the job seen slowed, or cpulimit started). Each hold starts from a job
-running free."""
+running free.
+
+CPU time is the threads' own, from /proc/PID/task/*/schedstat in nanoseconds, not
+utime + stime from /proc/PID/stat: those count clock ticks (10 ms), which in a 0.5 s
+window of a 2-thread job is 2 points of a core per tick a thread is off by, and as
+much spread as the 2-point target allows."""
 
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import Row, children, cpu_seconds, daemon, ensure_peer, workdir
+from bench.common import Row, children, daemon, ensure_peer, workdir
 from tests.support.daemon import DaemonProcess, to_toml
 from tests.support.processes import BUSY, favour
 from tests.support.ttar import unpack
@@ -50,6 +57,18 @@ class Hold:
     def as_dict(self) -> dict[str, Any]:
         return {"mean_error_points": self.mean_error, "window_sd_points": self.deviation,
                 "settling_s": self.settling}
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds of the process's live threads, to the nanosecond (the jobs here never
+    end a thread)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total / 1e9
 
 
 def demand(pid: int, seconds: float = 2.0) -> float:
@@ -92,10 +111,10 @@ def governor_holds(mode: str, argv: list[str], seconds: float,
         results = {}
         with children(argv) as (child,), daemon(path, config(speeds[0])) as d:
             favour([child.pid])
-            free = demand(child.pid)
             job = d.register(name="accuracy", pid=child.pid, mode=mode)
             for speed in speeds:
                 write_config(d, config(speed))
+                free = demand(child.pid)
                 sensor.write_text("95000\n")
                 began = wait_state(d, job["id"], "slowed")
                 results[speed] = windows(child.pid, began, seconds, speed * free)
@@ -123,8 +142,8 @@ def cpulimit_holds(binary: str, argv: list[str], seconds: float,
     results = {}
     with children(argv) as (child,):
         favour([child.pid])
-        free = demand(child.pid)
         for speed in speeds:
+            free = demand(child.pid)
             limit = max(1, round(speed * free * 100))
             limiter = subprocess.Popen([binary, "-p", str(child.pid), "-l", str(limit), "-q"],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

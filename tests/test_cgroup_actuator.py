@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import posixpath
@@ -20,7 +21,14 @@ import psutil
 import pytest
 
 from governor.actuators.base import ActuatorError, hold_key
-from governor.actuators.cgroup import CgroupActuator, find_hierarchies, memberships, undo
+from governor.actuators.cgroup import (
+    EXTRA_KEY,
+    CgroupActuator,
+    find_hierarchies,
+    memberships,
+    undo,
+)
+from governor.control.laws import FEEDBACK_PERIODS
 from governor.jobs.model import RUN, Job, Mode, pause, slow
 from governor.jobs.process import identify
 from governor.safety.journal import Journal
@@ -286,6 +294,39 @@ def test_slow_holds_a_busy_child_near_its_speed(rig: Rig) -> None:
     file = "cpu.max" if quota["version"] == "v2" else "cpu.cfs_quota_us"
     assert (Path(quota["path"]) / file).read_text().strip() == quota["original"]
     assert hold_key(job) not in rig.journal.holds()
+
+
+def test_a_slowed_jobs_usage_is_judged_over_several_periods_and_never_across_holds(
+        rig: Rig) -> None:
+    """A job with more threads than its quota's cores spends each period's quota in a
+    burst, so one period's usage reads 0 to twice the quota: the feedback waits for
+    FEEDBACK_PERIODS of them, and starts its window again when the hold changes."""
+    child = rig.spawn()
+    actuator = CgroupActuator(rig.journal)
+    job = rig.attach(actuator, rig.job(pid=child.pid))
+    window = FEEDBACK_PERIODS * actuator.period_us / 1e6
+
+    def rounds(directive: object, seconds: float) -> list[float]:
+        """Apply it every 0.1 s, as the loop's rounds would; when a usage was judged."""
+        judged, began = [], time.monotonic()
+        while (now := time.monotonic()) - began < seconds:
+            actuator.apply(job, directive)  # type: ignore[arg-type]
+            if job.extra[EXTRA_KEY].slow_rate is not None:
+                judged.append(now)
+            time.sleep(0.1)
+        return judged
+
+    rounds(RUN, 0.5)
+    assert job.extra[EXTRA_KEY].demand > 0.0, "a job running free has its demand learnt"
+    began = time.monotonic()
+    judged = rounds(slow(0.5, "warm"), 2.2)
+    assert len(judged) >= 2
+    assert judged[0] - began >= window - 0.01
+    assert all(b - a >= window - 0.01 for a, b in itertools.pairwise(judged))
+    changed = time.monotonic()
+    judged = rounds(slow(0.3, "warm"), 1.2)
+    assert judged and judged[0] - changed >= window - 0.01, "a new speed starts a new window"
+    actuator.apply(job, RUN)
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or "v2" not in HIERARCHIES or v2_has_cpu(),

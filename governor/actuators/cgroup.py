@@ -33,7 +33,13 @@ from governor.actuators.base import (
     ProtectedProcessError,
     hold_key,
 )
-from governor.control.laws import MIN_QUOTA_US, QuotaState, learn_demand, next_quota
+from governor.control.laws import (
+    FEEDBACK_PERIODS,
+    MIN_QUOTA_US,
+    QuotaState,
+    learn_demand,
+    next_quota,
+)
 from governor.host import procfs
 from governor.host.cgroupfs import (
     MOUNTINFO,
@@ -145,6 +151,8 @@ class _Held:
     #: CPU cores used while slowed, over the last measured round
     slow_rate: float | None = None
     last_action: Action = Action.RUN
+    #: the speed of the directive last applied (a slow one's: the window it is judged on)
+    measured_speed: float = 1.0
     last_usage: float | None = None
     last_time: float = 0.0
     warned: set[str] = field(default_factory=set)
@@ -190,8 +198,8 @@ class CgroupActuator:
         held = job.extra.get(EXTRA_KEY)
         if not isinstance(held, _Held):
             held = self._attach(job)
-        self._measure(held)
         action = directive.action
+        self._measure(held, action, directive.speed)
         if action is not Action.RUN and (pid := self._protected_inside(held.freeze)):
             self._release(job, held)
             raise ProtectedProcessError(f"cgroup {held.freeze} now holds pid {pid} (init, "
@@ -404,21 +412,28 @@ class CgroupActuator:
 
     # ---- apply ----
 
-    def _measure(self, held: _Held) -> None:
-        """Learn the job's demand while it runs free, and its usage while slowed."""
+    def _measure(self, held: _Held, action: Action, speed: float) -> None:
+        """Learn the job's demand while it runs free (over windows of a CFS period), and
+        its usage while slowed (over FEEDBACK_PERIODS of them: see there). A window ends
+        early, unused if short, when the job is held differently from now on, so no
+        window mixes two holds."""
         now, usage = time.monotonic(), self._usage(held)
         held.slow_rate = None
+        changed = (action, speed) != (held.last_action, held.measured_speed)
+        held.measured_speed = speed
         if usage is None or held.last_usage is None:
             held.last_usage, held.last_time = usage, now
             return
-        if now - held.last_time < self.period_us / 1e6:
+        periods = FEEDBACK_PERIODS if held.last_action is Action.SLOW else 1
+        if now - held.last_time >= periods * self.period_us / 1e6:
+            rate = max(0.0, usage - held.last_usage) / (now - held.last_time)
+            if held.last_action is Action.RUN:
+                held.demand = learn_demand(held.demand, rate)
+            elif held.last_action is Action.SLOW:
+                held.slow_rate = rate
+        elif not changed:
             return
-        rate = max(0.0, usage - held.last_usage) / (now - held.last_time)
         held.last_usage, held.last_time = usage, now
-        if held.last_action is Action.RUN:
-            held.demand = learn_demand(held.demand, rate)
-        elif held.last_action is Action.SLOW:
-            held.slow_rate = rate
 
     def _usage(self, held: _Held) -> float | None:
         """CPU seconds the job has used, or None if they cannot be read."""
