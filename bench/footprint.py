@@ -4,7 +4,6 @@ per rule, timed in process."""
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from types import MappingProxyType
@@ -18,6 +17,7 @@ from governor.jobs.model import Job, Mode
 from governor.policy.directives import decide
 from governor.policy.rules import evaluate_rules
 from governor.snapshot import Snapshot, reading
+from tests.support.c_nvml import CNvmlState
 
 RSS_LIMIT = 80 * 2**20
 
@@ -26,10 +26,10 @@ def memory(rounds: int) -> tuple[int, int, int]:
     """(resident bytes after start, after `rounds` rounds, rounds counted)."""
     with workdir("footprint") as path:
         sys_root = build_sysfs(path)
-        state = path / "nvml.json"
-        state.write_text(json.dumps(eight_gpus()))
+        nvml = CNvmlState(path / "nvml.state", log_calls=False)
+        nvml.write(eight_gpus())
         with children(*[["sleep", "3600"]] * 16) as kids, daemon(
-                path, loaded_config(sys_root, 0.01), fake_nvml_state=state) as d:
+                path, loaded_config(sys_root, 0.01), c_nvml=nvml) as d:
             for i, kid in enumerate(kids):
                 d.register(name=f"job{i}", pid=kid.pid, devices=[f"gpu{i % 8}"])
             d.wait_rounds(100)

@@ -94,13 +94,12 @@ def idle_cost(seconds: float, env: dict[str, str] | None = None,
     `env` adds to the daemon's environment (a profiler's hook)."""
     with workdir("idle") as path:
         sys_root = build_sysfs(path)
-        nvml = CNvmlState(path / "nvml.state")
+        nvml = CNvmlState(path / "nvml.state", log_calls=False)
         nvml.write(eight_gpus())
         config = {"sources": {"sysfs_root": str(sys_root), "nvml": "auto"},
                   "rules": QUIET_RULES}  # no [daemon] interval: the default, 1 s
         (path / "d").mkdir()
         d = DaemonProcess(path / "d", config, env=env, c_nvml=nvml)
-        d.env.pop("FAKE_NVML_LOG", None)  # a driver keeps no log of every call
         with children(*[["sleep", "3600"]] * 16) as kids:
             d.start()
             try:

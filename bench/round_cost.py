@@ -3,7 +3,6 @@ scrape. 32 hwmon sensors, a fake NVML with 8 GPUs, 16 registered jobs (signal mo
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from bench.common import (
     metric,
     workdir,
 )
+from tests.support.c_nvml import CNvmlState
 from tests.support.daemon import free_port
 
 TARGET_MS = 2.0
@@ -44,11 +44,11 @@ def governor_cost(seconds: float) -> tuple[float, int]:
     """Seconds of daemon CPU per round, and the rounds it was measured over."""
     with workdir("round") as path:
         sys_root = build_sysfs(path)
-        state = path / "nvml.json"
-        state.write_text(json.dumps(eight_gpus()))
+        nvml = CNvmlState(path / "nvml.state", log_calls=False)
+        nvml.write(eight_gpus())
         jobs = [["sleep", "3600"]] * 16
         with children(*jobs) as kids, daemon(path, loaded_config(sys_root, 0.05),
-                                             fake_nvml_state=state) as d:
+                                             c_nvml=nvml) as d:
             for i, kid in enumerate(kids):
                 d.register(name=f"job{i}", pid=kid.pid, devices=[f"gpu{i % 8}"])
             d.wait_rounds(20)

@@ -4,7 +4,6 @@ governor runs the round-cost setup (32 sensors, 8 GPUs, 16 jobs) at interval 0.5
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import threading
@@ -22,6 +21,7 @@ from bench.common import (
     workdir,
 )
 from bench.round_cost import loaded_config
+from tests.support.c_nvml import CNvmlState
 from tests.support.daemon import free_port
 
 INTERVAL = 0.5
@@ -54,10 +54,10 @@ def run(quick: bool) -> list[Row]:
         return [Row("4. scrape", note, "-", "-", "throughput >= node_exporter, p99 < 10 ms")]
     with workdir("scrape") as path:
         sys_root = build_sysfs(path)
-        state = path / "nvml.json"
-        state.write_text(json.dumps(eight_gpus()))
+        nvml = CNvmlState(path / "nvml.state", log_calls=False)
+        nvml.write(eight_gpus())
         with children(*[["sleep", "3600"]] * 16) as kids, daemon(
-                path, loaded_config(sys_root, INTERVAL), fake_nvml_state=state) as d:
+                path, loaded_config(sys_root, INTERVAL), c_nvml=nvml) as d:
             for i, kid in enumerate(kids):
                 d.register(name=f"job{i}", pid=kid.pid, devices=[f"gpu{i % 8}"])
             d.wait_rounds(2)

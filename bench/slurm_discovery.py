@@ -35,7 +35,6 @@ differences are reported, not judged: at 1 s they are a few ticks, within the no
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -47,6 +46,7 @@ from bench.common import Row, build_sysfs, daemon, eight_gpus, metric, workdir
 from bench.round_cost import loaded_config
 from governor.config import SlurmConfig
 from governor.jobs.sources.slurm import SlurmSource
+from tests.support.c_nvml import CNvmlState
 from tests.support.daemon import DaemonProcess
 from tests.support.slurm_cluster import SlurmCluster, slurm_missing
 
@@ -165,8 +165,8 @@ def wait(check: Any, timeout: float, what: str) -> None:
 
 def measure(path: Path, seconds: float) -> dict[str, Any]:
     sys_root = build_sysfs(path / "sysfs")
-    state = path / "nvml.json"
-    state.write_text(json.dumps(eight_gpus()))
+    nvml = CNvmlState(path / "nvml.state", log_calls=False)
+    nvml.write(eight_gpus())
     cluster = SlurmCluster(path / "slurm", (NODE,), cpus=64)
     out: dict[str, Any] = {"interval_s": 1.0, "seconds": seconds, "jobs": JOBS}
     try:
@@ -177,8 +177,8 @@ def measure(path: Path, seconds: float) -> dict[str, Any]:
                                 "hold": "suspend"}}
         for sub in ("on", "off"):
             (path / sub).mkdir()
-        with daemon(path / "on", on, fake_nvml_state=state) as d, \
-                daemon(path / "off", base, fake_nvml_state=state) as control:
+        with daemon(path / "on", on, c_nvml=nvml) as d, \
+                daemon(path / "off", base, c_nvml=nvml) as control:
             both = {"on": d, "off": control}
             d.wait_rounds(5)
             out["no_jobs"] = per_round(both, seconds)

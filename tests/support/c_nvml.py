@@ -105,9 +105,12 @@ def to_lines(state: dict[str, Any]) -> list[str]:
 class CNvmlState:
     """The C fake's state file, and what the library wrote back into it."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, log_calls: bool = True):
         self.folder = build()
         self.path = path
+        #: whether the library logs every call (tests count calls; a benchmark measures
+        #: the binding as a driver serves it, and a driver keeps no such log)
+        self.log_calls = log_calls
         #: every call the library answered, one name a line (pynvml's function names)
         self.log_path = path.with_name(path.name + ".calls")
 
@@ -136,11 +139,13 @@ class CNvmlState:
     def env(self) -> dict[str, str]:
         """For a daemon: the real pynvml finds this library first."""
         library_path = os.environ.get("LD_LIBRARY_PATH")
-        return {
+        env = {
             "LD_LIBRARY_PATH": os.pathsep.join(filter(None, [str(self.folder), library_path])),
             "FAKE_NVML_STATE": str(self.path),
-            "FAKE_NVML_LOG": str(self.log_path),
         }
+        if self.log_calls:
+            env["FAKE_NVML_LOG"] = str(self.log_path)
+        return env
 
     @contextlib.contextmanager
     def loaded_into_pynvml(self, monkeypatch: pytest.MonkeyPatch) -> Iterator[ctypes.CDLL]:
