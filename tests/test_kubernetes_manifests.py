@@ -19,6 +19,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
+import subprocess
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -35,6 +37,10 @@ from governor.config import Config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy" / "kubernetes"
+#: the overlay for kubelets before 1.33 (nodes/proxy). A sibling, not a subfolder:
+#: kustomize refuses an overlay inside the base it builds on (a cycle)
+BEFORE_1_33 = REPO / "deploy" / "kubernetes-before-1.33"
+KUSTOMIZATIONS = (DEPLOY, BEFORE_1_33)
 #: the PodMonitor CRD of prometheus-operator (example/prometheus-operator-crd/
 #: monitoring.coreos.com_podmonitors.yaml, v0.93.0 when this was written): a data file
 #: from another project, so it is not committed here but kept in the shared fixtures
@@ -68,7 +74,7 @@ PATH_SUFFIXES = ("_dir", "_root", "_file", "socket", "tls_cert", "tls_key", "tls
 # ---- reading the manifests ----
 
 def _documents(directory: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
-    for path in sorted(directory.rglob("*.yaml")):
+    for path in sorted(directory.glob("*.yaml")):
         if path.name == "kustomization.yaml":
             continue
         for doc in yaml.safe_load_all(path.read_text()):
@@ -165,7 +171,7 @@ def _port(name_or_number: str | int) -> int:
 @pytest.mark.parametrize("version", VERSIONS)
 def test_every_manifest_validates_against_kubernetes_schemas(version: str) -> None:
     checked = 0
-    for path, doc in _documents(DEPLOY):
+    for path, doc in [*_documents(DEPLOY), *_documents(BEFORE_1_33)]:
         if (doc["apiVersion"], doc["kind"]) in CUSTOM_KINDS:
             continue
         try:
@@ -175,7 +181,7 @@ def test_every_manifest_validates_against_kubernetes_schemas(version: str) -> No
                         f"is not valid Kubernetes {version}: {exc.caught.message} "
                         f"(at {'.'.join(map(str, exc.caught.absolute_path))})")
         checked += 1
-    assert checked >= 8  # namespace, quota, account, 2 roles, 2 bindings, config, daemonset
+    assert checked >= 9  # namespace, quota, account, 2 roles, 2 bindings, config, daemonset
 
 
 def test_strict_validation_rejects_an_unknown_field() -> None:
@@ -253,17 +259,18 @@ def test_the_podmonitor_selects_the_daemonsets_pods_on_the_api_port(tmp_path: Pa
 
 # ---- kustomize ----
 
-@pytest.mark.parametrize("directory", sorted(
-    {p.parent for p in DEPLOY.rglob("kustomization.yaml")}), ids=lambda p: p.name)
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda p: p.name)
 def test_the_kustomization_lists_every_file(directory: Path) -> None:
     kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
     listed = kustomization["resources"]
     files = sorted(p.name for p in directory.glob("*.yaml") if p.name != "kustomization.yaml")
     assert sorted(r for r in listed if r.endswith(".yaml")) == files
+    assert not [p for p in directory.iterdir() if p.is_dir()], "kustomize builds no subfolder"
     for resource in listed:
         assert (directory / resource).exists(), resource
     if directory != DEPLOY:  # an overlay builds on the whole deployment
         assert [r for r in listed if (directory / r).resolve() == DEPLOY] != []
+    assert not any(_under(str(k), str(directory)) for k in KUSTOMIZATIONS if k != directory)
     assert {i["name"] for i in kustomization.get("images", [])} <= {
         c["image"].split(":")[0] for c in _pod_spec()["containers"]}
 
@@ -271,13 +278,35 @@ def test_the_kustomization_lists_every_file(directory: Path) -> None:
 def test_before_1_33_kubelets_get_nodes_proxy_and_only_there() -> None:
     def rules(directory: Path) -> set[tuple[str, str]]:
         return {(resource, verb)
-                for path, doc in _documents(directory) if doc["kind"] == "ClusterRole"
-                and (directory == path.parent)
+                for _, doc in _documents(directory) if doc["kind"] == "ClusterRole"
                 for rule in doc["rules"] for resource in rule["resources"]
                 for verb in rule["verbs"]}
 
     assert rules(DEPLOY) == {("nodes/pods", "get")}
-    assert rules(DEPLOY / "kubelet-before-1.33") == {("nodes/proxy", "get")}
+    assert rules(BEFORE_1_33) == {("nodes/proxy", "get")}
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="no kubectl on PATH")
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda p: p.name)
+def test_kustomize_builds_the_documents_we_checked(directory: Path) -> None:
+    """`kubectl kustomize` (what `kubectl apply -k` runs first) builds each directory,
+    offline, into exactly the objects the tests above check, the image set."""
+    built = subprocess.run(["kubectl", "kustomize", str(directory)], capture_output=True,
+                           text=True, timeout=60)
+    assert built.returncode == 0, built.stderr
+    docs = [d for d in yaml.safe_load_all(built.stdout) if d is not None]
+    expected = [doc for _, doc in _documents(DEPLOY)]
+    if directory == BEFORE_1_33:
+        expected += [doc for _, doc in _documents(BEFORE_1_33)]
+
+    def names(objects: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+        return sorted((o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"])
+                      for o in objects)
+
+    assert names(docs) == names(expected)
+    (daemonset,) = [d for d in docs if d["kind"] == "DaemonSet"]
+    tag = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())["images"][0]["newTag"]
+    assert daemonset["spec"]["template"]["spec"]["containers"][0]["image"] == f"governor:{tag}"
 
 
 # ---- the config and the mounts ----
