@@ -13,6 +13,7 @@ from bench import (
     footprint,
     hold,
     idle_cost,
+    kubernetes_poll,
     reaction,
     round_cost,
     scrape,
@@ -29,6 +30,7 @@ BENCHMARKS: dict[str, Callable[[bool], list[Row]]] = {
     "slurm": slurm_discovery.run,
     "hold": hold.run,
     "idle": idle_cost.run,
+    "kubernetes": kubernetes_poll.run,
 }
 README = REPO / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"

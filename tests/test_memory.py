@@ -47,6 +47,10 @@ SCRAPE_EVERY = 10
 CLI_ONLY = ("httpx", "rich", "pygments", "governor.client.rest", "governor.client.cooperative",
             "governor.cli.top", "governor.cli.report", "governor.cli.launch",
             "governor.sampling.simulated")
+#: what only `[kubernetes] discover` needs (gRPC and protobuf are a few MB resident): a
+#: daemon with discovery off never imports them
+KUBERNETES_ONLY = ("grpc", "google.protobuf", "governor.host.podresources",
+                   "governor.host.kubernetes", "governor.jobs.sources.kubernetes")
 
 #: the daemon as `governor run` starts it, short of listening: what it has imported then
 STARTED = """
@@ -164,3 +168,5 @@ def test_the_daemon_imports_nothing_the_cli_alone_needs(tmp_path: Path, sys_tree
     loaded = set(json.loads(result.stdout.strip().splitlines()[-1]))
     assert "governor.cli.main" in loaded and "fastapi" in loaded
     assert not [name for name in loaded if name.split(".")[0] in CLI_ONLY or name in CLI_ONLY]
+    assert not [name for name in loaded if any(name == lazy or name.startswith(lazy + ".")
+                                               for lazy in KUBERNETES_ONLY)]

@@ -118,8 +118,8 @@ def test_a_batch_job_becomes_a_governor_job_and_goes_when_it_ends(
         "train resnet", "root", 50, ["gpu1"])
     assert job["mode"] == "suspend" and job["cgroup"].endswith(f"/job_{job_id}")
     metrics = d.metrics()
-    assert (f'governor_job_info{{id="{job["id"]}",job="train resnet",scheduler_id="{job_id}",'
-            'source="slurm",user="root"} 1.0') in metrics
+    assert (f'governor_job_info{{id="{job["id"]}",job="train resnet",namespace="",pod="",'
+            f'scheduler_id="{job_id}",source="slurm",user="root"}} 1.0') in metrics
     listed = d.cli("jobs").stdout
     assert job_id in listed and "slurm" in listed
 

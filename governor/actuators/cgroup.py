@@ -44,9 +44,11 @@ from governor.host import procfs
 from governor.host.cgroupfs import (
     MOUNTINFO,
     Hierarchy,
+    every_hierarchy,
     find_hierarchies,
     memberships,
     process_cgroups,
+    tree_of,
 )
 from governor.host.procfs import ancestors, is_kernel_thread
 from governor.jobs.model import Action, Directive, Job, Mode
@@ -176,6 +178,10 @@ class CgroupActuator:
         self.period_us = min(max(MIN_QUOTA_US, round(period * 1e6)), 1_000_000)
         self.freeze_timeout = freeze_timeout
         self._mounts = find_hierarchies(mountinfo)
+        #: every cgroup mount, also a second view of the host's tree (a DaemonSet's
+        #: /host/cgroup), where a cgroup given as a directory is looked for
+        self._every = every_hierarchy(mountinfo)
+        self._version = version
         own = memberships(own_cgroups)
         self._own = {name: own.get(name, "/") for name in self._mounts}
         allowed = [h for h in self._mounts.values() if version in ("auto", h.version)]
@@ -359,30 +365,41 @@ class CgroupActuator:
 
     def _attach_cgroup(self, given: str) -> _Held:
         directory = Path(os.path.normpath(given))
-        named = {h.name: cg for h in self._mounts.values()
-                 if (cg := h.cgroup(directory)) is not None}
+        # a directory: the tree of mounts it lies in, whichever view of the host's
+        # cgroups that is; a cgroup path: the governor's own mounts
+        tree = {n: h for n, h in tree_of(directory, self._every).items()
+                if self._version in ("auto", h.version)} if directory.is_absolute() else {}
+        named = {h.name: cg for h in tree.values()
+                 if directory.is_relative_to(h.mount) and (cg := h.cgroup(directory)) is not None}
         if named:
             cgroup = next(iter(named.values()))
+            freezers = [tree[n] for n in ("v2", "freezer") if n in tree]
+            quotas = [tree[n] for n in ("v2", "cpu") if n in tree]
         elif given.startswith("/"):
             cgroup = posixpath.normpath(given)
+            freezers, quotas, tree = self._freezers, self._quotas, self._mounts
         else:
             raise ActuatorError(f"cgroup {given!r} is neither under a cgroup mount nor a "
                                 "cgroup path starting with /")
         if cgroup == "/":
             raise ActuatorError("refusing to hold a root cgroup: it holds every process")
-        freeze_h = next((h for h in self._freezers if h.name in named), self._freezers[0])
+        if not freezers:
+            raise ActuatorError(f"cgroup {given!r} lies in no cgroup v2 or v1 freezer "
+                                "hierarchy")
+        freeze_h = next((h for h in freezers if h.name in named), freezers[0])
         freeze = freeze_h.dir(cgroup)
         if not freeze.is_dir():
             raise ActuatorError(f"no cgroup at {freeze}")
-        own = self._own[freeze_h.name]
-        if (own + "/").startswith(cgroup.rstrip("/") + "/"):
+        own = self._own.get(freeze_h.name)
+        if own is not None and (own + "/").startswith(cgroup.rstrip("/") + "/") \
+                and freeze_h.mount == self._mounts[freeze_h.name].mount:
             raise ActuatorError(f"cgroup {cgroup} holds the governor itself")
         held = _Held(freeze_h, freeze)
-        for h in sorted(self._quotas, key=lambda h: h.name not in named):
+        for h in sorted(quotas, key=lambda h: h.name not in named):
             if (h.dir(cgroup) / QUOTA_FILE[h.version]).is_file():
                 held.quota_h, held.quota = h, h.dir(cgroup)
                 break
-        held.usage_file = self._usage_file(held)
+        held.usage_file = self._usage_file(held, tree)
         return held
 
     def _adopt(self, job: Job, held: _Held) -> None:
@@ -398,13 +415,15 @@ class CgroupActuator:
         if isinstance(quota, dict) and quota.get("path") == str(held.quota):
             held.original_quota = str(quota.get("original"))
 
-    def _usage_file(self, held: _Held) -> Path | None:
+    def _usage_file(self, held: _Held,
+                    tree: dict[str, Hierarchy] | None = None) -> Path | None:
         for h, directory in ((held.freeze_h, held.freeze), (held.quota_h, held.quota)):
             if h is not None and directory is not None and h.version == "v2":
                 return directory / "cpu.stat"
         if held.quota is not None and (held.quota / "cpuacct.usage").is_file():
             return held.quota / "cpuacct.usage"
-        acct, cgroup = self._mounts.get("cpuacct"), held.freeze_h.cgroup(held.freeze)
+        acct = (self._mounts if tree is None else tree).get("cpuacct")
+        cgroup = held.freeze_h.cgroup(held.freeze)
         if acct is None or cgroup is None:
             return None
         file = acct.dir(cgroup) / "cpuacct.usage"

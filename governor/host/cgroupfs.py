@@ -91,6 +91,32 @@ def find_hierarchies(mountinfo: Path = MOUNTINFO) -> dict[str, Hierarchy]:
     return found
 
 
+def every_hierarchy(mountinfo: Path = MOUNTINFO) -> list[Hierarchy]:
+    """Every mounted cgroup hierarchy, in mount order, a hierarchy mounted twice (the
+    host's tree seen again at a container's /host/cgroup) listed twice."""
+    found: list[Hierarchy] = []
+    for mount in mounts(mountinfo):
+        names = ["v2"] if mount.fstype == "cgroup2" else (
+            sorted(mount.super_options & V1_CONTROLLERS) if mount.fstype == "cgroup" else [])
+        found.extend(Hierarchy(name, Path(mount.mount_point), mount.root) for name in names)
+    return found
+
+
+def tree_of(directory: Path, hierarchies: list[Hierarchy]) -> dict[str, Hierarchy]:
+    """The hierarchies, by name, of the cgroup tree `directory` lies in: the mount holding
+    it, and the cgroup mounts beside that one (a v1 or hybrid tree mounts each hierarchy in
+    a directory of one parent: freezer/, cpu,cpuacct/, unified/). {} when it is in none."""
+    holding = [h for h in hierarchies if directory.is_relative_to(h.mount)]
+    if not holding:
+        return {}
+    home = max(holding, key=lambda h: len(h.mount.parts))
+    found = {h.name: h for h in holding if h.mount == home.mount}
+    for h in hierarchies:
+        if h.mount.parent == home.mount.parent and not home.mount.is_relative_to(h.mount):
+            found.setdefault(h.name, h)
+    return found
+
+
 def cgroup2_mount(mountinfo: Path = MOUNTINFO) -> Path | None:
     """Where the first cgroup2 is mounted; None when none is."""
     for mount in mounts(mountinfo):

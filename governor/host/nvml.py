@@ -7,6 +7,7 @@ it to run the daemon against a fake NVML. It is never needed in production.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from types import ModuleType
@@ -55,3 +56,58 @@ def error_code(exc: BaseException) -> int:
     if type(exc).__name__ == "NVMLLibraryMismatchError":
         return ERROR_FUNCTION_NOT_FOUND
     return int(getattr(exc, "value", -1))
+
+
+class UuidIndex:
+    """A GPU's NVML index (the N of governor's `gpuN`) from the id a device plugin gives
+    a pod: a GPU UUID ("GPU-..."), a MIG device UUID ("MIG-...", answered with its parent
+    GPU's index), or a plain index (the NVIDIA plugin's `index` strategy). NVML is
+    initialised on first use and kept; answers are kept while it stays up."""
+
+    def __init__(self) -> None:
+        self._nvml: ModuleType | None = None
+        self._known: dict[str, int] = {}
+
+    def index(self, device_id: str) -> int:
+        """The index; raises LookupError naming why when NVML cannot match it."""
+        device_id = strip_replica(device_id)
+        if device_id.isdigit():
+            return int(device_id)
+        if device_id in self._known:
+            return self._known[device_id]
+        nvml = self._load()
+        try:
+            handle = nvml.nvmlDeviceGetHandleByUUID(device_id)
+            if device_id.startswith("MIG-"):
+                handle = nvml.nvmlDeviceGetDeviceHandleFromMigDeviceHandle(handle)
+            index = int(nvml.nvmlDeviceGetIndex(handle))
+        except Exception as exc:
+            code = error_code(exc)
+            if code in NVML_GONE:
+                self.close()
+            raise LookupError(f"NVML has no device {device_id}: {exc}") from None
+        self._known[device_id] = index
+        return index
+
+    def _load(self) -> ModuleType:
+        if self._nvml is None:
+            try:
+                nvml = load_module()
+                nvml.nvmlInit()
+            except Exception as exc:
+                raise LookupError(f"NVML cannot be loaded: {exc}") from None
+            self._nvml = nvml
+        return self._nvml
+
+    def close(self) -> None:
+        if self._nvml is not None:
+            with contextlib.suppress(Exception):
+                self._nvml.nvmlShutdown()
+            self._nvml = None
+        self._known.clear()
+
+
+def strip_replica(device_id: str) -> str:
+    """A device id without the time-slicing replica suffix the NVIDIA device plugin adds
+    when it shares a GPU ("GPU-...::2")."""
+    return device_id.split("::", 1)[0]

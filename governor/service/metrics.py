@@ -131,6 +131,14 @@ class SnapshotCollector(Collector):
         yield duration
 
 
+def pod_of(source: str, scheduler_id: str | None) -> tuple[str, str]:
+    """A Kubernetes job's (namespace, pod), from its scheduler id; ("", "") for others."""
+    if source != "kubernetes" or not scheduler_id or "/" not in scheduler_id:
+        return "", ""
+    namespace, _, pod = scheduler_id.partition("/")
+    return namespace, pod
+
+
 def threshold_unit(metric: str) -> str:
     """The unit family a rule's threshold belongs to: the suffix of the metric it watches,
     so a panel draws `_celsius` lines on a `_celsius` axis. `gpu_info` is a presence flag
@@ -175,10 +183,14 @@ class ControlCollector(Collector):
             "holds it: the rules, joined by \", \", or operator; \"\" while running. Value 1.",
             labels=["job", "id", "state", "reason"])
         info = GaugeMetricFamily(
-            PREFIX + "job_info", "Each job's origin, value 1: source (api, launch, slurm), "
-            "the scheduler's id for it (the Slurm job id) and its user, to join any per-job "
+            PREFIX + "job_info", "Each job's origin, value 1: source (api, launch, slurm, "
+            "kubernetes), the scheduler's id for it (the Slurm job id, namespace/pod), its "
+            "user, and a pod's namespace and name (\"\" for other jobs), to join any per-job "
             "series to the scheduler's job.", labels=["id", "job", "source", "scheduler_id",
-                                                      "user"])
+                                                      "user", "namespace", "pod"])
+        pods = GaugeMetricFamily(
+            PREFIX + "gpu_pod_info", "Value 1 for each GPU a Kubernetes pod holds, to join "
+            "the per-GPU series to the pod on the GPU.", labels=["gpu", "namespace", "pod"])
         for job in view.jobs:
             if job.state == "gone":
                 continue
@@ -187,8 +199,13 @@ class ControlCollector(Collector):
             holding = "" if job.state == "running" else ", ".join(
                 view.held_by.get(job.id, ()))
             states.add_metric([job.name, job.id, job.state, holding], 1)
+            namespace, pod = pod_of(job.source, job.scheduler_id)
             info.add_metric([job.id, job.name, job.source, job.scheduler_id or "",
-                             job.user or ""], 1)
+                             job.user or "", namespace, pod], 1)
+            if pod:
+                for device in job.devices:
+                    if device.startswith("gpu") and device[3:].isdigit():
+                        pods.add_metric([device[3:], namespace, pod], 1)
         yield info
         yield speed
         yield paused
@@ -199,6 +216,7 @@ class ControlCollector(Collector):
         for gpu, watts in sorted(self._controller.power_caps.items()):
             caps.add_metric([gpu], watts)
         yield caps
+        yield pods
 
     @staticmethod
     def _thresholds(entries: Iterable[Mapping[str, Any]]) -> Iterator[Metric]:

@@ -92,6 +92,8 @@ def to_lines(state: dict[str, Any]) -> list[str]:
             lines.append(prefix + "processes=" + ",".join(f"{p}:{m}" for p, m in gpu["processes"]))
         elif "pids" in gpu:
             lines.append(prefix + "processes=" + ",".join(f"{p}:{2**30}" for p in gpu["pids"]))
+        if gpu.get("mig"):  # the UUIDs of its MIG devices, in slot order
+            lines.append(prefix + "mig=" + ",".join(gpu["mig"]))
         if gpu.get("lost"):
             lines.append(f"{prefix}lost=1")
         for function, failure in (gpu.get("errors") or {}).items():

@@ -63,8 +63,12 @@ class DaemonProcess:
         env: dict[str, str] | None = None,
         fake_nvml_state: Path | None = None,
         c_nvml: CNvmlState | None = None,
+        prefix: list[str] | None = None,
     ):
         self.workdir = workdir
+        #: run before the daemon's command, which it must exec (`unshare --mount ...`),
+        #: so that the process started is the daemon
+        self.prefix = list(prefix or [])
         self.port = free_port()
         config = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
         config.setdefault("api", {}).setdefault("listen", f"127.0.0.1:{self.port}")
@@ -94,7 +98,8 @@ class DaemonProcess:
     def start(self, wait: bool = True) -> DaemonProcess:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "governor", "run", "--config", str(self.config_path)],
+                [*self.prefix, sys.executable, "-m", "governor", "run", "--config",
+                 str(self.config_path)],
                 cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             )
         if wait:

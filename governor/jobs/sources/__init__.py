@@ -36,6 +36,9 @@ class SourceSpec:
 SOURCES: dict[str, SourceSpec] = {spec.name: spec for spec in (
     SourceSpec("slurm", "governor.jobs.sources.slurm:from_config", "slurm.discover",
                "every Slurm job with processes on this node (slurmd's spool)"),
+    SourceSpec("kubernetes", "governor.jobs.sources.kubernetes:from_config",
+               "kubernetes.discover",
+               "every pod on this node holding a GPU (the kubelet's pod-resources API)"),
 )}
 
 #: sources whose jobs arrive through the REST API

@@ -14,6 +14,8 @@
  *                                     power_limit_mw power_default_mw power_min_mw
  *                                     power_max_mw memory_used memory_total sm_clock_mhz
  *                                     clock_events processes (pid:bytes,...) lost
+ *                                     mig (MIG device UUIDs, comma-separated, in
+ *                                     slot order: the GPU is in MIG mode)
  *   gpu.N.error.<function>=CODE       that function fails on that GPU
  *   gpu.N.power_limit_set_mw=value    written here by nvmlDeviceSetPowerManagementLimit
  *
@@ -81,8 +83,12 @@ static const struct { const char *name; int code; } ERRORS[] = {
 #define MAX_GPUS 64
 #define MAX_LINES 4096
 
+#define MAX_MIG 8
+
 struct fake_device { int index; };
 static struct fake_device devices[MAX_GPUS];
+/* MIG device handles: slot s of GPU g is mig_devices[g * MAX_MIG + s] */
+static struct fake_device mig_devices[MAX_GPUS * MAX_MIG];
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static int init_depth;
@@ -381,21 +387,107 @@ EXPORT nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, nvmlDevice
     return leave(NVML_SUCCESS);
 }
 
+/* The UUID of MIG slot `slot` of GPU `index` (gpu.N.mig), copied into out; 0 if none. */
+static int mig_uuid(int index, int slot, char *out, size_t size)
+{
+    const char *p = gpu_get(index, "mig");
+    for (int at = 0; p && *p; at++) {
+        const char *end = strchr(p, ',');
+        size_t n = end ? (size_t)(end - p) : strlen(p);
+        if (at == slot) {
+            if (n == 0 || n + 1 > size)
+                return 0;
+            memcpy(out, p, n);
+            out[n] = 0;
+            return 1;
+        }
+        p = end ? end + 1 : NULL;
+    }
+    return 0;
+}
+
+static int is_mig_handle(nvmlDevice_t device)
+{
+    return device >= mig_devices && device < mig_devices + MAX_GPUS * MAX_MIG;
+}
+
+/* NVML (R470 on) finds a MIG device by its "MIG-..." UUID as well, and answers a MIG
+ * device handle. */
 EXPORT nvmlReturn_t nvmlDeviceGetHandleByUUID(const char *uuid, nvmlDevice_t *device)
 {
     int unused;
     nvmlReturn_t ret = enter("nvmlDeviceGetHandleByUUID", NULL, &unused);
     if (ret)
         return ret;
+    if (!uuid || !device)
+        return leave(NVML_ERROR_INVALID_ARGUMENT);
     int count = gpu_count();
     for (int i = 0; i < count; i++) {
         const char *value = gpu_get(i, "uuid");
-        if (value && uuid && !strcmp(value, uuid)) {
+        if (value && !strcmp(value, uuid)) {
             *device = &devices[i];
             return leave(NVML_SUCCESS);
         }
     }
+    char mig[96];
+    for (int i = 0; i < count; i++)
+        for (int slot = 0; slot < MAX_MIG; slot++)
+            if (mig_uuid(i, slot, mig, sizeof mig) && !strcmp(mig, uuid)) {
+                *device = &mig_devices[i * MAX_MIG + slot];
+                return leave(NVML_SUCCESS);
+            }
     return leave(NVML_ERROR_NOT_FOUND);
+}
+
+/* The parent GPU of a MIG device handle; INVALID_ARGUMENT for any other handle. */
+EXPORT nvmlReturn_t nvmlDeviceGetDeviceHandleFromMigDeviceHandle(nvmlDevice_t mig,
+                                                                 nvmlDevice_t *device)
+{
+    int unused;
+    nvmlReturn_t ret = enter("nvmlDeviceGetDeviceHandleFromMigDeviceHandle", NULL, &unused);
+    if (ret)
+        return ret;
+    if (!device || !is_mig_handle(mig))
+        return leave(NVML_ERROR_INVALID_ARGUMENT);
+    int parent = (int)(mig - mig_devices) / MAX_MIG, slot = (int)(mig - mig_devices) % MAX_MIG;
+    char uuid[96];
+    if (parent >= gpu_count() || !mig_uuid(parent, slot, uuid, sizeof uuid))
+        return leave(NVML_ERROR_INVALID_ARGUMENT);  /* the MIG device was destroyed */
+    const char *lost = gpu_get(parent, "lost");
+    if (lost && strcmp(lost, "0") && strcmp(lost, ""))
+        return leave(NVML_ERROR_GPU_IS_LOST);
+    *device = &devices[parent];
+    return leave(NVML_SUCCESS);
+}
+
+EXPORT nvmlReturn_t nvmlDeviceIsMigDeviceHandle(nvmlDevice_t device, unsigned int *is_mig)
+{
+    int unused;
+    nvmlReturn_t ret = enter("nvmlDeviceIsMigDeviceHandle", NULL, &unused);
+    if (ret)
+        return ret;
+    if (!is_mig)
+        return leave(NVML_ERROR_INVALID_ARGUMENT);
+    if (is_mig_handle(device))
+        *is_mig = 1;
+    else if (device >= devices && device < devices + MAX_GPUS)
+        *is_mig = 0;
+    else
+        return leave(NVML_ERROR_INVALID_ARGUMENT);
+    return leave(NVML_SUCCESS);
+}
+
+/* NVML's index of a GPU handle; a MIG device handle is not a GPU's: INVALID_ARGUMENT. */
+EXPORT nvmlReturn_t nvmlDeviceGetIndex(nvmlDevice_t device, unsigned int *out)
+{
+    int index;
+    nvmlReturn_t ret = enter("nvmlDeviceGetIndex", device, &index);
+    if (ret)
+        return ret;
+    if (!out)
+        return leave(NVML_ERROR_INVALID_ARGUMENT);
+    *out = (unsigned int)index;
+    return leave(NVML_SUCCESS);
 }
 
 EXPORT nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t device, char *name, unsigned int length)
