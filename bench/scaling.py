@@ -219,7 +219,7 @@ def slope(x0: float, y0: float, x1: float, y1: float) -> float:
 
 
 def run(quick: bool) -> list[Row]:
-    window, scrapes = (1.5, 4) if quick else (15.0, 30)
+    window, scrapes = (1.0, 3) if quick else (15.0, 30)
     axes = AXES
     if quick:  # fewer children to start and register; the same code measures them
         axes = {**AXES, "jobs": ("jobs", [BASE, Size(jobs=64), Size(jobs=256)])}
