@@ -16,6 +16,7 @@ from bench import (
     kubernetes_poll,
     reaction,
     round_cost,
+    scaling,
     scrape,
     slurm_discovery,
 )
@@ -30,10 +31,13 @@ BENCHMARKS: dict[str, Callable[[bool], list[Row]]] = {
     "slurm": slurm_discovery.run,
     "hold": hold.run,
     "idle": idle_cost.run,
+    "scaling": scaling.run,
     "kubernetes": kubernetes_poll.run,
 }
 README = REPO / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+#: the "How cost grows" table (bench/scaling.py), written like the main one
+SCALING_START, SCALING_END = "<!-- scaling:start -->", "<!-- scaling:end -->"
 
 
 def readme_table(rows: list[Row], info: dict[str, object]) -> str:
@@ -46,6 +50,25 @@ def readme_table(rows: list[Row], info: dict[str, object]) -> str:
         lines.append(f"| {r.name} | {r.governor} | {r.peer} | {r.ratio} | {r.target} | "
                      f"{result} |")
     return head + "\n".join(lines)
+
+
+def write_readme(rows: list[Row], info: dict[str, object], main_table: bool) -> None:
+    """The main table after a full run of everything; the scaling table after any full
+    run of the scaling benchmark (`--only scaling` too: it is a table of its own, headed
+    by its own run's machine and load)."""
+    text = README.read_text()
+    if main_table and START in text:
+        block = f"{START}\n{readme_table(rows, info)}\n{END}"
+        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text,
+                      flags=re.S)
+    growth = scaling.readme_block(rows)
+    if growth is not None and SCALING_START in text:
+        head = (f"Last run: {info['date']}, {info['cpus']} CPUs ({info['cpu_model']}), "
+                f"load before {float(str(info['load_before'])):.2f}.\n\n")
+        block = f"{SCALING_START}\n{head}{growth}\n{SCALING_END}"
+        text = re.sub(re.escape(SCALING_START) + ".*?" + re.escape(SCALING_END),
+                      lambda _: block, text, flags=re.S)
+    README.write_text(text)
 
 
 def main() -> int:
@@ -68,12 +91,8 @@ def main() -> int:
         print(table(found), f"\n   ({time.monotonic() - step:.0f} s)", flush=True)
     print(f"\n{table(rows)}\n\n{time.monotonic() - began:.0f} s in all")
     write_results(rows, info)
-    if not args.quick and not args.only:
-        text = README.read_text()
-        block = f"{START}\n{readme_table(rows, info)}\n{END}"
-        if START in text:
-            text = re.sub(re.escape(START) + ".*?" + re.escape(END), block, text, flags=re.S)
-            README.write_text(text)
+    if not args.quick:
+        write_readme(rows, info, main_table=not args.only)
     return 0 if all(r.passed is not False for r in rows) else 1
 
 

@@ -8,7 +8,7 @@ it.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -78,13 +78,15 @@ def strictest(directives: list[Directive]) -> Directive:
     held = [d for d in directives if d.action is not Action.RUN]
     if not held:
         return RUN
+    # built at once, not through dataclasses.replace: this runs for every held job every
+    # round (a third of the policy's time at 1,000 jobs went to replace's introspection)
     if any(d.action is Action.PAUSE for d in held):
-        winner = Directive(Action.PAUSE, 0.0)
+        action, speed = Action.PAUSE, 0.0
     else:
-        winner = Directive(Action.SLOW, min(d.speed for d in held))
+        action, speed = Action.SLOW, min(d.speed for d in held)
     reasons = tuple(dict.fromkeys(r for d in held for r in d.reasons))
     rules = tuple(dict.fromkeys(r for d in held for r in d.rules))
-    return replace(winner, reasons=reasons, rules=rules, defer=all(d.defer for d in held))
+    return Directive(action, speed, reasons, rules, all(d.defer for d in held))
 
 
 @dataclass

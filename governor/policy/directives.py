@@ -117,14 +117,16 @@ def decide(
     limit between the ends of its range (`power_ranges`) instead."""
     asks: dict[str, list[Directive]] = {job.id: [] for job in jobs}
     caps: dict[str, PowerCap] = {}
+    settled: dict[tuple[int, ...], Directive] = {}
     # one pass over the jobs, so that each series looks only at its device's jobs
     by_device: dict[str, list[Job]] = {}
     for job in jobs:
         for bound in job.bound_devices:
             by_device.setdefault(bound, []).append(job)
+    operator = pause("operator pause", rules=(OPERATOR,))
     for job in jobs:
         if job.held_by_operator:
-            asks[job.id].append(pause("operator pause", rules=(OPERATOR,)))
+            asks[job.id].append(operator)
     for rule in rules:
         if rule.holds:
             _hold(rule, states, (holds or {}).get(rule.name, {}), power_ranges or {}, jobs,
@@ -142,14 +144,25 @@ def decide(
                     caps[device] = _tighter(caps.get(device), rule, device,
                                             rule.power_cap_watts, why)
                 continue
-            for job in acted_on:
-                if rule.action == "pause":
-                    asks[job.id].append(pause(why, rules=(rule.name,), defer=rule.defer))
-                else:
-                    assert rule.speed is not None
-                    asks[job.id].append(slow(rule.speed, why, rules=(rule.name,),
-                                             defer=rule.defer))
-    return {job_id: strictest(d) if d else RUN for job_id, d in asks.items()}, caps
+            if rule.action == "pause":
+                ask = pause(why, rules=(rule.name,), defer=rule.defer)
+            else:
+                assert rule.speed is not None
+                ask = slow(rule.speed, why, rules=(rule.name,), defer=rule.defer)
+            for job in acted_on:  # one directive per series, shared: it is frozen
+                asks[job.id].append(ask)
+    return {job_id: _strictest(d, settled) if d else RUN for job_id, d in asks.items()}, caps
+
+
+def _strictest(asks: list[Directive], settled: dict[tuple[int, ...], Directive]) -> Directive:
+    """`strictest`, settled once per distinct list of asks: the jobs of one device share
+    their series' directives (the same objects, see `decide`), so at 1,000 jobs most
+    lists repeat. Keyed by the objects' ids, which `asks` keeps alive for the call."""
+    key = tuple(map(id, asks))
+    found = settled.get(key)
+    if found is None:
+        found = settled[key] = strictest(asks)
+    return found
 
 
 def _hold(rule: RuleConfig, states: RuleStates, speeds: Mapping[Labels, float],
@@ -178,10 +191,10 @@ def _hold(rule: RuleConfig, states: RuleStates, speeds: Mapping[Labels, float],
         if given >= 1.0 - FULL_SPEED_EPSILON:
             continue
         why = hold_reason(rule, labels, value, speed)
+        ask = (pause(why, rules=(rule.name,), defer=rule.defer) if given <= 0 else
+               slow(given, why, rules=(rule.name,), defer=rule.defer))
         for job in acted_on:
-            asks[job.id].append(pause(why, rules=(rule.name,), defer=rule.defer)
-                                if given <= 0 else
-                                slow(given, why, rules=(rule.name,), defer=rule.defer))
+            asks[job.id].append(ask)
 
 
 def _tighter(current: PowerCap | None, rule: RuleConfig, device: str, watts: float,

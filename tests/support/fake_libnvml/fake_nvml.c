@@ -95,6 +95,13 @@ static int init_depth;
 static char *text;                 /* the state file, lines split in place */
 static char *keys[MAX_LINES], *values[MAX_LINES];
 static int nlines;
+/* An index of the keys (open addressing, FNV-1a): each call looks up a few keys, and a
+ * scan of every line per lookup made a round's cost grow with the square of the GPUs
+ * (the scaling bench's 64 GPUs), a cost of the fake, not of a driver. Each slot holds
+ * the line of a key's last value, or -1. gpu_count is counted once a load, likewise. */
+#define SLOTS (2 * MAX_LINES)
+static int slots[SLOTS];
+static int counted_gpus;
 static struct stat seen;
 static char seen_path[4096];
 
@@ -110,6 +117,31 @@ static int error_code(const char *value)
     return NVML_ERROR_UNKNOWN;
 }
 
+static unsigned slot_of(const char *key)
+{
+    unsigned h = 2166136261u;
+    for (const unsigned char *p = (const unsigned char *)key; *p; p++)
+        h = (h ^ *p) * 16777619u;
+    return h % SLOTS;
+}
+
+/* Fills the index from keys[]: a later line with the same key takes the slot over, so a
+ * lookup answers the key's last value, as the file's order says. */
+static void index_lines(void)
+{
+    memset(slots, -1, sizeof slots);
+    counted_gpus = 0;
+    for (int i = 0; i < nlines; i++) {
+        unsigned h = slot_of(keys[i]);
+        while (slots[h] >= 0 && strcmp(keys[slots[h]], keys[i]))
+            h = (h + 1) % SLOTS;
+        slots[h] = i;
+        int index;
+        if (sscanf(keys[i], "gpu.%d.", &index) == 1 && index >= counted_gpus && index < MAX_GPUS)
+            counted_gpus = index + 1;
+    }
+}
+
 /* Reads the state file again if it changed. Called with the lock held. */
 static void load(void)
 {
@@ -119,6 +151,7 @@ static void load(void)
         free(text);
         text = NULL;
         nlines = 0;
+        index_lines();
         seen_path[0] = 0;
         return;
     }
@@ -145,6 +178,7 @@ static void load(void)
         keys[nlines] = line;
         values[nlines++] = eq + 1;
     }
+    index_lines();
     seen = st;
     snprintf(seen_path, sizeof seen_path, "%s", path);
 }
@@ -152,9 +186,11 @@ static void load(void)
 /* The last value of a key, or NULL. */
 static const char *get(const char *key)
 {
-    for (int i = nlines - 1; i >= 0; i--)
-        if (!strcmp(keys[i], key))
-            return values[i];
+    if (nlines == 0)  /* no state read yet: the index is not filled */
+        return NULL;
+    for (unsigned h = slot_of(key); slots[h] >= 0; h = (h + 1) % SLOTS)
+        if (!strcmp(keys[slots[h]], key))
+            return values[slots[h]];
     return NULL;
 }
 
@@ -167,13 +203,7 @@ static const char *gpu_get(int index, const char *field)
 
 static int gpu_count(void)
 {
-    int count = 0;
-    for (int i = 0; i < nlines; i++) {
-        int index;
-        if (sscanf(keys[i], "gpu.%d.", &index) == 1 && index >= count && index < MAX_GPUS)
-            count = index + 1;
-    }
-    return count;
+    return counted_gpus;
 }
 
 static void log_call(const char *name)
