@@ -1,13 +1,14 @@
-"""9. Kubernetes discovery: what the source's poll costs a round, and what gRPC costs the
+"""10. Kubernetes discovery: what the source's poll costs a round, and what gRPC costs the
 daemon's memory.
 
 The fake kubelet's pod-resources server (tests/support/kubelet.py: a real gRPC server from
-the vendored api.proto) runs in a process of its own, listing PODS pods with one GPU each
-(device ids in the NVIDIA plugin's `index` form, so no NVML is involved: its matching runs
-once per new pod anyway). The source (`KubernetesSource`) polls it from this process,
-with a log directory and a cgroup tree in the kubelet's shapes for those pods (plain
-files: the source only reads names there). Measured with `time.process_time()` (every
-thread of this process, gRPC's included; not the server's):
+the kubelet's own api.proto where the shared fixtures have it) runs in a process of its
+own, listing PODS pods with one GPU each (device ids in the NVIDIA plugin's `index`
+form, so no NVML is involved: its matching runs once per new pod anyway). The source
+(`KubernetesSource`) polls it from this process, with a log directory and a cgroup tree
+in the kubelet's shapes for those pods (plain files: the source only reads names there).
+Measured with `time.process_time()` (every thread of this process, gRPC's included; not
+the server's):
 
 - the first poll (every pod new: its uid, its cgroup, its request);
 - POLLS polls that find nothing new, as every round in steady state: one `List` each,
@@ -115,15 +116,16 @@ def run(quick: bool) -> list[Row]:
             assert server.stdin is not None
             server.stdin.close()
             server.wait(timeout=10)
-    return [Row(f"kubernetes poll, {PODS} pods, nothing new (CPU per poll)",
+    return [Row(f"10. kubernetes poll, {PODS} pods, nothing new (CPU per poll)",
                 f"{steady_ms:.3f} ms", target=f"<= {TARGET_MS} ms",
                 passed=steady_ms <= TARGET_MS,
                 details={"pods": PODS, "polls": polls, "steady_cpu_ms": steady_ms,
                          "steady_parsed_cpu_ms": parsed_ms,
                          "steady_wall_ms": wall_ms, "first_poll_cpu_ms": first_ms,
                          "grpc_rss_kib": rss_kib}),
-            Row(f"kubernetes poll, {PODS} pods, nothing new, answer parsed (CPU per poll)",
+            Row(f"10. kubernetes poll, {PODS} pods, nothing new, answer parsed (CPU per poll)",
                 f"{parsed_ms:.3f} ms", target=f"<= {TARGET_MS} ms",
                 passed=parsed_ms <= TARGET_MS),
-            Row(f"kubernetes first poll, {PODS} new pods (CPU)", f"{first_ms:.1f} ms"),
-            Row("kubernetes: grpc + channel, resident memory added", f"{rss_kib / 1024:.1f} MiB")]
+            Row(f"10. kubernetes first poll, {PODS} new pods (CPU)", f"{first_ms:.1f} ms"),
+            Row("10. kubernetes: grpc + channel, resident memory added",
+                f"{rss_kib / 1024:.1f} MiB")]
