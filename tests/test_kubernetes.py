@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.support.c_nvml import CNvmlState
-from tests.support.daemon import DaemonProcess
+from tests.support.daemon import DaemonProcess, wait_for
 from tests.support.fake_nvml import h100
 from tests.support.kubelet import (
     CGROUP_ROOT,
@@ -84,14 +84,15 @@ def pod_jobs(d: DaemonProcess) -> dict[str, dict[str, Any]]:
             if j.get("source") == "kubernetes"}
 
 
-def wait_for(check: Callable[[], Any], timeout: float, what: str, d: DaemonProcess) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"no {what} within {timeout} s\n{d.log()[-4000:]}")
+def kill_and_see_it_thawed(d: DaemonProcess, pod: KubeletPod, why: str) -> None:
+    """kill -9 of the daemon: its guardian thaws the frozen pod within 3 s."""
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait()
+    deadline = time.monotonic() + 3
+    while pod.progress(0.2) == 0 and time.monotonic() < deadline:
+        pass
+    assert pod.progress() > 0, why
 
 
 def test_two_pods_are_bound_to_their_gpus_and_a_pod_that_goes_is_unregistered(
@@ -203,13 +204,7 @@ def test_a_hot_gpu_freezes_exactly_the_pod_on_it_and_kill_9_thaws_it(
     wait_for(lambda: pod_jobs(d)["research/hot-0"]["state"] == "paused", 5.0, "paused", d)
     time.sleep(0.3)
     assert hot.progress() == 0
-    assert d.proc is not None
-    d.proc.send_signal(signal.SIGKILL)
-    d.proc.wait()
-    deadline = time.monotonic() + 3
-    while hot.progress(0.2) == 0 and time.monotonic() < deadline:
-        pass
-    assert hot.progress() > 0, "the guardian thawed the pod when the daemon died"
+    kill_and_see_it_thawed(d, hot, "the guardian thawed the pod when the daemon died")
 
 
 def test_the_hosts_cgroup_tree_mounted_elsewhere_is_held_there(
@@ -241,13 +236,7 @@ def test_the_hosts_cgroup_tree_mounted_elsewhere_is_held_there(
     time.sleep(0.3)
     assert hot.progress() == 0
     assert (hot.pod_dirs["freezer"] / "freezer.state").read_text().strip() == "FROZEN"
-    assert d.proc is not None
-    d.proc.send_signal(signal.SIGKILL)
-    d.proc.wait()
-    deadline = time.monotonic() + 3
-    while hot.progress(0.2) == 0 and time.monotonic() < deadline:
-        pass
-    assert hot.progress() > 0, "the guardian thawed it through the same mount"
+    kill_and_see_it_thawed(d, hot, "the guardian thawed it through the same mount")
 
 
 def test_signal_hold_stops_the_pods_processes(

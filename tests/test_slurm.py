@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.support.c_nvml import CNvmlState
-from tests.support.daemon import REPO, DaemonProcess
+from tests.support.daemon import REPO, DaemonProcess, wait_for
 from tests.support.fake_nvml import h100
 from tests.support.slurm_cluster import SlurmCluster, slurm_missing
 
@@ -80,16 +80,6 @@ def heat_gpu_of(gpus: dict[str, Any], job: dict[str, Any], temperature: float = 
 def slurm_jobs(d: DaemonProcess) -> dict[str, dict[str, Any]]:
     jobs = d.get("/v1/jobs").json()
     return {j["scheduler_id"]: j for j in jobs if j.get("source") == "slurm"}
-
-
-def wait_for(check: Callable[[], Any], timeout: float, what: str, d: DaemonProcess) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"no {what} within {timeout} s\n{d.log()[-4000:]}")
 
 
 def states(pids: list[int]) -> set[str]:

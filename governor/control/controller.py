@@ -367,7 +367,7 @@ class Controller:
             held = touched(rule, device_of(rule, labels), jobs, by_device)
             if not held:
                 return None
-            return sum(_running_speed(job.directive) for job in held) / len(held)
+            return sum(job.directive.speed for job in held) / len(held)
 
         self._holds = step_holds(self._rules, self._holds, self._states, acting, now, applied)
 
@@ -577,12 +577,3 @@ def _refusal(exc: ActuatorError) -> RegistrationError:
     if isinstance(exc, ProtectedProcessError):
         return NotPermitted(str(exc))
     return Unacceptable(str(exc))
-
-
-def _running_speed(directive: Directive) -> float:
-    """The share of its free speed a job runs at under a directive."""
-    if directive.action is Action.PAUSE:
-        return 0.0
-    if directive.action is Action.SLOW:
-        return min(max(directive.speed, 0.0), 1.0)
-    return 1.0

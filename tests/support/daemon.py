@@ -196,3 +196,15 @@ class DaemonProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str, d: DaemonProcess) -> Any:
+    """The first true value of `check`, polled until `timeout`; fails with the daemon's
+    log when there is none."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"no {what} within {timeout} s\n{d.log()[-4000:]}")

@@ -19,7 +19,6 @@ import fnmatch
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from governor.config import Config, KubernetesConfig
 from governor.host import kubernetes as host
@@ -41,15 +40,6 @@ EXEMPT_ANNOTATION = "governor/exempt"
 RETRY_FIRST, RETRY_MAX = 1.0, 30.0
 
 
-@dataclass(frozen=True, slots=True)
-class _Seen:
-    """A pod of the last List that holds a GPU, and what was decided for it."""
-
-    #: the pod's cgroup when it was registered; "" when it is exempt
-    cgroup: str
-    exempt: bool
-
-
 class KubernetesSource:
     name = "kubernetes"
 
@@ -68,8 +58,8 @@ class KubernetesSource:
                          if config.kubelet_url else None)
         self.exempt_namespaces = ALWAYS_EXEMPT_NAMESPACES | set(config.exempt_namespaces)
         self.exempt_classes = ALWAYS_EXEMPT_CLASSES | set(config.exempt_priority_classes)
-        #: "namespace/pod" -> what was decided, for the pods registered or exempted
-        self._known: dict[str, _Seen] = {}
+        #: "namespace/pod" of the pods registered or found exempt
+        self._known: set[str] = set()
         #: "namespace/pod" -> (when to ask again, the delay before that, the problem)
         self._retry: dict[str, tuple[float, float, str]] = {}
         self._list_problem = ""
@@ -92,9 +82,8 @@ class KubernetesSource:
         self._last_pods = pods
         holding = {f"{pod.namespace}/{pod.name}": pod for pod in pods
                    if self._gpu_ids(pod)}
-        ended = tuple(sid for sid in self._known if sid not in holding)
-        for sid in ended:
-            del self._known[sid]
+        ended = tuple(sorted(self._known - holding.keys()))
+        self._known.difference_update(ended)
         self._retry = {sid: v for sid, v in self._retry.items() if sid in holding}
         new = [sid for sid in sorted(holding) if sid not in self._known
                and (sid not in self._retry or self._retry[sid][0] <= now)]
@@ -121,10 +110,10 @@ class KubernetesSource:
                 continue
             self._retry.pop(sid, None)
             if request is None:
-                self._known[sid] = _Seen("", exempt=True)
+                self._known.add(sid)
                 log.info("pod %s is exempt: it is never held", sid)
                 continue
-            self._known[sid] = _Seen(request.cgroup or "", exempt=False)
+            self._known.add(sid)
             started.append(request)
         # an exempt pod was never registered: its end is nobody's business
         return Changes(tuple(started), ended, self._problems())

@@ -201,6 +201,13 @@ static const char *gpu_get(int index, const char *field)
     return get(key);
 }
 
+/* The state marks the GPU lost (any value but "" or "0"). */
+static int gpu_lost(int index)
+{
+    const char *lost = gpu_get(index, "lost");
+    return lost && strcmp(lost, "0") && strcmp(lost, "");
+}
+
 static int gpu_count(void)
 {
     return counted_gpus;
@@ -249,11 +256,10 @@ static nvmlReturn_t enter(const char *name, nvmlDevice_t device, int *index)
             ret = NVML_ERROR_INVALID_ARGUMENT;
         else {
             *index = (int)(device - devices);
-            const char *lost = gpu_get(*index, "lost");
             char key[256];
             snprintf(key, sizeof key, "error.%s", name);
             const char *failure = gpu_get(*index, key);
-            if (*index >= gpu_count() || (lost && strcmp(lost, "0") && strcmp(lost, "")))
+            if (*index >= gpu_count() || gpu_lost(*index))
                 ret = NVML_ERROR_GPU_IS_LOST;
             else if (failure)
                 ret = error_code(failure);
@@ -410,8 +416,7 @@ EXPORT nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, nvmlDevice
         return ret;
     if (index >= MAX_GPUS || (int)index >= gpu_count())
         return leave(NVML_ERROR_INVALID_ARGUMENT);
-    const char *lost = gpu_get((int)index, "lost");
-    if (lost && strcmp(lost, "0") && strcmp(lost, ""))
+    if (gpu_lost((int)index))
         return leave(NVML_ERROR_GPU_IS_LOST);
     *device = &devices[index];
     return leave(NVML_SUCCESS);
@@ -483,8 +488,7 @@ EXPORT nvmlReturn_t nvmlDeviceGetDeviceHandleFromMigDeviceHandle(nvmlDevice_t mi
     char uuid[96];
     if (parent >= gpu_count() || !mig_uuid(parent, slot, uuid, sizeof uuid))
         return leave(NVML_ERROR_INVALID_ARGUMENT);  /* the MIG device was destroyed */
-    const char *lost = gpu_get(parent, "lost");
-    if (lost && strcmp(lost, "0") && strcmp(lost, ""))
+    if (gpu_lost(parent))
         return leave(NVML_ERROR_GPU_IS_LOST);
     *device = &devices[parent];
     return leave(NVML_SUCCESS);
