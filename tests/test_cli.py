@@ -6,13 +6,14 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.support.c_nvml import CNvmlState
 from tests.support.cli import governor
-from tests.support.daemon import REPO, to_toml
+from tests.support.daemon import REPO, DaemonProcess, to_toml
 from tests.support.fake_nvml import h100
 
 VERBS = ["run", "check-config", "sample"]
@@ -129,3 +130,23 @@ def test_a_reader_that_goes_away_gets_no_traceback(tmp_path: Path, sys_tree: Pat
         text=True, timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
     assert result.returncode == 141, "the status of a tool ended by SIGPIPE"
+
+
+def test_a_refused_token_names_the_config_and_token_file_the_cli_used(
+        tmp_path: Path, daemon: Callable[..., DaemonProcess]) -> None:
+    """The CLI found another config than the daemon's (an old /etc/governor from `make
+    install`): the daemon refuses its token, and the error says which config and token
+    file the CLI read, and how to point it at the right one."""
+    d = daemon({"daemon": {"interval": 0.25}, "sources": {"nvml": "off"}})
+    other_token = tmp_path / "other-token"
+    other_token.write_text("not-the-daemons-token\n")
+    other = tmp_path / "other.toml"
+    other.write_text(to_toml({"api": {"listen": f"127.0.0.1:{d.port}",
+                                      "token_file": str(other_token)}}))
+    result = governor("register", "--name", "x", "--pid", str(os.getpid()),
+                      env={"GOVERNOR_CONFIG": str(other)})
+    assert result.returncode != 0
+    assert "The token is wrong." in result.stderr
+    assert f"config: {other}" in result.stderr
+    assert f"token file: {other_token}" in result.stderr
+    assert "GOVERNOR_CONFIG" in result.stderr

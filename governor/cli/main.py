@@ -16,6 +16,7 @@ import re
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING
 from governor import __version__
 from governor.actuators.modes import MODE_NAMES
 from governor.client.errors import ClientError
+from governor.client.settings import ClientSettings
 from governor.config import Config, ConfigError, find_config, load_config, state_dir_despite
 from governor.sampling.nvml import NvmlUnavailableError
 
@@ -139,8 +141,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace) -> ApiClient:
     from governor.client.rest import ApiClient
 
-    config, _ = _load(args.config)
-    return ApiClient(config.api.client_settings())
+    config, path = _load(args.config)
+    return ApiClient(_settings(config, path))
+
+
+def _settings(config: Config, path: Path | None) -> ClientSettings:
+    """The REST client's settings, naming the config they came from (for a refused
+    token's error)."""
+    return replace(config.api.client_settings(),
+                   config_file=str(path) if path is not None else "")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -272,10 +281,10 @@ def cmd_top(args: argparse.Namespace) -> int:
     )
     from governor.client.rest import ApiClient
 
-    config, _ = _load(args.config)
+    config, path = _load(args.config)
     console = once_console()
     if args.once:
-        with ApiClient(config.api.client_settings(), timeout=TOP_TIMEOUT) as client:
+        with ApiClient(_settings(config, path), timeout=TOP_TIMEOUT) as client:
             console.print(render(client.status(), where=client.where, width=console.width))
         return 0
 
@@ -289,7 +298,7 @@ def cmd_top(args: argparse.Namespace) -> int:
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        with ApiClient(config.api.client_settings(), timeout=TOP_TIMEOUT) as client, \
+        with ApiClient(_settings(config, path), timeout=TOP_TIMEOUT) as client, \
                 contextlib.suppress(KeyboardInterrupt):
             poller = StatusPoller(client.status, args.interval or config.daemon.interval)
             live_top(poller, console, where=client.where)

@@ -95,6 +95,17 @@ class ApiClient:
         token = os.environ.get("GOVERNOR_TOKEN") or read_token(self.settings)
         return {"Authorization": f"Bearer {token}"} if token else {}
 
+    def _credentials(self) -> str:
+        """Which config and token this client used, for a refused token: the usual cause
+        is a CLI that found another config than the daemon's."""
+        config = self.settings.config_file or "none (built-in defaults)"
+        if os.environ.get("GOVERNOR_TOKEN"):
+            token = "$GOVERNOR_TOKEN"
+        else:
+            token = self.settings.token_file or "none"
+        return (f"(config: {config}; token file: {token}; point the CLI at the daemon's "
+                "config with --config or GOVERNOR_CONFIG)")
+
     def close(self) -> None:
         self._http.close()
 
@@ -131,7 +142,10 @@ class ApiClient:
             body = None
         if response.status_code >= 400:
             message = body.get("error") if isinstance(body, dict) else None
-            raise ClientError(message or f"HTTP {response.status_code}", response.status_code)
+            message = message or f"HTTP {response.status_code}"
+            if response.status_code == 401:
+                message = f"{message} {self._credentials()}"
+            raise ClientError(message, response.status_code)
         return body
 
     # ---- the REST API, one method per route ----

@@ -79,6 +79,10 @@ class ClientSettings:
     socket: str = DEFAULT_SOCKET
     tls_cert: str = ""
     tls_ca: str = ""
+    #: the config file these came from ("" for the built-in defaults), named when the
+    #: daemon refuses the token: a CLI that found another config than the daemon's
+    #: (/etc/governor before config/) would otherwise fail with no clue why
+    config_file: str = ""
 
     @property
     def tls(self) -> bool:
@@ -115,7 +119,8 @@ class ClientSettings:
             host, port = parse_listen(values.pop("listen", DEFAULT_LISTEN))
         except ValueError as exc:
             raise SettingsError(f"{source}: api.listen: {exc}") from None
-        return cls(host=host, port=port, **values)
+        config_file = "" if source == "<config>" else source
+        return cls(host=host, port=port, config_file=config_file, **values)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None) -> ClientSettings:
