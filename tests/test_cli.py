@@ -150,3 +150,47 @@ def test_a_refused_token_names_the_config_and_token_file_the_cli_used(
     assert f"config: {other}" in result.stderr
     assert f"token file: {other_token}" in result.stderr
     assert "GOVERNOR_CONFIG" in result.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["-v", "--config", "{missing}", "jobs"],
+    ["jobs", "-v", "--config", "{missing}"],
+    ["--config", "{missing}", "register", "--name", "x", "--cooperative"],
+    ["-v", "register", "--config", "{missing}", "--name", "x", "--cooperative"],
+])
+def test_global_flags_stand_before_or_after_the_verb(tmp_path: Path, argv: list[str]) -> None:
+    """-v and --config are global: before the verb or after it, the verb reads the config
+    named (here one that is missing, which the error names)."""
+    missing = tmp_path / "missing.toml"
+    result = governor(*[a.format(missing=missing) for a in argv])
+    assert result.returncode == 1, result.stderr
+    assert f"{missing}: no such file" in result.stderr
+
+
+def test_readme_cli_table_lists_every_verb_and_option() -> None:
+    """README's CLI table is checked against the parser: a verb or an option added to the
+    parser and not to the table fails here (the global --config and -v, and --help,
+    are said once, under the table)."""
+    import argparse
+    import re
+
+    from governor.cli.main import build_parser
+
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("\n## CLI\n", 1)[1].split("\n## ", 1)[0]
+    rows: dict[str, str] = {}
+    for line in section.splitlines():
+        cells = line.split(" | ")
+        for verb in re.findall(r"`governor ([a-z-]+)", cells[0]):
+            rows[verb] = rows.get(verb, "") + cells[0]
+    parser = build_parser()
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    global_options = {"--config", "-v", "--verbose", "-h", "--help"}
+    for verb, sub in verbs.choices.items():
+        assert verb in rows, f"README's CLI table has no row for `governor {verb}`"
+        for action in sub._actions:
+            for option in action.option_strings:
+                if option in global_options or not option.startswith("--"):
+                    continue
+                assert option in rows[verb], (
+                    f"README's CLI row for `governor {verb}` does not mention {option}")

@@ -76,7 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    path = find_config(args.path)
+    path = find_config(args.path or args.config)
     if path is None:
         return fail("no config file found (looked at $GOVERNOR_CONFIG, "
                     "/etc/governor/governor.toml, config/governor.toml)")
@@ -358,22 +358,31 @@ def build_parser() -> argparse.ArgumentParser:
         "cooking the hardware.",
     )
     parser.add_argument("--version", action="version", version=f"governor {__version__}")
+    # --config and -v are global: they may stand before the verb or after it (`governor -v
+    # register ...` and `governor register -v ...` alike). A verb's own copy has no default
+    # (SUPPRESS), so it does not overwrite one given before the verb.
+    config_help = ("config file (default: $GOVERNOR_CONFIG, /etc/governor/governor.toml, "
+                   "config/governor.toml, built-in defaults)")
+    verbose_help = "log at debug level (the daemon's, or the files a verb could not read)"
+    parser.add_argument("--config", metavar="PATH", help=config_help)
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     def config_option(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", metavar="PATH",
-                       help="config file (default: $GOVERNOR_CONFIG, /etc/governor/governor.toml,"
-                       " config/governor.toml, built-in defaults)")
+        p.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                       help=config_help)
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help=verbose_help)
 
     p = verbs.add_parser("run", help="run the daemon in the foreground",
                          description="Run the daemon in the foreground (systemd runs this).")
     config_option(p)
-    p.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     p.set_defaults(func=cmd_run)
 
     p = verbs.add_parser("check-config", help="validate a config file",
                          description="Validate a config file; print each error with its key.")
     p.add_argument("path", nargs="?", metavar="PATH", help="the file (default: as --config)")
+    config_option(p)
     p.set_defaults(func=cmd_check_config)
 
     p = verbs.add_parser("sample", help="one round of sampling, as a table or JSON",
@@ -383,7 +392,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--window", type=positive_seconds, default=0.5, metavar="SECONDS",
                    help="time between the two reads that rates are computed from (default 0.5)")
-    p.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     p.set_defaults(func=cmd_sample)
 
     p = verbs.add_parser(
@@ -491,6 +499,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose and args.verb not in ("run", "sample"):
+        # the daemon's verbs set up their own logging; the others log only what -v asks
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
+                            stream=sys.stderr)
+        logging.getLogger("governor").setLevel(logging.DEBUG)
     try:
         return int(args.func(args))
     except ClientError as exc:

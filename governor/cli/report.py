@@ -160,9 +160,9 @@ def render_jobs(jobs: Iterable[Job]) -> str:
     jobs = list(jobs)
     if not jobs:
         return "no jobs"
-    # where jobs came from is shown once any came from elsewhere than the API
-    origins = any(j.source != "api" for j in jobs)
-    rows: list[Row] = [("id", "name", *(("from", "user") if origins else ()), "pid", "mode",
+    # where each job came from and whose it is, always: on a shared node "whose job is
+    # this?" is the first question
+    rows: list[Row] = [("id", "name", "from", "user", "pid", "mode",
                         "devices", "prio", "state", "speed", "reasons")]
     for j in jobs:
         state = j.state + (" (operator)" if j.held_by_operator else "")
@@ -170,7 +170,7 @@ def render_jobs(jobs: Iterable[Job]) -> str:
         if j.error:
             reasons = f"ERROR: {j.error}" + (f"; {reasons}" if reasons else "")
         rows.append((
-            j.id, j.name, *((j.origin, j.user or "-") if origins else ()),
+            j.id, j.name, j.origin, j.user or "-",
             "-" if j.pid is None else str(j.pid), j.mode or "-",
             ",".join(j.devices) or "-", j.priority, state,
             "-" if j.speed is None else f"{j.speed:g}", reasons,
