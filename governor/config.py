@@ -61,7 +61,9 @@ def parse_duration(value: object) -> float:
         seconds = float(match.group(1)) * _UNITS[match.group(2)]
     else:
         raise ValueError("a duration is a number of seconds or a string like \"5s\"")
-    if not math.isfinite(seconds) or seconds < 0:
+    if not math.isfinite(seconds):
+        raise ValueError(f"a duration is a finite number of seconds, not {seconds}")
+    if seconds < 0:
         raise ValueError("a duration cannot be negative")
     if seconds > MAX_DURATION:
         raise ValueError("a duration cannot be longer than 30 days")
@@ -102,7 +104,9 @@ def is_loopback(host: str) -> bool:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # allow_inf_nan: TOML has `nan` and `inf`, and no key means either: a NaN line never
+    # trips (every comparison with it is false) and a NaN target makes NaN speeds
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class DaemonConfig(_Section):
@@ -529,7 +533,7 @@ def _message(error: Any) -> str:
     message = message.removeprefix("Value error, ")
     message = re.sub(r" or instance of \w+", "", message).replace("Input should be", "should be")
     if kind in {"float_type", "int_type", "string_type", "bool_type", "dict_type", "list_type",
-                "literal_error", "model_type"}:
+                "literal_error", "model_type", "finite_number"}:
         message += f" (got {error['input']!r})"
     return message
 
