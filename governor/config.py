@@ -13,6 +13,7 @@ import os
 import re
 import stat
 import tomllib
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -427,11 +428,19 @@ class KubernetesConfig(_Section):
     #: the kubelet's API, for the pods' annotations and priority classes (GET /pods);
     #: "" = not read: then only the namespaces below exempt a pod
     kubelet_url: str = ""
-    #: the bearer token sent to the kubelet (the pod's service account token)
+    #: the bearer token sent to the kubelet (the pod's service account token); sent only
+    #: over https, to a kubelet whose certificate is verified
     kubelet_token_file: str = "/var/run/secrets/kubernetes.io/serviceaccount/token"
-    #: the CA that signed the kubelet's serving certificate; "" = not verified (a
-    #: kubelet's certificate is self-signed unless serverTLSBootstrap is on)
-    kubelet_ca_file: str = ""
+    #: the CA that verifies the kubelet's serving certificate: the cluster's, mounted in
+    #: every pod; "" = the system's trust store. A kubelet's own self-signed certificate
+    #: (no serverTLSBootstrap) is not signed by it: README says what to do then
+    kubelet_ca_file: str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+    #: the name the kubelet's certificate must carry; "" = the URL's host, or this host's
+    #: name when the URL's host is a loopback address (the node's own kubelet)
+    kubelet_tls_server_name: str = ""
+    #: true: the kubelet's certificate is not verified, and the token goes to whoever
+    #: answers at kubelet_url
+    kubelet_insecure_skip_tls_verify: bool = False
     #: where the host's cgroup tree is mounted (in the DaemonSet, the host's
     #: /sys/fs/cgroup mounted read-write)
     cgroup_root: str = "/sys/fs/cgroup"
@@ -448,6 +457,27 @@ class KubernetesConfig(_Section):
     #: priority classes never held; the two system classes are always among them
     exempt_priority_classes: list[str] = Field(
         default_factory=lambda: ["system-node-critical", "system-cluster-critical"])
+    #: the namespaces whose pods may exempt themselves with the annotation
+    #: `governor/exempt: "true"`; "*" = every namespace. Elsewhere it is ignored: a pod's
+    #: author does not decide whether it is governed
+    exempt_annotation_namespaces: list[str] = Field(default_factory=list)
+
+    @field_validator("kubelet_url")
+    @classmethod
+    def _kubelet_url(cls, value: str) -> str:
+        if value:
+            parsed = urllib.parse.urlsplit(value)
+            if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                raise ValueError(f"{value!r} is not a URL like https://127.0.0.1:10250")
+        return value
+
+    @model_validator(mode="after")
+    def _token_over_tls(self) -> Self:
+        if self.kubelet_url.startswith("http:") and self.kubelet_token_file:
+            raise ValueError('kubelet_url: over http the service account\'s token would '
+                             'travel in clear text: use https (the kubelet\'s port 10250), '
+                             'or kubelet_token_file = "" to send none')
+        return self
 
 
 class Config(_Section):
