@@ -13,6 +13,7 @@ import os
 import re
 import stat
 import tomllib
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +62,9 @@ def parse_duration(value: object) -> float:
         seconds = float(match.group(1)) * _UNITS[match.group(2)]
     else:
         raise ValueError("a duration is a number of seconds or a string like \"5s\"")
-    if not math.isfinite(seconds) or seconds < 0:
+    if not math.isfinite(seconds):
+        raise ValueError(f"a duration is a finite number of seconds, not {seconds}")
+    if seconds < 0:
         raise ValueError("a duration cannot be negative")
     if seconds > MAX_DURATION:
         raise ValueError("a duration cannot be longer than 30 days")
@@ -102,7 +105,9 @@ def is_loopback(host: str) -> bool:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # allow_inf_nan: TOML has `nan` and `inf`, and no key means either: a NaN line never
+    # trips (every comparison with it is false) and a NaN target makes NaN speeds
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class DaemonConfig(_Section):
@@ -423,11 +428,19 @@ class KubernetesConfig(_Section):
     #: the kubelet's API, for the pods' annotations and priority classes (GET /pods);
     #: "" = not read: then only the namespaces below exempt a pod
     kubelet_url: str = ""
-    #: the bearer token sent to the kubelet (the pod's service account token)
+    #: the bearer token sent to the kubelet (the pod's service account token); sent only
+    #: over https, to a kubelet whose certificate is verified
     kubelet_token_file: str = "/var/run/secrets/kubernetes.io/serviceaccount/token"
-    #: the CA that signed the kubelet's serving certificate; "" = not verified (a
-    #: kubelet's certificate is self-signed unless serverTLSBootstrap is on)
-    kubelet_ca_file: str = ""
+    #: the CA that verifies the kubelet's serving certificate: the cluster's, mounted in
+    #: every pod; "" = the system's trust store. A kubelet's own self-signed certificate
+    #: (no serverTLSBootstrap) is not signed by it: README says what to do then
+    kubelet_ca_file: str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+    #: the name the kubelet's certificate must carry; "" = the URL's host, or this host's
+    #: name when the URL's host is a loopback address (the node's own kubelet)
+    kubelet_tls_server_name: str = ""
+    #: true: the kubelet's certificate is not verified, and the token goes to whoever
+    #: answers at kubelet_url
+    kubelet_insecure_skip_tls_verify: bool = False
     #: where the host's cgroup tree is mounted (in the DaemonSet, the host's
     #: /sys/fs/cgroup mounted read-write)
     cgroup_root: str = "/sys/fs/cgroup"
@@ -444,6 +457,27 @@ class KubernetesConfig(_Section):
     #: priority classes never held; the two system classes are always among them
     exempt_priority_classes: list[str] = Field(
         default_factory=lambda: ["system-node-critical", "system-cluster-critical"])
+    #: the namespaces whose pods may exempt themselves with the annotation
+    #: `governor/exempt: "true"`; "*" = every namespace. Elsewhere it is ignored: a pod's
+    #: author does not decide whether it is governed
+    exempt_annotation_namespaces: list[str] = Field(default_factory=list)
+
+    @field_validator("kubelet_url")
+    @classmethod
+    def _kubelet_url(cls, value: str) -> str:
+        if value:
+            parsed = urllib.parse.urlsplit(value)
+            if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                raise ValueError(f"{value!r} is not a URL like https://127.0.0.1:10250")
+        return value
+
+    @model_validator(mode="after")
+    def _token_over_tls(self) -> Self:
+        if self.kubelet_url.startswith("http:") and self.kubelet_token_file:
+            raise ValueError('kubelet_url: over http the service account\'s token would '
+                             'travel in clear text: use https (the kubelet\'s port 10250), '
+                             'or kubelet_token_file = "" to send none')
+        return self
 
 
 class Config(_Section):
@@ -529,7 +563,7 @@ def _message(error: Any) -> str:
     message = message.removeprefix("Value error, ")
     message = re.sub(r" or instance of \w+", "", message).replace("Input should be", "should be")
     if kind in {"float_type", "int_type", "string_type", "bool_type", "dict_type", "list_type",
-                "literal_error", "model_type"}:
+                "literal_error", "model_type", "finite_number"}:
         message += f" (got {error['input']!r})"
     return message
 

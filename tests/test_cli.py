@@ -111,6 +111,35 @@ def test_check_config_prints_every_error_with_its_key(tmp_path: Path) -> None:
     ]
 
 
+def test_check_config_refuses_nan_and_infinity_naming_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "nan.toml"
+    path.write_text('''[[rules]]
+name = "hot"
+metric = "gpu_temperature_celsius"
+above = nan
+
+[[rules]]
+name = "cap"
+metric = "gpu_temperature_celsius"
+above = 80.0
+action = "power_cap"
+power_cap_watts = inf
+
+[[rules]]
+name = "hold"
+metric = "gpu_temperature_celsius"
+action = "hold"
+target = nan
+''')
+    result = governor("check-config", str(path))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f'{path}: rules[0].above (rule "hot"): should be a finite number (got nan)',
+        f'{path}: rules[1].power_cap_watts (rule "cap"): should be a finite number (got inf)',
+        f'{path}: rules[2].target (rule "hold"): should be a finite number (got nan)',
+    ]
+
+
 @pytest.mark.skipif(Path("/etc/governor/governor.toml").exists(),
                     reason="an installed /etc/governor/governor.toml comes first in the search")
 def test_check_config_finds_the_file_like_the_daemon(tmp_path: Path) -> None:

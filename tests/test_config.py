@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
+import typing
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from governor.config import (
     Config,
     ConfigError,
+    RuleConfig,
     find_config,
     load_config,
     parse_config,
@@ -287,3 +291,76 @@ def test_tls_and_host_errors_name_the_key(tmp_path: Path, given: dict[str, objec
     with pytest.raises(ConfigError) as caught:
         parse_config({"api": api}, "test.toml")
     assert caught.value.lines() == [expected]
+
+
+def _takes_float(annotation: object) -> bool:
+    """float, or float inside `| None` or `Annotated` (a Duration)."""
+    return annotation is float or any(_takes_float(a) for a in typing.get_args(annotation))
+
+
+def _float_keys(model: type[BaseModel]) -> list[str]:
+    """The keys of a section that take a float (durations too), by their TOML name."""
+    return [field.alias or name for name, field in model.model_fields.items()
+            if _takes_float(field.annotation)]
+
+
+#: every float key of the config: the sections' and a rule's, so a key added later is
+#: checked too
+FLOAT_KEYS = [
+    *(f"{section}.{key}" for section, field in Config.model_fields.items()
+      if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+      for key in _float_keys(field.annotation)),
+    *(f"rules.{key}" for key in _float_keys(RuleConfig)),
+]
+
+
+def test_the_float_keys_are_found() -> None:
+    assert {"daemon.interval", "daemon.sampler_timeout", "rules.above", "rules.target",
+            "rules.power_cap_watts", "rules.for", "rules.min_speed"} <= set(FLOAT_KEYS)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=str)
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_no_float_key_takes_nan_or_infinity(key: str, value: float) -> None:
+    """TOML has `nan` and `inf`: a NaN line never trips (every comparison with it is
+    false), a NaN target makes NaN speeds, an infinite power cap is no number NVML takes."""
+    section, name = key.split(".")
+    if section == "rules":
+        rule = {"name": "r", "metric": "gpu_temperature_celsius", "above": 80.0, name: value}
+        found, named = problems({"rules": [rule]}), f'rules[0].{name} (rule "r"): '
+    else:
+        found, named = problems({section: {name: value}}), f"{key}: "
+    assert [f for f in found if f.startswith(named)], found
+
+
+def test_nan_and_inf_in_a_file_are_refused_naming_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "nan.toml"
+    path.write_text('''[daemon]
+interval = inf
+
+[[rules]]
+name = "hot"
+metric = "gpu_temperature_celsius"
+above = nan
+
+[[rules]]
+name = "cap"
+metric = "gpu_temperature_celsius"
+above = 80.0
+action = "power_cap"
+power_cap_watts = inf
+
+[[rules]]
+name = "hold"
+metric = "gpu_temperature_celsius"
+action = "hold"
+target = -nan
+''')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.lines() == [
+        f"{path}: daemon.interval: a duration is a finite number of seconds, not inf",
+        f'{path}: rules[0].above (rule "hot"): should be a finite number (got nan)',
+        f'{path}: rules[1].power_cap_watts (rule "cap"): should be a finite number (got inf)',
+        f'{path}: rules[2].target (rule "hold"): should be a finite number (got nan)',
+    ]

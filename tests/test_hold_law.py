@@ -4,6 +4,7 @@ no gains: the same defaults must hold every plant."""
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 from dataclasses import dataclass, field
@@ -231,3 +232,38 @@ def test_a_stricter_hold_overriding_the_loop_neither_misleads_nor_winds_it_up() 
     assert max(temps[240:]) <= TARGET + 0.5
     assert all(abs(t - TARGET) <= 0.5 for t in temps[340:])
     assert HEAT / 2 <= state.heat <= HEAT * 2
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, 1e308], ids=str)
+def test_a_reading_or_target_that_is_not_a_number_never_makes_a_nan_speed(bad: float) -> None:
+    """A sensor's NaN, an infinite reading, a NaN target, min_speed or applied speed (the
+    config refuses these; the law must not rely on it): the speed stays a number within
+    [min_speed, 1], the state stays finite, and the loop goes on when readings are good
+    again. A non-finite reading or target holds the speed as a missing one does."""
+    state = start_hold()
+    for k in range(30):
+        state, _ = hold_step(state, 70.0 + k * 0.1, float(k), target=TARGET, min_speed=0.1)
+    before = state
+    assert before.speed == 1.0
+    state, speed = hold_step(state, bad, 30.0, target=TARGET, min_speed=0.1)
+    assert math.isfinite(speed) and 0.1 <= speed <= 1.0
+    if not math.isfinite(bad):
+        assert speed == before.speed
+        assert state == before, "a reading that is not a number is a missing one"
+        state, speed = hold_step(state, 88.0, 31.0, target=bad, min_speed=0.1)
+        assert speed == before.speed and state == before
+    # (reading, target, min_speed, applied)
+    steps = [(88.0, TARGET, bad, None), (88.0, TARGET, 0.1, bad), (bad, bad, bad, bad)]
+    for k, (reading, target, min_speed, applied) in enumerate(steps, start=32):
+        state, speed = hold_step(state, reading, float(k), target=target, min_speed=min_speed,
+                                 applied=applied)
+        assert math.isfinite(speed) and 0.0 <= speed <= 1.0, (k, speed)
+    for k in range(35, 60):
+        state, speed = hold_step(state, 90.0, float(k), target=TARGET, min_speed=0.1)
+        assert math.isfinite(speed) and 0.1 <= speed <= 1.0
+    assert all(math.isfinite(v) for v in (state.speed, state.integral, state.rise,
+                                          *state.theta))
+    if not math.isfinite(bad):  # a huge finite reading was taken, and is slowly forgotten
+        assert speed < before.speed, "above the target, the loop slows the jobs"
+    _, speed = hold_step(start_hold(bad), 85.0, 0.0, target=TARGET, min_speed=0.1)
+    assert math.isfinite(speed)

@@ -26,6 +26,7 @@ from tests.support.kubelet import (
     PodResourcesServer,
     PodsServer,
     cgroups_missing,
+    cluster_signed,
     pod,
 )
 
@@ -283,55 +284,93 @@ def test_exempt_namespaces_are_never_held_without_the_kubelets_metadata(
 
 
 @pytest.fixture
-def pods_server() -> Iterator[PodsServer]:
-    server = PodsServer().start()
+def cluster_ca(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """The cluster's CA, and the kubelet's serving certificate and key it signed."""
+    return cluster_signed(tmp_path)
+
+
+@pytest.fixture
+def pods_server(cluster_ca: tuple[Path, Path, Path]) -> Iterator[PodsServer]:
+    """The kubelet's /pods, over https with its certificate from the cluster's CA."""
+    _, cert, key = cluster_ca
+    server = PodsServer(tls=(cert, key)).start()
     yield server
     server.stop()
 
 
-def test_exempt_priority_classes_and_the_annotation_are_never_held(
+def test_exempt_priority_classes_and_listed_annotations_are_never_held(
         kubelet: tuple[PodResourcesServer, Path], pods: list[KubeletPod], daemon: Start,
-        c_nvml: CNvmlState, pods_server: PodsServer, tmp_path: Path) -> None:
+        c_nvml: CNvmlState, pods_server: PodsServer, cluster_ca: tuple[Path, Path, Path],
+        tmp_path: Path) -> None:
+    """Exemption is the administrator's: by priority class, and by the annotation only
+    in the namespaces the config lets it count in (`trusted`); in `research` a pod that
+    annotates itself exempt is held like any other."""
     server, logs = kubelet
     c_nvml.write(gpus())
     made = {
-        "node-critical": KubeletPod("research", "node-critical", logs),
-        "cluster-critical": KubeletPod("research", "cluster-critical", logs),
-        "batch-exempt": KubeletPod("research", "batch-exempt", logs),
-        "annotated": KubeletPod("research", "annotated", logs),
-        "urgent": KubeletPod("research", "urgent", logs),
-        "plain": KubeletPod("research", "plain", logs),
+        ("research", "node-critical"): "system-node-critical",
+        ("research", "cluster-critical"): "system-cluster-critical",
+        ("research", "batch-exempt"): "infra",
+        ("trusted", "annotated"): "",
+        ("research", "annotated"): "",
+        ("research", "urgent"): "urgent",
+        ("research", "plain"): "",
     }
-    pods += made.values()
-    classes = {"node-critical": "system-node-critical",
-               "cluster-critical": "system-cluster-critical", "batch-exempt": "infra",
-               "urgent": "urgent"}
-    for name, made_pod in made.items():
-        pods_server.add("research", name, made_pod.uid, priority_class=classes.get(name, ""),
-                        annotations={"governor/exempt": "true"} if name == "annotated" else
-                        {"governor/exempt": "false"})
-    server.set_pods(*(pod("research", name, (GPU, uuid(0))) for name in made))
+    made_pods = {key: KubeletPod(*key, logs) for key in made}
+    pods += made_pods.values()
+    for (namespace, name), made_pod in made_pods.items():
+        pods_server.add(namespace, name, made_pod.uid, priority_class=made[namespace, name],
+                        annotations={"governor/exempt": "true" if name == "annotated"
+                                     else "false"})
+    server.set_pods(*(pod(namespace, name, (GPU, uuid(0))) for namespace, name in made))
     token = tmp_path / "token-sa"
     token.write_text("sa-token-1\n")
     d = daemon(config(server.socket, logs, kubelet_url=pods_server.url,
-                      kubelet_token_file=str(token), exempt_priority_classes=["infra"],
+                      kubelet_token_file=str(token), kubelet_ca_file=str(cluster_ca[0]),
+                      exempt_priority_classes=["infra"],
+                      exempt_annotation_namespaces=["trusted"],
                       priority_class_priority={"urgent": 90}), c_nvml=c_nvml)
-    jobs = wait_for(lambda: len(pod_jobs(d)) == 2 and pod_jobs(d), 5.0, "two pod jobs", d)
-    assert sorted(jobs) == ["research/plain", "research/urgent"]
+    governed = ["research/annotated", "research/plain", "research/urgent"]
+    jobs = wait_for(lambda: len(pod_jobs(d)) == 3 and pod_jobs(d), 5.0, "three pod jobs", d)
+    assert sorted(jobs) == governed
     assert jobs["research/urgent"]["priority"] == 90, "the class's priority beats the namespace's"
     assert jobs["research/plain"]["priority"] == 20
     assert "Bearer sa-token-1" in pods_server.tokens
     c_nvml.write(gpus(hot=0))
-    wait_for(lambda: pod_jobs(d)["research/plain"]["state"] == "paused", 5.0, "paused", d)
+    wait_for(lambda: pod_jobs(d)["research/annotated"]["state"] == "paused", 5.0, "paused", d)
     time.sleep(0.5)
-    for name in ("node-critical", "cluster-critical", "batch-exempt", "annotated"):
-        assert made[name].progress() > 0, f"{name} is never held"
-    assert sorted(pod_jobs(d)) == ["research/plain", "research/urgent"]
+    for key in made:
+        if "/".join(key) not in governed:
+            assert made_pods[key].progress() > 0, f"{key} is never held"
+    assert sorted(pod_jobs(d)) == governed
+
+
+def test_by_default_a_kubelet_the_cluster_ca_does_not_verify_gets_no_token(
+        kubelet: tuple[PodResourcesServer, Path], pods: list[KubeletPod], daemon: Start,
+        c_nvml: CNvmlState, pods_server: PodsServer, tmp_path: Path) -> None:
+    """With the default `kubelet_ca_file` (the service account's ca.crt: absent here, or a
+    real cluster's CA, which did not sign this kubelet's certificate), something answering
+    at the kubelet's URL (a port squatter while the kubelet restarts) learns nothing: the
+    token is not sent, and the pods stay unregistered (one might be exempt)."""
+    server, logs = kubelet
+    c_nvml.write(gpus(hot=0))
+    made = KubeletPod("research", "train-0", logs)
+    pods.append(made)
+    pods_server.add("research", "train-0", made.uid)
+    server.set_pods(pod("research", "train-0", (GPU, uuid(0))))
+    token = tmp_path / "token-sa"
+    token.write_text("sa-token-1\n")
+    d = daemon(config(server.socket, logs, kubelet_url=pods_server.url,
+                      kubelet_token_file=str(token)), c_nvml=c_nvml)
+    wait_for(lambda: "the token was not sent" in d.log(), 5.0, "the problem logged", d)
+    assert pod_jobs(d) == {} and pods_server.tokens == []
+    assert made.progress() > 0
 
 
 def test_a_pod_whose_metadata_the_kubelet_cannot_give_is_not_held(
         kubelet: tuple[PodResourcesServer, Path], pods: list[KubeletPod], daemon: Start,
-        c_nvml: CNvmlState, pods_server: PodsServer) -> None:
+        c_nvml: CNvmlState, pods_server: PodsServer,
+        cluster_ca: tuple[Path, Path, Path]) -> None:
     server, logs = kubelet
     c_nvml.write(gpus(hot=0))
     made = KubeletPod("research", "unknown-0", logs)
@@ -339,7 +378,8 @@ def test_a_pod_whose_metadata_the_kubelet_cannot_give_is_not_held(
     pods_server.add("research", "unknown-0", made.uid)
     pods_server.up = False
     server.set_pods(pod("research", "unknown-0", (GPU, uuid(0))))
-    d = daemon(config(server.socket, logs, kubelet_url=pods_server.url), c_nvml=c_nvml)
+    d = daemon(config(server.socket, logs, kubelet_url=pods_server.url,
+                      kubelet_ca_file=str(cluster_ca[0])), c_nvml=c_nvml)
     wait_for(lambda: "priority class and annotations are unknown" in d.log(), 5.0,
              "the problem logged", d)
     assert pod_jobs(d) == {}

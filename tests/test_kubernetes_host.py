@@ -6,13 +6,15 @@ the real pynvml), and the source's decisions on a List it is given."""
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from governor.config import KubernetesConfig
+from governor.config import ConfigError, KubernetesConfig, parse_config
 from governor.host import kubernetes as host
 from governor.host.nvml import UuidIndex, strip_replica
 from governor.jobs.sources.base import NOTHING
@@ -20,7 +22,7 @@ from governor.jobs.sources.kubernetes import KubernetesSource
 from tests.support.c_nvml import CNvmlState
 from tests.support.daemon import REPO
 from tests.support.fake_nvml import h100
-from tests.support.kubelet import KUBELET_PROTO, PodsServer, self_signed
+from tests.support.kubelet import KUBELET_PROTO, PodsServer, cluster_signed, self_signed
 
 PROTO_DIR = REPO / "governor" / "host" / "podresources"
 MIG = "MIG-11111111-2222-3333-4444-555555555551"
@@ -254,9 +256,10 @@ def test_a_pod_that_cannot_be_matched_yet_is_a_problem_asked_again_later(
     assert [r.devices for r in source.poll().started] == [("gpu2",)]
 
 
-def test_the_kubelets_pods_over_tls_verified_against_its_ca(tmp_path: Path) -> None:
+def test_a_kubelets_own_certificate_verifies_it_when_given_as_the_ca(tmp_path: Path) -> None:
+    """README's way for a kubelet without serverTLSBootstrap: its self-signed certificate
+    (/var/lib/kubelet/pki/kubelet.crt) as the CA file."""
     cert, key = self_signed(tmp_path)
-    other, _ = self_signed(tmp_path, "other")
     token = tmp_path / "token"
     token.write_text("sa-token\n")
     server = PodsServer(tls=(cert, key), token="sa-token").start()
@@ -264,11 +267,141 @@ def test_the_kubelets_pods_over_tls_verified_against_its_ca(tmp_path: Path) -> N
         server.add("ns", "a", "uid-a", priority_class="urgent")
         pods = host.KubeletPods(server.url, token_file=str(token), ca_file=str(cert)).pods()
         assert pods[("ns", "a")] == host.PodMeta("uid-a", "urgent", {})
-        assert host.KubeletPods(server.url, token_file=str(token), ca_file="").pods()
-        with pytest.raises(host.KubeletError, match="CERTIFICATE_VERIFY_FAILED"):
-            host.KubeletPods(server.url, token_file=str(token), ca_file=str(other)).pods()
         with pytest.raises(host.KubeletError, match="HTTP 401"):
             host.KubeletPods(server.url, token_file=str(tmp_path / "absent"),
                              ca_file=str(cert)).pods()
     finally:
         server.stop()
+
+
+def test_the_token_goes_only_to_a_kubelet_the_ca_verifies(tmp_path: Path) -> None:
+    """The kubelet's certificate, signed by the cluster's CA for this host's name as
+    serverTLSBootstrap gets one, is checked before a byte of the request is sent: a CA
+    that did not sign it, no CA (the system's trust store), or another name, and the
+    kubelet never sees the token. Only the explicit opt-out sends it unverified."""
+    ca, cert, key = cluster_signed(tmp_path)
+    other_ca, _, _ = cluster_signed(tmp_path, "other")
+    token = tmp_path / "token"
+    token.write_text("sa-token\n")
+    server = PodsServer(tls=(cert, key)).start()
+    try:
+        server.add("ns", "a", "uid-a", priority_class="urgent")
+        # the URL says 127.0.0.1; the certificate names this host, as a kubelet's does
+        pods = host.KubeletPods(server.url, token_file=str(token), ca_file=str(ca)).pods()
+        assert pods[("ns", "a")] == host.PodMeta("uid-a", "urgent", {})
+        assert server.tokens == ["Bearer sa-token"]
+        refused: list[dict[str, str]] = [
+            {"ca_file": str(other_ca)}, {"ca_file": ""},
+            {"ca_file": str(ca), "server_name": "another-node"}]
+        for settings in refused:
+            with pytest.raises(host.KubeletError, match="the token was not sent"):
+                host.KubeletPods(server.url, token_file=str(token), **settings).pods()
+        with pytest.raises(host.KubeletError, match=r"cannot be used.*the token was not sent"):
+            host.KubeletPods(server.url, token_file=str(token),
+                             ca_file=str(tmp_path / "absent.crt")).pods()
+        assert server.tokens == ["Bearer sa-token"], "a kubelet not verified got the token"
+        assert host.KubeletPods(server.url, token_file=str(token), ca_file="",
+                                verify=False).pods()
+        assert server.tokens == ["Bearer sa-token"] * 2, "the opt-out sends it unverified"
+    finally:
+        server.stop()
+
+
+def test_the_config_verifies_the_kubelet_against_the_cluster_ca_by_default() -> None:
+    config = KubernetesConfig()
+    assert config.kubelet_ca_file == host.SERVICE_ACCOUNT_CA
+    assert config.kubelet_tls_server_name == ""
+    assert config.kubelet_insecure_skip_tls_verify is False
+    assert config.exempt_annotation_namespaces == []
+
+
+def test_a_loopback_kubelet_is_checked_for_this_hosts_name() -> None:
+    for loopback in ("127.0.0.1", "::1", "localhost"):
+        assert host.kubelet_server_name(loopback) == socket.gethostname()
+    for other in ("10.0.0.7", "gpu-node-3.example"):
+        assert host.kubelet_server_name(other) == other
+
+
+@pytest.mark.parametrize(("settings", "problem"), [
+    ({"kubelet_url": "http://127.0.0.1:10255"},
+     "kubernetes.kubelet_url: over http the service account's token would travel in clear "
+     'text: use https (the kubelet\'s port 10250), or kubelet_token_file = "" to send none'),
+    ({"kubelet_url": "127.0.0.1:10250"},
+     "kubernetes.kubelet_url: '127.0.0.1:10250' is not a URL like https://127.0.0.1:10250"),
+])
+def test_a_kubelet_url_that_would_leak_the_token_is_refused(
+        settings: dict[str, str], problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"kubernetes": settings}, "test.toml")
+    assert caught.value.lines() == [f"test.toml: {problem}"]
+    parse_config({"kubernetes": {"kubelet_url": "http://127.0.0.1:10255",
+                                 "kubelet_token_file": ""}})
+
+
+def test_a_source_whose_kubelet_is_not_verified_governs_nothing_and_sends_no_token(
+        tmp_path: Path) -> None:
+    ca, cert, key = cluster_signed(tmp_path)
+    other_ca, _, _ = cluster_signed(tmp_path, "other")
+    token = tmp_path / "token"
+    token.write_text("sa-token\n")
+    server = PodsServer(tls=(cert, key)).start()
+    try:
+        server.add("ns", "a", "uid-a")
+        pods = [host.PodDevices("ns", "a", (("nvidia.com/gpu", "GPU-0"),))]
+        source = _source(tmp_path, pods, kubelet_url=server.url,
+                         kubelet_token_file=str(token), kubelet_ca_file=str(other_ca))
+        changes = source.poll()
+        assert not changes.started and "the token was not sent" in changes.problems[0]
+        assert server.tokens == []
+        source = _source(tmp_path, pods, kubelet_url=server.url,
+                         kubelet_token_file=str(token), kubelet_ca_file=str(ca))
+        assert [r.scheduler_id for r in source.poll().started] == ["ns/a"]
+        assert server.tokens == ["Bearer sa-token"]
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pods_server() -> Iterator[PodsServer]:
+    """The kubelet's /pods over plain http, asked with no token (the config allows that
+    and nothing else over http)."""
+    server = PodsServer().start()
+    yield server
+    server.stop()
+
+
+def _annotated(tmp_path: Path, server: PodsServer, **settings: object) -> list[str]:
+    """The pods a fresh source governs of three, one per namespace, each annotated
+    governor/exempt: "true"."""
+    pods = [host.PodDevices(ns, "p", (("nvidia.com/gpu", "GPU-0"),))
+            for ns in ("research", "infra", "web")]
+    server.items.clear()
+    for pod in pods:
+        server.add(pod.namespace, "p", "uid-p", annotations={"governor/exempt": "true"})
+    source = _source(tmp_path, pods, kubelet_url=server.url, kubelet_token_file="",
+                     **settings)
+    return [r.scheduler_id for r in source.poll().started]
+
+
+def test_the_annotation_exempts_only_in_the_namespaces_the_config_lists(
+        tmp_path: Path, pods_server: PodsServer) -> None:
+    """A pod's author does not decide whether it is governed: the annotation counts only
+    where the administrator lets it."""
+    assert _annotated(tmp_path, pods_server) == ["infra/p", "research/p", "web/p"]
+    assert _annotated(tmp_path, pods_server,
+                      exempt_annotation_namespaces=["infra"]) == ["research/p", "web/p"]
+    assert _annotated(tmp_path, pods_server, exempt_annotation_namespaces=["*"]) == []
+
+
+def test_exempt_namespaces_and_priority_classes_exempt(
+        tmp_path: Path, pods_server: PodsServer) -> None:
+    classes = {"a": "", "b": "batch-exempt", "c": "system-node-critical", "d": "",
+               "e": "urgent"}
+    pods = [host.PodDevices("infra" if name == "a" else "research", name,
+                            (("nvidia.com/gpu", "GPU-0"),)) for name in classes]
+    for pod in pods:
+        pods_server.add(pod.namespace, pod.name, f"uid-{pod.name}",
+                        priority_class=classes[pod.name])
+    source = _source(tmp_path, pods, kubelet_url=pods_server.url, kubelet_token_file="",
+                     exempt_namespaces=["infra"], exempt_priority_classes=["batch-exempt"])
+    assert [r.scheduler_id for r in source.poll().started] == ["research/d", "research/e"]

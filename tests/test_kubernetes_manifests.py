@@ -321,6 +321,21 @@ def test_the_configmap_loads_through_governors_loader(tmp_path: Path) -> None:
     assert config.rules, "the deployment's config has no rule: it would govern nothing"
 
 
+def test_the_configmap_sends_the_token_only_to_a_kubelet_the_cluster_ca_verifies(
+        tmp_path: Path) -> None:
+    """The service account's token goes to the kubelet only over https, verified against
+    the cluster's CA that the service account mount brings (automounted), and exemption
+    by annotation is the administrator's: it counts in no namespace until listed."""
+    k8s = _config(tmp_path).kubernetes
+    assert k8s.kubelet_url.startswith("https://")
+    assert k8s.kubelet_ca_file == "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+    assert _under(k8s.kubelet_token_file, POD_PATHS[0])
+    assert _under(k8s.kubelet_ca_file, POD_PATHS[0])
+    assert _pod_spec()["automountServiceAccountToken"] is True
+    assert k8s.kubelet_insecure_skip_tls_verify is False
+    assert k8s.exempt_annotation_namespaces == []
+
+
 def test_the_daemon_reads_the_configmap_where_it_is_mounted() -> None:
     command = _container()["command"]
     config_path = command[command.index("--config") + 1]

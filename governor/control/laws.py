@@ -15,6 +15,7 @@ constant. Why each piece is as it is: the comment above `HoldTuning`.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 # ---- the duty cycle (SignalActuator) ----
@@ -194,7 +195,10 @@ def next_quota(state: QuotaState, speed: float, *, demand: float | None,
 #   the speed (plus HOLD_DELAY, the actuator's lag), so the filtered pair still obeys the
 #   plant's equation and the fit is not biased by the filter's lag.
 # * A bounded step (`max_rate`, speed per second) so one bad reading cannot slam the jobs.
-# * A missing reading (None) holds the speed and neither integrates nor learns.
+# * A missing reading (None) holds the speed and neither integrates nor learns; so does a
+#   reading, a target or a time that is not a finite number (a sensor's NaN, an overflow):
+#   one NaN let in would make every speed after it NaN. The config refuses a non-finite
+#   target; the law does not rely on it.
 
 #: the closed loop's time constant asked of the law (SIMC's tau_c + delay), seconds:
 #: long enough for a couple of seconds of sensor lag and a filtered reading
@@ -296,10 +300,16 @@ class HoldState(NamedTuple):
         return (self.cool * (target - HOLD_PRIOR_AMBIENT) - self.theta[2]) / self.heat
 
 
+def _unit(value: float, default: float) -> float:
+    """`value` within [0, 1]; `default` when it is not a number (NaN passes through
+    min and max unchanged, so it must be caught before them)."""
+    return min(max(value, 0.0), 1.0) if math.isfinite(value) else default
+
+
 def start_hold(speed: float = 1.0) -> HoldState:
     """The state taking over from jobs running at `speed` (1: free), so the first round
     starts from there rather than jumping."""
-    speed = min(max(speed, 0.0), 1.0)
+    speed = _unit(speed, 1.0)
     return HoldState(speed=speed, taken_over=speed)
 
 
@@ -334,13 +344,16 @@ def hold_step(state: HoldState, reading: float | None, now: float, *, target: fl
     `applied`: the speed the jobs really ran at since the last round, when a stricter
     hold (a pause rule, an operator) overrode the loop's; the law learns from it and goes
     on from it, as from a bound, instead of from a speed nobody ran at."""
-    low = min(max(min_speed, 0.0), 1.0)
-    speed = min(max(state.speed, low), 1.0)
+    low = _unit(min_speed, 0.0)
+    speed = max(_unit(state.speed, 1.0), low)
+    if applied is not None and not math.isfinite(applied):
+        applied = None
     overridden = applied is not None and applied < speed - HOLD_OVERRIDDEN
     if overridden and applied is not None:
-        speed = min(max(applied, 0.0), 1.0)
-    if reading is None or (state.time is not None and now <= state.time):
-        # nothing new: hold the speed, integrate and learn nothing
+        speed = _unit(applied, speed)
+    if (reading is None or not math.isfinite(reading) or not math.isfinite(target)
+            or not math.isfinite(now) or (state.time is not None and now <= state.time)):
+        # nothing new, or nothing to go by: hold the speed, integrate and learn nothing
         return state._replace(speed=speed), speed
     if state.time is None or state.reading is None or state.filtered_speed is None:
         # the first reading: the filters start from it, nothing moves yet
@@ -386,5 +399,10 @@ def hold_step(state: HoldState, reading: float | None, now: float, *, target: fl
     if (wanted > new_speed and error < 0) or (wanted < new_speed and error > 0):
         # pinned at a bound or held back by the step limit: integrating would wind up
         integral = state.integral
+    if not all(math.isfinite(v) for v in (new_speed, integral, rise, filtered,
+                                          filtered_speed, *learnt.theta)):
+        # finite inputs far out of range (1e308 degrees) overflowed: hold, as for a
+        # reading that is not a number
+        return state._replace(speed=speed), speed
     return learnt._replace(speed=new_speed, integral=integral, rise=rise, time=now,
                            reading=filtered, filtered_speed=filtered_speed), new_speed

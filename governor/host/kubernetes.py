@@ -11,7 +11,9 @@
   DNS names), so the three parts split cleanly. Readable by root on the node, with no token.
 - A pod's annotations and priority class, when the operator gives the kubelet's URL: the
   kubelet's `GET /pods` (a PodList), with the service account's token. That needs RBAC
-  (README); the pod-resources socket and the log directories need none.
+  (README); the pod-resources socket and the log directories need none. The token goes
+  only to a kubelet whose certificate the CA verifies (the cluster's, which every pod has
+  mounted), unless the operator opts out, and never over plain http.
 - A pod's cgroup: the directory the kubelet made for it, under either cgroup driver.
 
 Nothing here decides anything: the Kubernetes job source does.
@@ -21,8 +23,10 @@ from __future__ import annotations
 
 import http.client
 import importlib
+import ipaddress
 import json
 import os
+import socket
 import ssl
 import urllib.parse
 from dataclasses import dataclass, field
@@ -33,6 +37,8 @@ from typing import Any, Literal
 MAX_MESSAGE = 16 * 1024 * 1024
 LIST_TIMEOUT = 5.0
 KUBELET_TIMEOUT = 5.0
+#: the cluster's CA, mounted in every pod with its service account's token
+SERVICE_ACCOUNT_CA = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
 #: the QoS levels of a pod's cgroup: Guaranteed pods sit directly under kubepods
 QOS_LEVELS = ("", "burstable", "besteffort")
 
@@ -164,11 +170,43 @@ def pod_cgroup(cgroup_root: str | Path, uid: str,
     return None
 
 
+def kubelet_server_name(host: str) -> str:
+    """The name a kubelet's serving certificate is checked against when the config gives
+    none: the URL's host, except a loopback address (the node's own kubelet, reached through
+    hostNetwork), which no kubelet's certificate names: then this host's name, which under
+    hostNetwork is the node's, and which the kubelet puts in its certificate (self-signed,
+    or from serverTLSBootstrap with the node's addresses)."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    return socket.gethostname() if loopback else host
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    """An HTTPS connection whose certificate is checked for `server_name` rather than for
+    the host connected to. The handshake, and with it the check, comes before a byte of
+    the request: a kubelet that fails it is never sent the token."""
+
+    def __init__(self, host: str, port: int | None, *, server_name: str,
+                 context: ssl.SSLContext, timeout: float):
+        super().__init__(host, port, timeout=timeout, context=context)
+        self._server_name = server_name
+        self._tls = context
+
+    def connect(self) -> None:
+        http.client.HTTPConnection.connect(self)
+        self.sock = self._tls.wrap_socket(self.sock, server_hostname=self._server_name)
+
+
 class KubeletPods:
-    """The kubelet's `GET /pods`, read with a bearer token; the CA file verifies the
-    kubelet's certificate ("" = not verified)."""
+    """The kubelet's `GET /pods`, read with a bearer token, over https verified against
+    `ca_file` ("" = the system's trust store) for `server_name` ("" =
+    `kubelet_server_name` of the URL's host). `verify=False` skips the check: the token
+    then goes to whoever answers at the URL. Over plain http no token is sent at all."""
 
     def __init__(self, url: str, *, token_file: str = "", ca_file: str = "",
+                 server_name: str = "", verify: bool = True,
                  timeout: float = KUBELET_TIMEOUT):
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
@@ -176,29 +214,43 @@ class KubeletPods:
         self.url = url
         self._parsed = parsed
         self.token_file = token_file
+        self.ca_file = ca_file
+        self.verify = verify
+        self.server_name = server_name or kubelet_server_name(parsed.hostname)
         self.timeout = timeout
         self._context: ssl.SSLContext | None = None
-        if parsed.scheme == "https":
-            if ca_file:
-                self._context = ssl.create_default_context(cafile=ca_file)
+
+    def _tls_context(self) -> ssl.SSLContext:
+        """Made at the first request, and again at each until the CA file can be read:
+        a CA missing or unreadable is a problem of the source, asked again, not a crash."""
+        if self._context is None:
+            if self.verify:
+                try:
+                    self._context = ssl.create_default_context(cafile=self.ca_file or None)
+                except (OSError, ssl.SSLError) as exc:
+                    raise KubeletError(
+                        f"GET {self.url}/pods: the CA file {self.ca_file!r} that verifies "
+                        f"the kubelet cannot be used: {exc}; the token was not sent") from None
             else:
-                self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-                self._context.check_hostname = False
-                self._context.verify_mode = ssl.CERT_NONE
+                context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+                self._context = context
+        return self._context
 
     def pods(self) -> dict[tuple[str, str], PodMeta]:
         """(namespace, pod) -> its metadata. KubeletError when the kubelet does not
         answer with a PodList."""
         path = self._parsed.path.rstrip("/") + "/pods"
         headers = {"Accept": "application/json"}
-        token = self._token()
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
         connection: http.client.HTTPConnection
-        if self._context is not None:
-            connection = http.client.HTTPSConnection(
+        if self._parsed.scheme == "https":
+            token = self._token()
+            if token:
+                headers["Authorization"] = f"Bearer {token}"
+            connection = _HTTPSConnection(
                 self._parsed.hostname or "", self._parsed.port, timeout=self.timeout,
-                context=self._context)
+                context=self._tls_context(), server_name=self.server_name)
         else:
             connection = http.client.HTTPConnection(
                 self._parsed.hostname or "", self._parsed.port, timeout=self.timeout)
@@ -206,6 +258,12 @@ class KubeletPods:
             connection.request("GET", path, headers=headers)
             response = connection.getresponse()
             body = response.read()
+        except ssl.SSLCertVerificationError as exc:
+            raise KubeletError(
+                f"GET {self.url}/pods: the kubelet's certificate is not verified for "
+                f"{self.server_name!r} by {self.ca_file or 'the system trust store'} "
+                f"({exc}); the token was not sent (README, On Kubernetes: the kubelet's "
+                "serving certificate)") from None
         except (OSError, http.client.HTTPException) as exc:
             raise KubeletError(f"GET {self.url}{'/pods'}: {exc}") from None
         finally:

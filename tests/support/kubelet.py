@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -294,16 +295,43 @@ class KubeletPod:
             self.log_dir.rmdir()
 
 
-def self_signed(folder: Path, name: str = "kubelet") -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and its key, as a kubelet makes for itself
-    without serverTLSBootstrap; skips the test without openssl."""
+def _openssl(*args: str) -> None:
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed: no certificate for the fake kubelet")
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def self_signed(folder: Path, name: str = "kubelet",
+                san: str = "") -> tuple[Path, Path]:
+    """A self-signed certificate and its key, as a kubelet makes for itself without
+    serverTLSBootstrap: for this host's name (`san` instead, when given, e.g.
+    "IP:127.0.0.1"); skips the test without openssl."""
     cert, key = folder / f"{name}.crt", folder / f"{name}.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", f"/CN={name}", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+             "-subj", f"/CN={name}", "-addext",
+             f"subjectAltName={san or 'DNS:' + socket.gethostname()}",
+             "-keyout", str(key), "-out", str(cert))
     return cert, key
+
+
+def cluster_signed(folder: Path, name: str = "kubelet",
+                   san: str = "") -> tuple[Path, Path, Path]:
+    """A cluster CA, and a kubelet serving certificate it signed with its key, as
+    serverTLSBootstrap gets one: for this host's name (`san` instead, when given). The
+    CA is what a pod finds at /var/run/secrets/kubernetes.io/serviceaccount/ca.crt."""
+    ca, ca_key = folder / f"{name}-ca.crt", folder / f"{name}-ca.key"
+    cert, key, csr = (folder / f"{name}.crt", folder / f"{name}.key",
+                      folder / f"{name}.csr")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+             "-subj", f"/CN={name}-ca", "-keyout", str(ca_key), "-out", str(ca))
+    _openssl("req", "-new", "-newkey", "rsa:2048", "-nodes", "-subj",
+             f"/O=system:nodes/CN=system:node:{socket.gethostname()}",
+             "-addext", f"subjectAltName={san or 'DNS:' + socket.gethostname()}",
+             "-keyout", str(key), "-out", str(csr))
+    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+             "-CAcreateserial", "-days", "1", "-copy_extensions", "copy",
+             "-out", str(cert))
+    return ca, cert, key
 
 
 def cgroups_missing() -> str | None:

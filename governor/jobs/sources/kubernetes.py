@@ -7,8 +7,10 @@ known. Only a new pod costs more: its uid from its log directory (a listing of
 `kubelet_url` is set, one `GET /pods` for its annotations and priority class.
 
 Exempt pods (kube-system and the other exempt namespaces, the system priority classes
-and the exempt ones, the `governor/exempt: "true"` annotation) are never registered, so
-nothing can ever hold them: not a rule, not an operator's pause through the API. When
+and the exempt ones, the `governor/exempt: "true"` annotation in the namespaces the
+config lets it count in) are never registered, so nothing can ever hold them: not a rule,
+not an operator's pause through the API. Which pods are exempt is the administrator's
+decision, in the config; a pod's own annotation is honoured only where the config says. When
 the kubelet's metadata is asked for and cannot be had, a pod is not registered either
 (it might be exempt) and a problem says why; it is asked for again later.
 """
@@ -52,12 +54,14 @@ class KubernetesSource:
         self._client: host.PodResourcesClient | None = None
         self._lister = lister
         self._gpus = gpus or UuidIndex()
-        self._kubelet = (host.KubeletPods(config.kubelet_url,
-                                          token_file=config.kubelet_token_file,
-                                          ca_file=config.kubelet_ca_file)
-                         if config.kubelet_url else None)
+        self._kubelet = (host.KubeletPods(
+            config.kubelet_url, token_file=config.kubelet_token_file,
+            ca_file=config.kubelet_ca_file, server_name=config.kubelet_tls_server_name,
+            verify=not config.kubelet_insecure_skip_tls_verify)
+            if config.kubelet_url else None)
         self.exempt_namespaces = ALWAYS_EXEMPT_NAMESPACES | set(config.exempt_namespaces)
         self.exempt_classes = ALWAYS_EXEMPT_CLASSES | set(config.exempt_priority_classes)
+        self.annotation_namespaces = frozenset(config.exempt_annotation_namespaces)
         #: "namespace/pod" of the pods registered or found exempt
         self._known: set[str] = set()
         #: "namespace/pod" -> (when to ask again, the delay before that, the problem)
@@ -142,8 +146,8 @@ class KubernetesSource:
             meta = metadata.get(key)
             if meta is None:
                 raise LookupError("the kubelet's /pods does not list it yet")
-            if (meta.priority_class in self.exempt_classes
-                    or meta.annotations.get(EXEMPT_ANNOTATION, "").lower() == "true"):
+            if meta.priority_class in self.exempt_classes or self._annotated_exempt(
+                    pod.namespace, meta):
                 return None
         devices = self._devices(pod)
         candidates = [meta.uid] if meta is not None and meta.uid else uids.get(key, [])
@@ -163,6 +167,14 @@ class KubernetesSource:
             name=sid, cgroup=str(cgroup), mode=self.mode, devices=devices,
             priority=self.priority(pod.namespace, meta.priority_class if meta else ""),
             source="kubernetes", scheduler_id=sid, user=None)
+
+    def _annotated_exempt(self, namespace: str, meta: host.PodMeta) -> bool:
+        """The pod asks to be exempt, in a namespace whose pods the administrator lets
+        decide that (`exempt_annotation_namespaces`); elsewhere the annotation is any
+        pod author's say and is ignored."""
+        if not ({namespace, "*"} & self.annotation_namespaces):
+            return False
+        return meta.annotations.get(EXEMPT_ANNOTATION, "").lower() == "true"
 
     def _gpu_ids(self, pod: host.PodDevices) -> list[str]:
         return [device for resource, device in pod.devices
