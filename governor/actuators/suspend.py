@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from governor.actuators.base import NEVER_HELD_COMMANDS, Actuator, ActuatorError, JournalEntry
+from governor.actuators.base import Actuator, ActuatorError, JournalEntry, never_held
 from governor.host import cgroupfs, procfs
 from governor.host import slurm as host
 from governor.jobs.model import RUN, Action, Directive, Job, Mode
@@ -180,7 +180,7 @@ def job_pids(job: Job) -> list[int]:
     Slurm does not suspend), or its process tree."""
     if job.cgroup:
         return [pid for pid in cgroupfs.subtree_pids(Path(job.cgroup))
-                if procfs.command(pid) not in NEVER_HELD_COMMANDS]
+                if not never_held(pid)]
     if job.pid is not None:
         return [job.pid, *procfs.descendants(job.pid)]
     return []
