@@ -149,6 +149,9 @@ class Controller:
             if not_theirs is not None:
                 raise NotPermitted(not_theirs)
             job.discovered = discovered
+            if discovered and job.source == "slurm" and job.owner_uid is None:
+                # the job's user may pause and resume it, never unregister it
+                job.owner_uid = scheduled_jobs.slurm_user_uid(job.user)
             why = self._unavailable_modes.get(job.mode)
             if why is not None:
                 raise Unacceptable(f"{job.mode.value} mode is not available here: {why}")

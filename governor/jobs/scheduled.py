@@ -14,6 +14,7 @@ word (`scontrol show job`), asked outside the controller's lock.
 from __future__ import annotations
 
 import os
+import pwd
 import re
 
 from governor.host import cgroupfs
@@ -58,3 +59,13 @@ def slurm_owner_problem(conf: str, job_id: str, uid: int) -> str | None:
         return (f"Slurm job {job_id} is not yours; only root or a token holder may name "
                 "another user's job.")
     return None
+
+
+def slurm_user_uid(user: str | None) -> int | None:
+    """The uid of the user Slurm says a job runs as; None if this host knows none."""
+    if not user:
+        return None
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        return None
