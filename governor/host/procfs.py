@@ -198,9 +198,9 @@ SLURMSTEPD = "slurmstepd"
 
 
 def is_slurmstepd(pid: int) -> bool:
-    """Whether the process is Slurm's step daemon, judged by what a user cannot forge: its
-    executable (/proc/PID/exe, not the name it gives itself) is a `slurmstepd` and it runs
-    as root. slurmd double-forks it, so its parent is init or a subreaper, not slurmd,
+    """Whether the process is Slurm's step daemon, judged by what a user cannot forge: it
+    runs as root, and its executable (/proc/PID/exe, not the name it gives itself) is a
+    `slurmstepd`. slurmd double-forks it, so its parent is init or a subreaper, not slurmd,
     and tells nothing. The name is read first, so that every other process costs one
     small read."""
     if command(pid) != SLURMSTEPD:
@@ -211,7 +211,9 @@ def is_slurmstepd(pid: int) -> bool:
             text = status.read()
     except OSError:
         return False
-    if os.path.basename(exe.removesuffix(" (deleted)")) != SLURMSTEPD:
+    # Debian's is /usr/sbin/slurmstepd-wlm, behind an alternatives link the comm was
+    # taken from
+    if not os.path.basename(exe.removesuffix(" (deleted)")).startswith(SLURMSTEPD):
         return False
     for line in text.splitlines():
         if line.startswith(b"Uid:"):
