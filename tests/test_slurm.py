@@ -274,8 +274,9 @@ def test_the_task_prolog_and_epilog_register_and_unregister_a_job(
     socket_path = slurm.dir / "run" / "governor.sock"
     d = daemon({"daemon": {"interval": 0.25}, "api": {"socket": str(socket_path)}},
                c_nvml=c_nvml)
+    # a GOVERNOR_JOB_ID given at submit time is no sign that the job is registered
     env = {"GOVERNOR": str(Path(sys.executable).parent / "governor"),
-           "GOVERNOR_CONFIG": str(d.config_path)}
+           "GOVERNOR_CONFIG": str(d.config_path), "GOVERNOR_JOB_ID": "forged"}
     job_id = slurm.sbatch("-w", "node1", "--gres=gpu:1", "-J", "prologged", env=env,
                           wrap="echo registered as $GOVERNOR_JOB_ID; " + SPIN)
     slurm.wait_state(job_id, "R")
