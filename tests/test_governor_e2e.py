@@ -32,6 +32,7 @@ from tests.support.processes import (
     stop,
 )
 from tests.support.scenario import CPU_HOT, ROOT, config, heat, running, spawn, stopped
+from tests.support.unix_http import unix_request
 
 StartDaemon = Callable[..., DaemonProcess]
 def test_a_hot_sensor_pauses_the_job_and_cooling_resumes_it(
@@ -448,46 +449,6 @@ def test_cli_without_a_daemon(tmp_path: Path) -> None:
                              str(config_path)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     assert result.stderr.startswith("governor: cannot reach the governor at http://127.0.0.1:")
-
-
-def unix_request(path: Path, method: str, target: str, body: str = "",
-                 as_uid: int | None = None) -> tuple[int, str]:
-    """One HTTP request over a unix socket, from a forked child running as `as_uid` (the
-    venv's interpreter is not readable by other users, so no exec)."""
-    import json
-    import socket
-
-    read_fd, write_fd = os.pipe()
-    child = os.fork()
-    if child == 0:
-        try:
-            os.close(read_fd)
-            if as_uid is not None:
-                os.setgid(as_uid)
-                os.setuid(as_uid)
-            with socket.socket(socket.AF_UNIX) as sock:
-                sock.connect(str(path))
-                data = body.encode()
-                sock.sendall(f"{method} {target} HTTP/1.1\r\nHost: governor\r\n"
-                             f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
-                             f"Connection: close\r\n\r\n".encode() + data)
-                answer = b""
-                while chunk := sock.recv(65536):
-                    answer += chunk
-            os.write(write_fd, answer)
-        except BaseException as exc:
-            os.write(2, f"unix_request child: {exc!r}\n".encode())
-        finally:
-            os._exit(0)
-    os.close(write_fd)
-    answer = b""
-    while chunk := os.read(read_fd, 65536):
-        answer += chunk
-    os.close(read_fd)
-    os.waitpid(child, 0)
-    head, _, payload = answer.decode().partition("\r\n\r\n")
-    status = int(head.split()[1])
-    return status, json.loads(payload)["error"] if status >= 400 else payload
 
 
 @pytest.mark.skipif(not ROOT, reason="acting as another user needs root")

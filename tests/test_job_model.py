@@ -15,6 +15,7 @@ def a_job() -> Job:
                pid_started_at=1712.5, cgroup="/sys/fs/cgroup/governor/ab12cd34",
                devices=("gpu1", "gpu0"), priority=3, registered_at=1700000000.25,
                owner_uid=1000, restricted_uid=1000, held_by_operator=True,
+               held_by="uid 1000 (unix socket)", hold_uid=1000,
                saved={"original_cgroup": "/sys/fs/cgroup/user.slice"})
 
 
@@ -30,8 +31,10 @@ def test_a_record_is_the_jobs_json_with_what_a_restart_needs() -> None:
         "held_by_operator": True, "registered_at": 1700000000.25, "owner_uid": 1000,
         "gone_at": None, "source": "api", "scheduler_id": None, "user": None,
         "restricted_uid": 1000, "saved": {"original_cgroup": "/sys/fs/cgroup/user.slice"},
+        "held_by": "uid 1000 (unix socket)", "hold_uid": 1000, "discovered": False,
     }
-    assert list(job.to_record()) == [*job.as_dict(), "restricted_uid", "saved"], \
+    assert list(job.to_record()) == [*job.as_dict(), "restricted_uid", "saved", "held_by",
+                                     "hold_uid", "discovered"], \
         "the journal's key order"
 
 

@@ -9,8 +9,12 @@ the whole module; each test cancels its jobs.
 
 from __future__ import annotations
 
+import json
+import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +26,7 @@ from tests.support.c_nvml import CNvmlState
 from tests.support.daemon import REPO, DaemonProcess, wait_for
 from tests.support.fake_nvml import h100
 from tests.support.slurm_cluster import SlurmCluster, slurm_missing
+from tests.support.unix_http import NOBODY, open_to_others, unix_request
 
 pytestmark = pytest.mark.skipif(slurm_missing() is not None,
                                 reason=str(slurm_missing()))
@@ -35,15 +40,20 @@ EPILOG = REPO / "deploy" / "slurm" / "task_epilog.sh"
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+def cluster() -> Iterator[SlurmCluster]:
     """Two nodes, each with two GPUs, and the task prolog and epilog installed. For most
     tests they find no `governor` and let the job run, as on a node without one; the
     prolog's test gives its job the command and config (a job's environment is its task
-    prolog's)."""
-    workdir = tmp_path_factory.mktemp("slurm")
-    with SlurmCluster(workdir, ("node1", "node2"), task_prolog=PROLOG,
-                      task_epilog=EPILOG) as running:
-        yield running
+    prolog's). Its directory is open to other users (pytest's is root's alone): slurmd
+    runs the jobs of `nobody` from its spool there."""
+    workdir = Path(tempfile.mkdtemp(prefix="governor-slurm-"))
+    workdir.chmod(0o755)
+    try:
+        with SlurmCluster(workdir, ("node1", "node2"), task_prolog=PROLOG,
+                          task_epilog=EPILOG) as running:
+            yield running
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -264,8 +274,9 @@ def test_the_task_prolog_and_epilog_register_and_unregister_a_job(
     socket_path = slurm.dir / "run" / "governor.sock"
     d = daemon({"daemon": {"interval": 0.25}, "api": {"socket": str(socket_path)}},
                c_nvml=c_nvml)
+    # a GOVERNOR_JOB_ID given at submit time is no sign that the job is registered
     env = {"GOVERNOR": str(Path(sys.executable).parent / "governor"),
-           "GOVERNOR_CONFIG": str(d.config_path)}
+           "GOVERNOR_CONFIG": str(d.config_path), "GOVERNOR_JOB_ID": "forged"}
     job_id = slurm.sbatch("-w", "node1", "--gres=gpu:1", "-J", "prologged", env=env,
                           wrap="echo registered as $GOVERNOR_JOB_ID; " + SPIN)
     slurm.wait_state(job_id, "R")
@@ -321,3 +332,161 @@ def test_a_two_node_job_is_suspended_as_one(
     c_nvml.write(gpus)
     slurm.wait_state(job_id, "R", timeout=5)
     wait_for(lambda: "R" in states(slurm.pids(job_id)), 5.0, "the processes running again", d)
+
+
+# ---- who may name, hold and let go of a Slurm job ----
+
+
+def socket_config(slurm: SlurmCluster, **slurm_settings: Any) -> dict[str, Any]:
+    """config() with a unix socket in the cluster's directory (open to `nobody`)."""
+    settings = config(slurm, **slurm_settings)
+    run = Path(tempfile.mkdtemp(prefix="run-", dir=slurm.dir))
+    settings["api"] = {"socket": str(run / "governor.sock")}
+    return settings
+
+
+def as_nobody(sock: Path, method: str, target: str,
+              body: dict[str, Any] | None = None) -> tuple[int, str]:
+    return unix_request(sock, method, target, json.dumps(body) if body else "", as_uid=NOBODY)
+
+
+def nobodys_job(slurm: SlurmCluster, *args: str, wrap: str = "sleep 1000") -> str:
+    """A batch job of `nobody`'s (root submits it for them), on node1."""
+    return slurm.run("sbatch", "--parsable", "--uid", str(NOBODY), "--gid", str(NOBODY),
+                     "--chdir=/tmp", "--output=/dev/null", "-w", "node1", *args,
+                     "--wrap", wrap).stdout.strip()
+
+
+@pytest.fixture
+def strays() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_user_names_only_their_own_slurm_job_and_cannot_lift_an_operators_pause(
+        slurm: SlurmCluster, daemon: Start, c_nvml: CNvmlState,
+        strays: list[subprocess.Popen[bytes]]) -> None:
+    """`nobody` forges SLURM_JOB_ID to have root's job suspended: refused, as is naming it
+    from a process of their own job; their own job, named from its process, is theirs to
+    pause and resume, but not once an operator paused it."""
+    c_nvml.write(cool())
+    settings = socket_config(slurm, discover=False)
+    d = daemon(settings, c_nvml=c_nvml)
+    sock = Path(settings["api"]["socket"])
+    open_to_others(sock)
+    victim = slurm.sbatch("-w", "node1", "-J", "victim", wrap="sleep 1000")
+    mine = nobodys_job(slurm, "-J", "mine")
+    slurm.wait_state(victim, "R")
+    slurm.wait_state(mine, "R")
+    forged = subprocess.Popen(["sleep", "1000"], user=NOBODY, env={"SLURM_JOB_ID": victim})
+    strays.append(forged)
+    in_mine = wait_for(lambda: [p for p in slurm.pids(mine) if Path(f"/proc/{p}").stat().st_uid
+                                == NOBODY and Path(f"/proc/{p}/comm").read_text() == "sleep\n"],
+                       10.0, "the sleep of nobody's job", d)[0]
+
+    def register(pid: int, scheduler_id: str) -> tuple[int, str]:
+        return as_nobody(sock, "POST", "/v1/jobs", {
+            "name": "claim", "pid": pid, "mode": "suspend", "source": "slurm",
+            "scheduler_id": scheduler_id})
+
+    assert register(forged.pid, victim) == (
+        403, f"Pid {forged.pid} is not a process of Slurm job {victim}.")
+    assert register(in_mine, victim) == (
+        403, f"Pid {in_mine} is not a process of Slurm job {victim}.")
+    status, body = as_nobody(sock, "POST", "/v1/jobs", {
+        "name": "k8s", "pid": forged.pid, "source": "kubernetes", "scheduler_id": "ns/pod"})
+    assert (status, body) == (403, "Only root or a token holder may register a job from "
+                                   "'kubernetes'.")
+    status, body = register(in_mine, mine)
+    assert status == 201, body
+    job_id = json.loads(body)["id"]
+
+    assert as_nobody(sock, "POST", f"/v1/jobs/{job_id}/pause")[0] == 200
+    slurm.wait_state(mine, "S", timeout=10)
+    assert as_nobody(sock, "POST", f"/v1/jobs/{job_id}/resume")[0] == 200
+    slurm.wait_state(mine, "R", timeout=10)
+
+    assert d.call("POST", f"/v1/jobs/{job_id}/pause").status_code == 200  # the operator's
+    slurm.wait_state(mine, "S", timeout=10)
+    assert as_nobody(sock, "POST", f"/v1/jobs/{job_id}/pause")[0] == 200  # takes nothing over
+    lifted = as_nobody(sock, "POST", f"/v1/jobs/{job_id}/resume")
+    assert lifted == (403, f"Job {job_id} was paused by token; only they, root or a token "
+                           "holder may lift that hold.")
+    assert as_nobody(sock, "DELETE", f"/v1/jobs/{job_id}")[0] == 403
+    d.wait_rounds(3)
+    assert slurm.state(mine) == "S"
+    assert slurm.state(victim) == "R", "root's job was never suspended"
+    assert d.call("POST", f"/v1/jobs/{job_id}/resume").status_code == 200
+    slurm.wait_state(mine, "R", timeout=10)
+
+
+def test_no_registration_hides_a_job_from_discovery_and_its_user_cannot_unregister_it(
+        slurm: SlurmCluster, daemon: Start, c_nvml: CNvmlState,
+        strays: list[subprocess.Popen[bytes]]) -> None:
+    """Decoys registered for a job before it starts, by `nobody` (refused) and by a
+    token holder (allowed), do not keep discovery from registering the job itself."""
+    gpus = cool()
+    c_nvml.write(gpus)
+    settings = socket_config(slurm)
+    d = daemon(settings, c_nvml=c_nvml)
+    sock = Path(settings["api"]["socket"])
+    open_to_others(sock)
+    job_id = nobodys_job(slurm, "--hold", "--gres=gpu:1", "-J", "hidden?", wrap=SPIN)
+    forged = subprocess.Popen(["sleep", "1000"], user=NOBODY, env={"SLURM_JOB_ID": job_id})
+    stand_in = subprocess.Popen(["sleep", "1000"])
+    strays += [forged, stand_in]
+    status, _ = as_nobody(sock, "POST", "/v1/jobs", {
+        "name": "decoy", "pid": forged.pid, "mode": "signal", "source": "slurm",
+        "scheduler_id": job_id})
+    assert status == 403
+    decoy = d.register(name="decoy", pid=stand_in.pid, mode="signal", source="slurm",
+                       scheduler_id=job_id)
+    slurm.run("scontrol", "release", job_id)
+    slurm.wait_state(job_id, "R")
+
+    def discovered() -> dict[str, Any] | None:
+        found = slurm_jobs(d).get(job_id)
+        return found if found and found["id"] != decoy["id"] else None
+    job = wait_for(discovered, 5.0, "the job as discovery found it", d)
+    assert job["cgroup"].endswith(f"/job_{job_id}") and job["user"] == "nobody"
+    assert [j["id"] for j in d.get("/v1/jobs").json()] == [job["id"]], "the decoy is gone"
+    assert as_nobody(sock, "DELETE", f"/v1/jobs/{job['id']}") == (
+        403, f"Job {job['id']} was found by the slurm source; only root or a token holder "
+             "may unregister it.")
+    heat_gpu_of(gpus, job)
+    c_nvml.write(gpus)
+    slurm.wait_state(job_id, "S", timeout=10)
+
+
+def test_a_slurmctld_that_is_down_costs_only_its_own_jobs(
+        slurm: SlurmCluster, daemon: Start, c_nvml: CNvmlState,
+        strays: list[subprocess.Popen[bytes]]) -> None:
+    """With slurmctld stopped, the Slurm job on a hot GPU cannot be suspended: that is
+    reported on it, while a signal-mode job on the same GPU is paused as ever; once
+    slurmctld is back, the Slurm job is suspended too."""
+    gpus = cool()
+    c_nvml.write(gpus)
+    d = daemon(config(slurm), c_nvml=c_nvml)
+    job_id = slurm.sbatch("-w", "node1", "--gres=gpu:1", "-J", "ctld-down", wrap=SPIN)
+    slurm.wait_state(job_id, "R")
+    job = wait_for(lambda: slurm_jobs(d).get(job_id), 5.0, "governor job", d)
+    local = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    strays.append(local)
+    d.register(name="local", pid=local.pid, mode="signal", devices=job["devices"])
+    slurm.stop_controller()
+    try:
+        heat_gpu_of(gpus, job)
+        c_nvml.write(gpus)
+        wait_for(lambda: states([local.pid]) == {"T"}, 5.0, "the signal-mode job stopped", d)
+        failed = wait_for(lambda: slurm_jobs(d)[job_id].get("error"), 30.0,
+                          "the Slurm job's failure on its view", d)
+        assert job_id in failed
+        assert f"job {job['id']} (ctld-down): " in d.log()
+        assert states([local.pid]) == {"T"}, "still held, round after round"
+    finally:
+        slurm.start_controller()
+    slurm.wait_state(job_id, "S", timeout=30)
+    wait_for(lambda: "error" not in slurm_jobs(d)[job_id], 5.0, "the error cleared", d)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from governor.host import procfs
 from governor.jobs.model import Directive, Job, Mode
 
 
@@ -46,10 +47,12 @@ class Actuator(Protocol):
         ...
 
 
-#: commands never stopped or frozen, whatever cgroup they share with a job: Slurm's step
-#: daemon sits in the job's cgroup (cgroup v1) or below it (v2), and a stopped one hangs
-#: every Slurm request about the job (scontrol listpids, scancel, suspend itself)
-NEVER_HELD_COMMANDS = frozenset({"slurmstepd"})
+def never_held(pid: int) -> bool:
+    """A process never stopped or frozen, whatever cgroup it shares with a job: Slurm's
+    step daemon sits in the job's cgroup (cgroup v1) or below it (v2), and a stopped one
+    hangs every Slurm request about the job (scontrol listpids, scancel, suspend itself).
+    Told by its executable and uid, never by its name, which any process may take."""
+    return procfs.is_slurmstepd(pid)
 
 
 def hold_key(job: Job) -> str:

@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Literal
 import psutil
 
 from governor.actuators.base import (
-    NEVER_HELD_COMMANDS,
     ActuatorError,
     JournalEntry,
     ProtectedProcessError,
     hold_key,
+    never_held,
 )
 from governor.control.laws import (
     FEEDBACK_PERIODS,
@@ -40,7 +40,6 @@ from governor.control.laws import (
     learn_demand,
     next_quota,
 )
-from governor.host import procfs
 from governor.host.cgroupfs import (
     MOUNTINFO,
     Hierarchy,
@@ -320,7 +319,7 @@ class CgroupActuator:
         for dirpath, _dirs, _files in os.walk(directory):
             for pid in _pids(Path(dirpath)):
                 if (pid in never or is_kernel_thread(pid)
-                        or procfs.command(pid) in NEVER_HELD_COMMANDS):
+                        or never_held(pid)):
                     return pid
         return None
 

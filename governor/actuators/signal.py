@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import psutil
 
 from governor.actuators.base import (
-    NEVER_HELD_COMMANDS,
     ActuatorError,
     JournalEntry,
     ProtectedProcessError,
     hold_key,
+    never_held,
 )
 from governor.control.laws import DutyWindow, retarget_duty, steer_duty
 from governor.host import procfs
@@ -596,7 +596,7 @@ def _cgroup_members(cgroup_dir: Path) -> list[ProcessIdentity]:
     holds its processes in one cgroup per step), but never Slurm's slurmstepd."""
     pids = subtree_pids(cgroup_dir)
     found = (identify(pid) for pid in pids
-             if not is_kernel_thread(pid) and procfs.command(pid) not in NEVER_HELD_COMMANDS)
+             if not is_kernel_thread(pid) and not never_held(pid))
     return [ident for ident in found if ident is not None]
 
 

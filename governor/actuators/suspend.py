@@ -10,6 +10,10 @@ hold kind "suspend", so the guardian and `governor release-all` resume it, and o
 a job already suspended when governor would pause it (by an administrator, or by
 another node's governor) is left as it is, and not resumed later.
 
+Slurm is asked on the actuator's own worker thread, never under the controller's lock
+(see SuspendActuator): a slurmctld that is down or hung is a problem reported on its own
+jobs, while every other job and the power caps are enforced each round as ever.
+
 An administrator may `scontrol resume` a job governor holds. Once the job's processes
 on this node were seen suspended, seeing them run again means someone resumed it: the
 hold is dropped from the journal, reported (audited and counted) and not fought; the job
@@ -19,13 +23,15 @@ is not suspended again until its directive lets it go and pauses it anew.
 from __future__ import annotations
 
 import logging
+import queue
 import shutil
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from governor.actuators.base import NEVER_HELD_COMMANDS, Actuator, ActuatorError, JournalEntry
+from governor.actuators.base import Actuator, ActuatorError, JournalEntry, never_held
 from governor.host import cgroupfs, procfs
 from governor.host import slurm as host
 from governor.jobs.model import RUN, Action, Directive, Job, Mode
@@ -52,7 +58,7 @@ def _no_report(_job: Job, _what: str) -> None:
 
 @dataclass
 class _State:
-    #: governor sent `scontrol suspend` and has not resumed it
+    #: governor's `scontrol suspend` is in place (as the worker last reported)
     suspended: bool = False
     #: its processes were seen suspended since then
     seen_suspended: bool = False
@@ -60,9 +66,38 @@ class _State:
     yielded: bool = False
     #: it was already suspended by someone else when this pause began
     foreign: bool = False
+    #: a call to Slurm for it is queued or running on the worker
+    busy: bool = False
+    #: why the last call to Slurm failed, until one succeeds
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One call to Slurm for the worker: "suspend" or "resume" a job."""
+
+    what: str
+    job_id: str
+    key: str
+    scheduler_id: str
+    #: for a job already let go: its outcome is logged, not kept for a later round
+    detached: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    #: "suspended", "foreign", "gone", "resumed" or "error"
+    what: str
+    detail: str = ""
 
 
 class SuspendActuator:
+    """Slurm is asked on a worker thread of this actuator's own, never on the controller's:
+    `apply` queues a call and takes its outcome on a later round, so a slurmctld that is
+    down or hung delays only its own jobs (each reported with the error), never the round,
+    the other jobs or the power caps. The worker journals the hold before it sends
+    `scontrol suspend`, and resumes only a job whose hold the journal holds."""
+
     mode = Mode.SUSPEND
 
     def __init__(self, journal: Journal, slower: Actuator, *, site: host.SlurmSite,
@@ -72,6 +107,10 @@ class SuspendActuator:
         self._site = site
         self._report = report
         self._states: dict[str, _State] = {}
+        self._calls: queue.Queue[_Call | None] = queue.Queue()
+        self._outcomes: dict[str, _Outcome] = {}
+        self._outcomes_lock = threading.Lock()
+        self._worker: threading.Thread | None = None
 
     # ---- the Actuator protocol ----
 
@@ -83,70 +122,76 @@ class SuspendActuator:
 
     def apply(self, job: Job, directive: Directive) -> None:
         state = self._states.setdefault(job.id, _State())
+        self._take_outcome(job, state)
         pause = directive.action is Action.PAUSE or (
             directive.action is Action.SLOW and directive.speed <= 0.0)
         if pause:
             self._slower.apply(job, RUN)
-            self._pause(job, state)
-            return
-        state.yielded = state.foreign = False
-        if state.suspended:
-            self._resume(job, state)
-        self._slower.apply(job, directive)
+            if state.suspended:
+                self._watch(job, state)
+            elif not (state.yielded or state.foreign or state.busy):
+                self._submit(job, state, "suspend")
+        else:
+            state.yielded = state.foreign = False
+            if state.suspended and not state.busy:
+                self._submit(job, state, "resume")
+            elif not state.suspended and not state.busy:
+                state.error = None  # nothing asked of Slurm: no failure stands
+            self._slower.apply(job, directive)
+        if state.error is not None:
+            raise ActuatorError(state.error)
 
     def detach(self, job: Job) -> None:
         state = self._states.pop(job.id, None)
-        try:
-            if state is not None and state.suspended:
-                self._resume(job, state)
-        except ActuatorError as exc:
-            log.warning("job %s: could not resume it on detach: %s", job.id, exc)
+        if state is not None and (state.suspended or state.busy):
+            # resumed by the worker if, and only if, governor's hold is in the journal
+            self._queue(_Call("resume", job.id, key(job), str(job.scheduler_id),
+                              detached=True))
         self._slower.detach(job)
 
     def close(self) -> None:
+        """Send what is queued (the resumes of a shutdown), then stop the worker."""
+        worker = self._worker
+        if worker is not None:
+            self._calls.put(None)
+            worker.join(timeout=3 * host.SCONTROL_TIMEOUT)
+            if worker.is_alive():
+                log.warning("scontrol calls still pending at exit; release-all resumes what "
+                            "governor suspended")
         self._slower.close()
 
-    # ---- holding ----
+    # ---- on the controller's thread ----
 
-    def _pause(self, job: Job, state: _State) -> None:
-        if state.suspended:
-            self._watch(job, state)
+    def _submit(self, job: Job, state: _State, what: str) -> None:
+        state.busy = True
+        self._queue(_Call(what, job.id, key(job), str(job.scheduler_id)))
+
+    def _queue(self, call: _Call) -> None:
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._work, name="scontrol", daemon=True)
+            self._worker.start()
+        self._calls.put(call)
+
+    def _take_outcome(self, job: Job, state: _State) -> None:
+        with self._outcomes_lock:
+            outcome = self._outcomes.pop(job.id, None)
+        if outcome is None:
             return
-        if state.yielded or state.foreign:
+        state.busy = False
+        if outcome.what == "error":
+            state.error = outcome.detail
             return
-        scheduler_id = str(job.scheduler_id)
-        found = host.show_job(self._site, scheduler_id)
-        if found is None:
-            return
-        if found.state == "SUSPENDED":
+        state.error = None
+        if outcome.what == "suspended":
+            state.suspended, state.seen_suspended = True, False
+            log.info("job %s: Slurm job %s suspended", job.id, job.scheduler_id)
+        elif outcome.what == "resumed":
+            state.suspended = False
+            log.info("job %s: Slurm job %s resumed", job.id, job.scheduler_id)
+        elif outcome.what == "foreign":
             state.foreign = True
             log.info("job %s: Slurm job %s is already suspended by someone else; left "
-                     "alone", job.id, scheduler_id)
-            return
-        try:
-            self._journal.put_hold(key(job), {"kind": "suspend", "job": job.id,
-                                               "scheduler_id": scheduler_id,
-                                               "conf": self._site.conf})
-        except OSError as exc:
-            raise ActuatorError(f"cannot write the journal: {exc}") from exc
-        try:
-            host.run_scontrol(self._site, "suspend", scheduler_id)
-        except host.SlurmError as exc:
-            self._drop(job)
-            raise ActuatorError(f"scontrol suspend {scheduler_id} failed: {exc}") from exc
-        state.suspended, state.seen_suspended = True, False
-        log.info("job %s: Slurm job %s suspended", job.id, scheduler_id)
-
-    def _resume(self, job: Job, state: _State) -> None:
-        scheduler_id = str(job.scheduler_id)
-        try:
-            host.run_scontrol(self._site, "resume", scheduler_id)
-        except host.SlurmError as exc:
-            if not host.already(exc, "resume"):
-                raise ActuatorError(f"scontrol resume {scheduler_id} failed: {exc}") from exc
-        state.suspended = False
-        self._drop(job)
-        log.info("job %s: Slurm job %s resumed", job.id, scheduler_id)
+                     "alone", job.id, job.scheduler_id)
 
     def _watch(self, job: Job, state: _State) -> None:
         """Notice a resume governor did not make, from this node's processes."""
@@ -159,16 +204,68 @@ class SuspendActuator:
         if not state.seen_suspended:
             return  # still on its way to being suspended
         state.suspended, state.yielded = False, True
-        self._drop(job)
+        self._drop(key(job), job.id)
         log.warning("job %s: Slurm job %s was resumed by someone else while governor held "
                     "it; not suspended again until this pause ends", job.id, job.scheduler_id)
         self._report(job, "outside-resume")
 
-    def _drop(self, job: Job) -> None:
+    # ---- on the worker's thread ----
+
+    def _work(self) -> None:
+        while (call := self._calls.get()) is not None:
+            try:
+                outcome = (self._suspend(call) if call.what == "suspend"
+                           else self._resume(call))
+            except Exception as exc:  # the worker must outlive any one call
+                outcome = _Outcome("error", f"scontrol {call.what} {call.scheduler_id} "
+                                            f"failed: {exc!r}")
+            if call.detached:
+                if outcome.what == "error":
+                    log.warning("job %s: could not resume it on detach: %s", call.job_id,
+                                outcome.detail)
+                continue
+            with self._outcomes_lock:
+                self._outcomes[call.job_id] = outcome
+
+    def _suspend(self, call: _Call) -> _Outcome:
         try:
-            self._journal.drop_hold(key(job))
+            found = host.show_job(self._site, call.scheduler_id)
+        except host.SlurmError as exc:
+            return _Outcome("error", f"Slurm cannot be asked about job {call.scheduler_id}: "
+                                     f"{exc}")
+        if found is None:
+            return _Outcome("gone")
+        if found.state == "SUSPENDED":
+            return _Outcome("foreign")
+        try:
+            self._journal.put_hold(call.key, {"kind": "suspend", "job": call.job_id,
+                                              "scheduler_id": call.scheduler_id,
+                                              "conf": self._site.conf})
         except OSError as exc:
-            log.warning("job %s: cannot drop its hold from the journal: %s", job.id, exc)
+            return _Outcome("error", f"cannot write the journal: {exc}")
+        try:
+            host.run_scontrol(self._site, "suspend", call.scheduler_id)
+        except host.SlurmError as exc:
+            self._drop(call.key, call.job_id)
+            return _Outcome("error", f"scontrol suspend {call.scheduler_id} failed: {exc}")
+        return _Outcome("suspended")
+
+    def _resume(self, call: _Call) -> _Outcome:
+        if call.key not in self._journal.holds():
+            return _Outcome("resumed")  # not governor's suspend (or already let go)
+        try:
+            host.run_scontrol(self._site, "resume", call.scheduler_id)
+        except host.SlurmError as exc:
+            if not host.already(exc, "resume"):
+                return _Outcome("error", f"scontrol resume {call.scheduler_id} failed: {exc}")
+        self._drop(call.key, call.job_id)
+        return _Outcome("resumed")
+
+    def _drop(self, hold: str, job_id: str) -> None:
+        try:
+            self._journal.drop_hold(hold)
+        except OSError as exc:
+            log.warning("job %s: cannot drop its hold from the journal: %s", job_id, exc)
 
 
 def key(job: Job) -> str:
@@ -180,7 +277,7 @@ def job_pids(job: Job) -> list[int]:
     Slurm does not suspend), or its process tree."""
     if job.cgroup:
         return [pid for pid in cgroupfs.subtree_pids(Path(job.cgroup))
-                if procfs.command(pid) not in NEVER_HELD_COMMANDS]
+                if not never_held(pid)]
     if job.pid is not None:
         return [job.pid, *procfs.descendants(job.pid)]
     return []

@@ -188,15 +188,36 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
+    if args.once and not args.scheduler_id:
+        return fail("--once needs --scheduler-id")
     with _client(args) as client:
-        job = client.register(
-            args.name, pid=args.pid, cgroup=args.cgroup,
-            mode="cooperative" if args.cooperative and not args.mode else args.mode,
-            devices=args.device, priority=args.priority, source=args.source,
-            scheduler_id=args.scheduler_id,
-        )
-    print(job["id"])
+        found = _registered_as(client, args) if args.once else None
+        if found is None:
+            try:
+                found = str(client.register(
+                    args.name, pid=args.pid, cgroup=args.cgroup,
+                    mode="cooperative" if args.cooperative and not args.mode else args.mode,
+                    devices=args.device, priority=args.priority, source=args.source,
+                    scheduler_id=args.scheduler_id,
+                )["id"])
+            except ClientError as exc:
+                # registered meanwhile (by discovery, or another task of the job)
+                found = _registered_as(client, args) if args.once and exc.status == 409 else None
+                if found is None:
+                    raise
+    print(found)
     return 0
+
+
+def _registered_as(client: ApiClient, args: argparse.Namespace) -> str | None:
+    """The id the daemon has the scheduler's job registered as, if it has: the daemon's
+    word, never the caller's environment (a GOVERNOR_JOB_ID set at submit time)."""
+    source = args.source or "api"
+    for job in client.jobs():
+        if (job.get("source") == source and job.get("scheduler_id") == args.scheduler_id
+                and job.get("state") != "gone"):
+            return str(job["id"])
+    return None
 
 
 def cmd_unregister(args: argparse.Namespace) -> int:
@@ -438,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "--scheduler-id (default: api)")
     p.add_argument("--scheduler-id", metavar="ID",
                    help="the scheduler's id for the job: the Slurm job id")
+    p.add_argument("--once", action="store_true",
+                   help="with --scheduler-id: if the daemon has that job registered "
+                   "already, print its id instead of registering it again (the task prolog)")
     p.set_defaults(func=cmd_register)
 
     p = verbs.add_parser("unregister", help="forget a job, resuming it first",

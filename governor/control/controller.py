@@ -31,6 +31,7 @@ from governor.control.events import (
 from governor.control.holds import HoldLoops, carry_holds, outputs, step_holds
 from governor.control.view import ControlView, DirectiveView, JobView, LazyRules
 from governor.jobs import process
+from governor.jobs import scheduled as scheduled_jobs
 from governor.jobs.errors import (
     Conflict,
     NoSuchJob,
@@ -79,6 +80,8 @@ class Controller:
         self._lock = threading.RLock()
         self._rules: list[RuleConfig] = list(config.rules)
         self._forget_after = config.jobs.forget_gone_after
+        #: the slurm.conf to ask Slurm whose a job is, when a user names one
+        self._slurm_conf = config.slurm.conf
         #: policy.max_defer, which every directive carries to cooperative clients
         self.max_defer = config.policy.max_defer
         self._states: RuleStates = {}
@@ -90,6 +93,8 @@ class Controller:
         self._power = power
         self._power_unavailable = power.unavailable if power is not None else power_unavailable
         self._caps: dict[str, PowerCap] = {}
+        #: why the power caps could not be applied last round, logged once
+        self._power_error: str | None = None
         self._on_action = on_action
         self._events = Events(audit)
         #: the sequence of the last snapshot evaluated: the round rule-made actions follow
@@ -128,9 +133,25 @@ class Controller:
     def add_listener(self, listener: DirectiveListener) -> None:
         self._listeners.append(listener)
 
-    def register(self, request: JobRequest, caller: Caller) -> dict[str, Any]:
+    def register(self, request: JobRequest, caller: Caller, *,
+                 discovered: bool = False) -> dict[str, Any]:
+        """Admit, attach and journal a job. `discovered`: a scheduler's source found it
+        (its user may not unregister it)."""
+        # Slurm's word on whose job it is, asked before the lock: a hung slurmctld must
+        # not stall every round behind it
+        not_theirs = None
+        if caller.restricted and request.source == "slurm" and request.scheduler_id:
+            assert caller.uid is not None
+            not_theirs = scheduled_jobs.slurm_owner_problem(
+                self._slurm_conf, request.scheduler_id, caller.uid)
         with self._lock, self._events.refusals("register", caller, requested(request)):
             job = self.registry.admit(request, caller, self._wall())
+            if not_theirs is not None:
+                raise NotPermitted(not_theirs)
+            job.discovered = discovered
+            if discovered and job.source == "slurm" and job.owner_uid is None:
+                # the job's user may pause and resume it, never unregister it
+                job.owner_uid = scheduled_jobs.slurm_user_uid(job.user)
             why = self._unavailable_modes.get(job.mode)
             if why is not None:
                 raise Unacceptable(f"{job.mode.value} mode is not available here: {why}")
@@ -191,6 +212,8 @@ class Controller:
             self._actuators[job.mode].attach(job)
         except ActuatorError as exc:
             return str(exc)
+        except Exception as exc:
+            return f"its {job.mode.value} actuator failed: {exc!r}"
         return None
 
     def _check_cgroup_free(self, job: Job) -> None:
@@ -207,21 +230,58 @@ class Controller:
     def unregister(self, job_id: str, caller: Caller) -> None:
         with self._lock, self._events.refusals("unregister", caller, self._ref(job_id)):
             job = self._owned(job_id, caller)
-            was = job.directive
-            self._exits.forget(job.id)
-            self._actuators[job.mode].detach(job)
-            if job.directive.action is not Action.RUN:
-                self._count("resume", job.directive.rules)
-            self.registry.remove(job.id)
-            self._journal.drop_job(job.id)
-            self._operator.pop(job.id, None)
-            job.directive = RUN
-            job.directive_version += 1
-            action_line("unregister", job, by=str(caller))
-            held = [f"resumed first: it was {was.state}"] if was.action is not Action.RUN else []
-            self._events.emit("unregister", str(caller), job, reasons=held)
-            self._notify(job)
-            self._publish()
+            if caller.restricted and job.discovered:
+                raise NotPermitted(f"Job {job.id} was found by the {job.source} source; "
+                                   "only root or a token holder may unregister it.")
+            self._check_may_lift(job, caller)
+            self._forget(job, caller)
+
+    def _forget(self, job: Job, caller: Caller) -> None:
+        """Unregister a job, resuming it first (under the lock)."""
+        was = job.directive
+        self._exits.forget(job.id)
+        self._detach(job)
+        if job.directive.action is not Action.RUN:
+            self._count("resume", job.directive.rules)
+        self.registry.remove(job.id)
+        self._journal.drop_job(job.id)
+        self._operator.pop(job.id, None)
+        job.directive = RUN
+        job.directive_version += 1
+        action_line("unregister", job, by=str(caller))
+        held = [f"resumed first: it was {was.state}"] if was.action is not Action.RUN else []
+        self._events.emit("unregister", str(caller), job, reasons=held)
+        self._notify(job)
+        self._publish()
+
+    def supersede(self, job_ids: list[str], request: JobRequest,
+                  caller: Caller) -> dict[str, Any]:
+        """Discovery wins over any other registration of the same scheduler's job (a
+        prolog's, or a decoy's): those are unregistered and the job is registered as the
+        source found it, keeping an operator hold that one of them had."""
+        with self._lock:
+            holds = [(job.held_by, job.hold_uid) for job_id in job_ids
+                     if (job := self._find(job_id)) is not None and job.held_by_operator]
+            for job_id in job_ids:
+                job = self._find(job_id)
+                if job is not None:
+                    self._forget(job, caller)
+            registered = self.register(request, caller, discovered=True)
+            if holds:
+                job = self.registry.get(str(registered["id"]))
+                privileged = [hold for hold in holds if hold[1] is None]
+                job.held_by, job.hold_uid = (privileged or holds)[0]
+                job.held_by_operator = True
+                self._journal.put_job(job.id, job.to_record())
+                self._enforce()
+                registered = job.as_dict()
+            return registered
+
+    def _find(self, job_id: str) -> Job | None:
+        try:
+            return self.registry.get(job_id)
+        except NoSuchJob:
+            return None
 
     def scheduled(self, source: str, scheduler_id: str) -> list[str]:
         """The ids of the live jobs a scheduler's job is registered as."""
@@ -247,6 +307,13 @@ class Controller:
             job = self._owned(job_id, caller)
             if job.gone_at is not None:
                 raise Conflict(f"Job {job.id} ({job.name}) has exited.")
+            if not held:
+                self._check_may_lift(job, caller)
+                job.held_by, job.hold_uid = None, None
+            elif not (job.held_by_operator and caller.restricted
+                      and job.hold_uid != caller.uid):
+                # a user's pause never takes over a hold someone else put in place
+                job.held_by, job.hold_uid = str(caller), caller.uid
             job.held_by_operator = held
             self._operator[job.id] = str(caller)
             self._journal.put_job(job.id, job.to_record())
@@ -299,12 +366,18 @@ class Controller:
                 if job.gone_at is None:
                     try:
                         self._actuators[job.mode].apply(job, RUN)
-                    except ActuatorError as exc:
+                    except Exception as exc:
                         log.error("job %s (%s): could not release: %s", job.id, job.name, exc)
             if self._power is not None:
-                self._power.release_all()
+                try:
+                    self._power.release_all()
+                except Exception:
+                    log.exception("power limits could not be restored")
             for actuator in self._actuators.values():
-                actuator.close()
+                try:
+                    actuator.close()
+                except Exception:
+                    log.exception("an actuator failed to close")
             self._exits.close()
             if self._power is not None:
                 self._power.close()
@@ -333,6 +406,12 @@ class Controller:
         return self._holds
 
     # ---- the work ------------------------------------------------------------------------
+
+    def _check_may_lift(self, job: Job, caller: Caller) -> None:
+        """A restricted caller may undo only an operator hold they put in place."""
+        if caller.restricted and job.held_by_operator and job.hold_uid != caller.uid:
+            raise NotPermitted(f"Job {job.id} was paused by {job.held_by or 'an operator'}; "
+                               "only they, root or a token holder may lift that hold.")
 
     def _owned(self, job_id: str, caller: Caller) -> Job:
         job = self.registry.get(job_id)
@@ -397,7 +476,14 @@ class Controller:
         for job in jobs:
             self._apply(job, directives[job.id])
         if self._power is not None:
-            for action, gpu, cap in self._power.apply(caps):
+            try:
+                applied = self._power.apply(caps)
+                self._power_error = None
+            except Exception as exc:
+                if self._power_error != repr(exc):
+                    log.exception("the power caps could not be applied")
+                self._power_error, applied = repr(exc), []
+            for action, gpu, cap in applied:
                 previous = self._caps.get(gpu)
                 if self._retuned_cap(action, previous, cap):
                     continue
@@ -413,6 +499,9 @@ class Controller:
         self._publish()
 
     def _apply(self, job: Job, directive: Directive) -> None:
+        """Bring one job to its directive. Whatever its actuator raises is this job's
+        problem alone (reported on the job, logged once): the other jobs and the power
+        caps of the round are enforced all the same."""
         before = job.directive
         try:
             self._actuators[job.mode].apply(job, directive)
@@ -421,6 +510,11 @@ class Controller:
             if job.extra.get("error") != str(exc):
                 log.warning("job %s (%s): %s", job.id, job.name, exc)
             job.extra["error"] = str(exc)
+        except Exception as exc:
+            error = f"its {job.mode.value} actuator failed: {exc!r}"
+            if job.extra.get("error") != error:
+                log.exception("job %s (%s): %s", job.id, job.name, error)
+            job.extra["error"] = error
         if directive == before:
             return
         job.directive = directive
@@ -436,6 +530,14 @@ class Controller:
             self._events.action(action, ", ".join(by), job, before, rules,
                                 config=self._rules, states=self._states, round_=self._round)
         self._notify(job)
+
+    def _detach(self, job: Job) -> None:
+        """Let a job go; an actuator that fails is logged, and the job forgotten all the
+        same (what it still holds is in the journal, for the guardian and release-all)."""
+        try:
+            self._actuators[job.mode].detach(job)
+        except Exception:
+            log.exception("job %s (%s): could not release it", job.id, job.name)
 
     def _hold_rules(self) -> set[str]:
         return {rule.name for rule in self._rules if rule.holds}
@@ -486,7 +588,7 @@ class Controller:
             if job.id not in exited:
                 continue
             self._exits.forget(job.id)
-            self._actuators[job.mode].detach(job)
+            self._detach(job)
             if job.directive.action is not Action.RUN:
                 self._count("resume", job.directive.rules)
             job.gone_at = now

@@ -3,7 +3,10 @@ evaluated, what each source found started is registered and what ended is unregi
 so a job found this round is governed by this round's rules.
 
 A registration the controller refuses (a job it may not hold that way) is logged once,
-and the job is left alone while it runs, as is a job unregistered by hand. A source that
+and the job is left alone while it runs, as is a job unregistered by hand. Discovery
+wins over any other registration of the same job (a prolog's, an operator's, a decoy
+registered before the job started): it is replaced by the job as the source found it,
+so that no registration can hide a job from discovery. A source that
 fails is reported, never fatal: its jobs stay as they were.
 """
 
@@ -13,7 +16,7 @@ import logging
 from collections.abc import Sequence
 
 from governor.control.controller import Controller
-from governor.jobs.errors import RegistrationError
+from governor.jobs.errors import NoSuchJob, RegistrationError
 from governor.jobs.registry import Caller
 from governor.jobs.sources.base import JobSource
 from governor.snapshot import Snapshot
@@ -47,10 +50,14 @@ class SourceSync:
                         log.info("%s job %s: %s", source.name, scheduler_id, exc)
             for request in changes.started:
                 scheduler_id = str(request.scheduler_id)
-                if self.controller.scheduled(source.name, scheduler_id):
-                    continue  # registered already (by the prolog, through the API)
+                others = self.controller.scheduled(source.name, scheduler_id)
+                if self._discovered(others):
+                    continue  # found by a daemon before this one, and taken back
                 try:
-                    self.controller.register(request, caller)
+                    if others:  # a prolog's or anyone's: discovery's registration wins
+                        self.controller.supersede(others, request, caller)
+                    else:
+                        self.controller.register(request, caller, discovered=True)
                 except RegistrationError as exc:
                     key = (source.name, scheduler_id)
                     if self._complaints.get(key) != str(exc):
@@ -61,6 +68,15 @@ class SourceSync:
                 for problem in changes.problems:
                     log.warning("job source %s: %s", source.name, problem)
                 self._problems[source.name] = changes.problems
+
+    def _discovered(self, job_ids: list[str]) -> bool:
+        for job_id in job_ids:
+            try:
+                if self.controller.registry.get(job_id).discovered:
+                    return True
+            except NoSuchJob:
+                continue
+        return False
 
     def close(self) -> None:
         for source in self.sources:

@@ -191,3 +191,32 @@ def command(pid: int) -> str:
             return comm.read().decode(errors="replace").strip()
     except OSError:
         return ""
+
+
+#: the command name Slurm's step daemon runs under
+SLURMSTEPD = "slurmstepd"
+
+
+def is_slurmstepd(pid: int) -> bool:
+    """Whether the process is Slurm's step daemon, judged by what a user cannot forge: it
+    runs as root, and its executable (/proc/PID/exe, not the name it gives itself) is a
+    `slurmstepd`. slurmd double-forks it, so its parent is init or a subreaper, not slurmd,
+    and tells nothing. The name is read first, so that every other process costs one
+    small read."""
+    if command(pid) != SLURMSTEPD:
+        return False
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+        with open(f"/proc/{pid}/status", "rb") as status:
+            text = status.read()
+    except OSError:
+        return False
+    # Debian's is /usr/sbin/slurmstepd-wlm, behind an alternatives link the comm was
+    # taken from
+    if not os.path.basename(exe.removesuffix(" (deleted)")).startswith(SLURMSTEPD):
+        return False
+    for line in text.splitlines():
+        if line.startswith(b"Uid:"):
+            real, effective = line.split()[1:3]
+            return real == b"0" and effective == b"0"
+    return False

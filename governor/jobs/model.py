@@ -112,6 +112,14 @@ class Job:
     #: user's processes of the job may be held (a setuid child is left alone)
     restricted_uid: int | None = None
     held_by_operator: bool = False
+    #: who put the operator hold in place ("token", "uid 1000 (unix socket)"...), and the
+    #: uid of that caller when it was a restricted one (None: root or a token holder, whose
+    #: hold only root or a token holder may lift)
+    held_by: str | None = None
+    hold_uid: int | None = None
+    #: found by a scheduler's source (discovery), not registered through the API: its user
+    #: may not unregister it
+    discovered: bool = False
     #: GPUs NVML lists one of the job's processes on (unbound jobs only)
     auto_devices: frozenset[str] = frozenset()
     #: what the job is asked to do now
@@ -170,7 +178,9 @@ class Job:
     def to_record(self) -> dict[str, Any]:
         """What the journal keeps of the job, to take it back after a restart."""
         return {**self.as_dict(), "devices": list(self.devices),
-                "restricted_uid": self.restricted_uid, "saved": self.saved}
+                "restricted_uid": self.restricted_uid, "saved": self.saved,
+                "held_by": self.held_by, "hold_uid": self.hold_uid,
+                "discovered": self.discovered}
 
     @classmethod
     def from_record(cls, job_id: str, record: Mapping[str, Any]) -> Job:
@@ -188,6 +198,9 @@ class Job:
             registered_at=float(record["registered_at"]),
             owner_uid=record.get("owner_uid"),
             held_by_operator=bool(record.get("held_by_operator", False)),
+            held_by=_optional_str(record.get("held_by")),
+            hold_uid=_optional_int(record.get("hold_uid")),
+            discovered=bool(record.get("discovered", False)),
             restricted_uid=record.get("restricted_uid"),
             saved=dict(record.get("saved") or {}),
             source=str(record.get("source") or "api"),
@@ -198,3 +211,7 @@ class Job:
 
 def _optional_str(value: Any) -> str | None:
     return None if value is None else str(value)
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)

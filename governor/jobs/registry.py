@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from governor.actuators import modes
 from governor.host import procfs
 from governor.jobs import process
+from governor.jobs import scheduled as scheduled_jobs
 from governor.jobs.errors import Conflict, NoSuchJob, NotPermitted, Unacceptable
 from governor.jobs.model import Job, Mode
 from governor.jobs.sources import PUSHED
@@ -135,8 +136,10 @@ class JobRegistry:
 
     def _check_scheduled(self, request: JobRequest, mode: Mode, caller: Caller) -> None:
         """A scheduler's id comes with a scheduler's source; suspend mode needs a Slurm
-        job; and a user may name a Slurm job only from a process of that job, since the
-        daemon would suspend it with root's rights."""
+        job; a scheduler's job is registered once; and a user may name a Slurm job only
+        from a process of that job, told by its cgroup (jobs/scheduled.py), never by its
+        environment, since the daemon would suspend it with root's rights. (That the job
+        is the user's own is Slurm's word, asked by the controller outside its lock.)"""
         scheduled = request.source not in PUSHED
         if request.scheduler_id is not None and not scheduled:
             raise Unacceptable(f"A job from {request.source!r} has no scheduler_id; it "
@@ -146,12 +149,26 @@ class JobRegistry:
         if mode is Mode.SUSPEND and (request.source != "slurm" or not request.scheduler_id):
             raise Unacceptable("Suspend mode holds a Slurm job: it needs source \"slurm\" "
                                "and the Slurm job id as scheduler_id.")
+        if caller.restricted and scheduled and request.source != "slurm":
+            raise NotPermitted(f"Only root or a token holder may register a job from "
+                               f"{request.source!r}.")
         if caller.restricted and request.source == "slurm":
-            job_of_pid = (procfs.environ_value(request.pid, "SLURM_JOB_ID")
-                          if request.pid is not None else None)
-            if job_of_pid != request.scheduler_id:
+            if request.pid is None:
+                raise NotPermitted("A user registers a Slurm job from one of its processes "
+                                   "(pid).")
+            if request.scheduler_id not in scheduled_jobs.slurm_jobs_of(request.pid):
                 raise NotPermitted(f"Pid {request.pid} is not a process of Slurm job "
                                    f"{request.scheduler_id}.")
+        if scheduled:
+            self._check_scheduled_free(request.source, str(request.scheduler_id))
+
+    def _check_scheduled_free(self, source: str, scheduler_id: str) -> None:
+        with self.lock:
+            for job in self._jobs.values():
+                if (job.gone_at is None and job.source == source
+                        and job.scheduler_id == scheduler_id):
+                    raise Conflict(f"{source.capitalize()} job {scheduler_id} is already "
+                                   f"registered as job {job.id} ({job.name}).")
 
     def _check_pid(self, request: JobRequest, caller: Caller) -> process.ProcessIdentity:
         pid = request.pid

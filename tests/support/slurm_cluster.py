@@ -72,6 +72,7 @@ class SlurmCluster:
         self.munge_dir = Path(tempfile.mkdtemp(prefix="governor-munge-"))
         self.munge_socket = self.munge_dir / "munge.socket"
         self._procs: list[subprocess.Popen[bytes]] = []
+        self._controller: subprocess.Popen[bytes] | None = None
         self.started = False
         self.task_prolog, self.task_epilog = task_prolog, task_epilog
         #: more environment for slurmd, which its prologs inherit
@@ -160,13 +161,28 @@ class SlurmCluster:
                      f"--socket={self.munge_socket}", f"--pid-file={m}/munged.pid",
                      f"--seed-file={m}/seed", f"--log-file={m}/munged.log"], "munged.out")
         self._wait(lambda: self.munge_socket.exists(), timeout, "munged's socket")
-        self._spawn([_binary("slurmctld"), "-D"], "slurmctld.out")
+        self.start_controller()
         for node in self.nodes:
             self._spawn([_binary("slurmd"), "-D", "-N", node], f"slurmd-{node}.out",
                         self.slurmd_env)
         self.started = True
         self._wait(self._all_idle, timeout, "every node idle in sinfo")
         return self
+
+    def start_controller(self) -> None:
+        """slurmctld, in the foreground, as at start (and again after stop_controller)."""
+        self._spawn([_binary("slurmctld"), "-D"], "slurmctld.out")
+        self._controller = self._procs[-1]
+
+    def stop_controller(self) -> None:
+        """Stop slurmctld, as when it fails: the nodes and their jobs keep running, and
+        every `scontrol` that needs it fails."""
+        proc = self._controller
+        assert proc is not None
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        self._procs.remove(proc)
+        self._controller = None
 
     def _all_idle(self) -> bool:
         result = self.run("sinfo", "-h", "-N", "-o", "%N %T", check=False)
