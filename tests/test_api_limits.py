@@ -250,12 +250,17 @@ def _healthy(d: DaemonProcess) -> bool:
     ("name", "\x1b[2Jcleared"),
     ("name", "right\u202eto left"),
     ("scheduler_id", "123\r"),
+    ("cgroup", "/sys/fs/cgroup/x\n"),
     ("devices", ["gpu0", "gpu\x07"]),
 ])
 def test_control_characters_in_a_registration_are_refused_naming_the_field(
         daemon: StartDaemon, field: str, value: Any) -> None:
     d = daemon(quiet())
     body = {"name": "fine", "mode": "cooperative", field: value}
+    if field == "scheduler_id":
+        body["source"] = "slurm"
+    if field == "cgroup":
+        body["mode"] = "cgroup"
     refused = d.call("POST", "/v1/jobs", json=body)
     assert refused.status_code == 422, refused.text
     error = refused.json()["error"]
