@@ -67,7 +67,7 @@ def create_app(daemon: DaemonView, authenticate: Authenticator,
     )
     # outermost: no body is read before its size and its sender are checked
     app.add_middleware(BodyGuard, authenticate=authenticate, max_bytes=max_body_bytes)
-    reads = EventReads(daemon.audit)
+    reads = EventReads(lambda: daemon.audit)
 
     @app.get("/healthz", summary="200 while the sampling loop keeps its cadence, else 503",
              response_model=models.Healthy, responses={

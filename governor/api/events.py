@@ -36,7 +36,9 @@ _ANY = TypeAdapter(Any)
 class EventReads:
     """Admits reads of the audit log; counted on the event loop's thread only."""
 
-    def __init__(self, audit: AuditLog, readers: int = READERS, threads: int = THREADS):
+    def __init__(self, audit: Callable[[], AuditLog], readers: int = READERS,
+                 threads: int = THREADS):
+        """`audit`: the daemon's audit log, looked up at each read."""
         self.audit = audit
         self.free = readers
         self.limiter = anyio.CapacityLimiter(threads)
@@ -53,7 +55,7 @@ class EventReads:
     async def _batches(self, since: float, limit: int) -> AsyncIterator[bytes]:
         """The body, `{"events": [...]}`, in pieces; pydantic writes each event as
         FastAPI would (NaN as null)."""
-        reader: EventReader = await self._run(self.audit.reader, since)
+        reader: EventReader = await self._run(self.audit().reader, since)
         try:
             yield b'{"events":['
             left, first = limit, True
