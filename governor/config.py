@@ -166,11 +166,25 @@ class ApiConfig(_Section):
     tls_key: str = ""
     #: what the CLI verifies the daemon's certificate against; "": tls_cert itself
     tls_ca: str = ""
+    #: the largest request body answered (413 above it, before it is read)
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    #: how long a client has to send a request's headers (and its body) before the
+    #: connection is closed
+    header_timeout: Duration = 10.0
+    #: open connections per listener (TCP, the unix socket each); more are closed at once
+    max_connections: int = Field(default=1024, ge=1, le=100_000)
 
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
         parse_listen(value)
+        return value
+
+    @field_validator("header_timeout")
+    @classmethod
+    def _header_timeout(cls, value: float) -> float:
+        if not 0.1 <= value <= 300:
+            raise ValueError("must be between 100ms and 5m")
         return value
 
     @field_validator("allowed_hosts")

@@ -132,6 +132,39 @@ def test_read_since_and_limit(log_path: Path) -> None:
     assert audit.read(times[-1], 10) == []
 
 
+def test_read_since_skips_older_files_and_lines(log_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read of the last events parses a few lines near them, not every line before:
+    older rotated files are passed over on their tail, and the current file is bisected
+    on its lines' times."""
+    import governor.service.audit as audit_module
+
+    audit = AuditLog(log_path, 400_000, 5, clock=Clock())
+    for index in range(6000):  # about 2.4 MB: the current file and several rotated ones
+        audit.append({"what": "slow", "n": index, "pad": "z" * 300})
+    assert len(list(log_path.parent.iterdir())) >= 4, "rotated files exist"
+    times = [e["time"] for e in audit.read(0, 10_000)]
+    assert len(times) == 6000
+
+    parsed = []
+    parse = audit_module.parse
+
+    def counting(line: bytes) -> dict[str, Any] | None:
+        parsed.append(line)
+        return parse(line)
+
+    monkeypatch.setattr(audit_module, "parse", counting)
+    page = audit.read(times[-11], 5)
+    assert [e["n"] for e in page] == [5990, 5991, 5992, 5993, 5994]
+    # each file's tail (64 KiB, ~170 lines) to skip it or not, a few bisection probes,
+    # and the lines from the start point on: far from the 6000 lines before
+    assert len(parsed) < 1500, f"{len(parsed)} lines parsed to find 5 events"
+    parsed.clear()
+    middle = audit.read(times[2999], 3)
+    assert [e["n"] for e in middle] == [3000, 3001, 3002], "found inside a rotated file"
+    assert len(parsed) < 1500, f"{len(parsed)} lines parsed to find 3 events"
+
+
 def test_a_failing_disk_never_raises_and_is_reported(
         log_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     log_path.parent.mkdir()

@@ -12,7 +12,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from governor import __version__
 from governor.api import models
 from governor.api.auth import Authenticator
+from governor.api.bodies import BodyGuard
 from governor.api.errors import ApiError, install_error_handlers
+from governor.api.events import EventReads
 from governor.api.hosts import HostCheck, default_allowed_hosts
 from governor.api.jobs import TOKEN, errors, job_router
 from governor.api.scrape import MetricsFastPath
@@ -45,8 +47,10 @@ class DaemonView(Protocol):
 
 
 def create_app(daemon: DaemonView, authenticate: Authenticator,
-               allowed_hosts: Iterable[str] | None = None) -> FastAPI:
-    """`allowed_hosts`: the Host header values answered; None: this machine's names."""
+               allowed_hosts: Iterable[str] | None = None,
+               max_body_bytes: int = 64 * 1024) -> FastAPI:
+    """`allowed_hosts`: the Host header values answered; None: this machine's names.
+    `max_body_bytes`: the largest request body read (api.max_body_bytes)."""
     app = FastAPI(
         title="governor",
         version=__version__,
@@ -61,6 +65,9 @@ def create_app(daemon: DaemonView, authenticate: Authenticator,
         HostCheck,
         allowed=default_allowed_hosts("localhost") if allowed_hosts is None else allowed_hosts,
     )
+    # outermost: no body is read before its size and its sender are checked
+    app.add_middleware(BodyGuard, authenticate=authenticate, max_bytes=max_body_bytes)
+    reads = EventReads(lambda: daemon.audit)
 
     @app.get("/healthz", summary="200 while the sampling loop keeps its cadence, else 503",
              response_model=models.Healthy, responses={
@@ -98,16 +105,17 @@ def create_app(daemon: DaemonView, authenticate: Authenticator,
         body["audit"] = daemon.audit.status()
         return models.AsBuilt(body)
 
-    # A sync route: the files are read in the thread pool, never on the event loop.
-    @app.get("/v1/events", response_model=models.Events, responses=errors(422),
+    # Read on threads of their own, never on the event loop nor in the thread pool the
+    # changes use; a few reads at a time (governor/api/events.py).
+    @app.get("/v1/events", response_model=models.Events, responses=errors(422, 503),
              summary="The audit log: actions and operator requests with time > since, oldest "
              "first, at most limit of them; page on with since = the last event's time")
-    def events(
+    async def events(
         since: Annotated[float, Query(allow_inf_nan=False,
                                       description="Unix time; only events after it")] = 0.0,
         limit: Annotated[int, Query(ge=1, le=10000, description="at most this many")] = 1000,
-    ) -> models.AsBuilt:
-        return models.AsBuilt({"events": daemon.audit.read(since, limit)})
+    ) -> Response:
+        return reads.answer(since, limit)
 
     app.include_router(job_router(daemon.controller, authenticate))
 

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Request
+from starlette.datastructures import Headers
+from starlette.types import Scope
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from governor.api.errors import ApiError
@@ -82,15 +84,20 @@ class Authenticator:
 
     def __call__(self, request: Request) -> Caller:
         """FastAPI dependency of every mutating route."""
-        uid = peer_uid(request)
-        if uid is not None:
+        return self.check(request.scope)
+
+    def check(self, scope: Scope) -> Caller:
+        """Who sent the request whose ASGI scope this is; ApiError if it may change
+        nothing. Needs only the headers: a request's body is read after it."""
+        uid = scope.get(PEER_UID)
+        if isinstance(uid, int):
             return Caller(None if uid == 0 else uid, f"uid {uid} (unix socket)")
         if self._token is None:
             if self._open:
                 return Caller(None, "unauthenticated client")
             raise ApiError(403, "Changes are refused: no api.token_file is set and "
                                 "api.allow_unauthenticated is false.")
-        header = request.headers.get("authorization", "")
+        header = Headers(scope=scope).get("authorization", "")
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not given:
             raise ApiError(401, "This request needs an 'Authorization: Bearer <token>' header.")

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from governor.actuators.modes import ModeName
 from governor.api import models
@@ -24,6 +24,7 @@ from governor.control.controller import Controller
 from governor.jobs.model import Mode
 from governor.jobs.registry import Caller, JobRequest
 from governor.jobs.sources import SourceName
+from governor.text import unprintable
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "The body is not valid JSON, or the Host header names no host "
@@ -35,7 +36,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
                          "threads), or another user's process or job."},
     404: {"description": "No such job."},
     409: {"description": "Conflict: already registered, a reused pid, a job that exited."},
+    413: {"description": "The body is larger than api.max_body_bytes; refused before it "
+                         "is read, and the connection is closed."},
     422: {"description": "A field or query value is invalid, or no process has the pid."},
+    503: {"description": "Too many reads of the audit log are in flight; try again in a "
+                         "moment (Retry-After)."},
 }
 
 #: every route can answer this 400: the Host check runs before any of them
@@ -69,6 +74,23 @@ class JobIn(BaseModel):
     #: registered by hand ("slurm", from the task prolog), with the scheduler's id
     source: SourceName = "api"
     scheduler_id: str | None = Field(default=None, min_length=1, max_length=128)
+
+    @field_validator("name", "cgroup", "scheduler_id")
+    @classmethod
+    def _printable(cls, value: str | None) -> str | None:
+        """Names end up in log lines, the audit log and terminals: a newline could forge
+        a log line, an escape sequence could rewrite a terminal."""
+        if value is not None and (char := unprintable(value)) is not None:
+            raise ValueError(f"must not contain a control character ({char})")
+        return value
+
+    @field_validator("devices")
+    @classmethod
+    def _printable_devices(cls, value: list[str]) -> list[str]:
+        for device in value:
+            if (char := unprintable(device)) is not None:
+                raise ValueError(f"must not contain a control character ({char})")
+        return value
 
 
 class DirectiveWatch:
@@ -136,7 +158,7 @@ def job_router(controller: Controller, authenticate: Callable[..., Caller]) -> A
         return models.AsBuilt([job.as_json() for job in controller.view.jobs])
 
     @router.post("/jobs", status_code=201, summary="Register a job", response_model=models.Job,
-                 responses=errors(400, 401, 403, 409, 422), openapi_extra=TOKEN)
+                 responses=errors(400, 401, 403, 409, 413, 422), openapi_extra=TOKEN)
     def register(body: JobIn, caller: Writer) -> models.AsBuilt:
         request = JobRequest(
             name=body.name, pid=body.pid, cgroup=body.cgroup,

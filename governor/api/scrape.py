@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import anyio
+import anyio.to_thread
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 PATH = "/metrics"
@@ -23,13 +24,17 @@ HEADERS = [(b"content-type", CONTENT_TYPE_LATEST.encode("latin-1"))]
 
 class MetricsFastPath:
     """ASGI middleware: GET or HEAD /metrics answered with `cached()`, else `render()`
-    in the thread pool; every other request goes on to the app."""
+    on a thread of its own; every other request goes on to the app.
+
+    Renders take one thread, never the thread pool that changes use: scrapers arriving
+    together after a round wait for it without holding a thread each."""
 
     def __init__(self, app: ASGIApp, cached: Callable[[], bytes | None],
                  render: Callable[[], bytes]):
         self.app = app
         self.cached = cached
         self.render = render
+        self.limiter = anyio.CapacityLimiter(1)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (scope["type"] != "http" or scope["path"] != PATH
@@ -38,7 +43,7 @@ class MetricsFastPath:
             return
         body = self.cached()
         if body is None:
-            body = await run_in_threadpool(self.render)
+            body = await anyio.to_thread.run_sync(self.render, limiter=self.limiter)
         headers = [*HEADERS, (b"content-length", str(len(body)).encode("latin-1"))]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body",

@@ -27,6 +27,7 @@ from governor.client.errors import ClientError
 from governor.client.settings import ClientSettings
 from governor.config import Config, ConfigError, find_config, load_config, state_dir_despite
 from governor.sampling.nvml import NvmlUnavailableError
+from governor.text import PrintableFormatter, printable
 
 if TYPE_CHECKING:
     from governor.client.rest import ApiClient
@@ -35,7 +36,7 @@ log = logging.getLogger("governor")
 
 
 def fail(message: str) -> int:
-    print(f"governor: {message}", file=sys.stderr)
+    print(f"governor: {printable(message)}", file=sys.stderr)
     return 1
 
 
@@ -45,7 +46,10 @@ def setup_logging(verbose: bool = False) -> None:
     fmt = "%(levelname)s %(name)s: %(message)s"
     if not os.environ.get("JOURNAL_STREAM"):
         fmt = "%(asctime)s " + fmt
-    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
+    # names from the API, Slurm and pods reach these lines: escaped, one line each
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(PrintableFormatter(fmt))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 def _load(path_arg: str | None) -> tuple[Config, Path | None]:

@@ -12,12 +12,14 @@ from datetime import datetime
 from typing import Any
 
 from governor.cli.status_model import Job, RuleSeries, Status
+from governor.text import printable
 
 Row = tuple[str, ...]
 
 
 def table(rows: Iterable[Row], indent: str = "  ") -> list[str]:
-    rows = list(rows)
+    """Aligned columns; every cell escaped (job names may come from Slurm or a pod)."""
+    rows = [tuple(printable(str(cell)) for cell in row) for row in rows]
     if not rows:
         return []
     widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(max(map(len, rows)))]

@@ -34,6 +34,7 @@ from rich.text import Text
 
 from governor.cli.status_model import Job, Reading, RuleSeries, Status
 from governor.client import ClientError
+from governor.text import printable
 
 #: the status JSON as /v1/status sends it; parsed into a Status once per frame
 StatusJson = Mapping[str, Any]
@@ -236,8 +237,8 @@ class _Frame:
                     table.add_column(column, no_wrap=True, overflow="ellipsis",
                                      max_width=max(room, 4) if column == squeeze and room
                                      else None)
-            for row in rows:  # a job's name is text, not rich markup
-                table.add_row(*(Text(cell) if isinstance(cell, str) else cell
+            for row in rows:  # a job's name is text, not rich markup, nor escape codes
+                table.add_row(*(Text(printable(cell)) if isinstance(cell, str) else cell
                                 for column, cell in zip(columns, row, strict=True)
                                 if column in keep))
             left = [column for column in optional if column in keep]
@@ -528,9 +529,9 @@ def _jobs(status: Status, frame: _Frame) -> _Part[Any]:
             state_text = Text(state, style=style)
             if j.held_by_operator:
                 state_text.append(" (operator)", style=style)
-            reasons = Text("\n".join(j.reasons))
+            reasons = Text("\n".join(printable(r) for r in j.reasons))
             if j.error:
-                reasons = Text(f"ERROR: {j.error}", style="bold red") + (
+                reasons = Text(f"ERROR: {printable(j.error)}", style="bold red") + (
                     Text("\n") + reasons if reasons else Text())
             speed = j.speed
             name = j.name if not j.scheduler_id else (

@@ -110,9 +110,12 @@ def watch(state_dir: Path, read_fd: int) -> int:
 
 
 def main(argv: list[str]) -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s governor.safety.guardian[%(process)d]: "
-                               "%(message)s")
+    from governor.text import PrintableFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(PrintableFormatter(  # the journal's job names, escaped
+        "%(asctime)s %(levelname)s governor.safety.guardian[%(process)d]: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     state_dir, read_fd = Path(argv[0]), int(argv[1])
     return watch(state_dir, read_fd)
 

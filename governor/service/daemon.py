@@ -29,7 +29,8 @@ from governor.actuators.cgroup import CgroupActuator
 from governor.actuators.gpu_power import PowerCapper
 from governor.actuators.modes import MODES, ModeContext
 from governor.api.app import create_app
-from governor.api.auth import Authenticator, PeerCredProtocol, ensure_token
+from governor.api.auth import Authenticator, ensure_token
+from governor.api.connections import ConnectionLimits, GuardedProtocol, Listener
 from governor.api.errors import status_of
 from governor.api.hosts import default_allowed_hosts
 from governor.config import ApiConfig, Config, ConfigError, is_loopback, load_config
@@ -148,9 +149,11 @@ class ApiServer(uvicorn.Server):
     #: how often the idle server looks up: the Date header's resolution
     TICK = 1.0
 
-    def __init__(self, config: uvicorn.Config, daemon: Daemon):
+    def __init__(self, config: uvicorn.Config, daemon: Daemon,
+                 limits: ConnectionLimits | None = None):
         super().__init__(config)
         self._daemon = daemon
+        self.limits = limits if limits is not None else ConnectionLimits()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
 
@@ -178,24 +181,27 @@ class ApiServer(uvicorn.Server):
             self._daemon.listening()
 
     async def _listen(self, sockets: list[socket.socket] | None) -> None:
-        """uvicorn would wrap every socket in TLS. The unix socket stays plain HTTP: the
-        kernel vouches for its peers, and the CLI reaches it without certificates."""
-        local = [s for s in sockets or [] if s.family == socket.AF_UNIX]
-        if not local or self.config.ssl is None:
-            await super().startup(sockets=sockets)
-            return
-        assert sockets is not None
-        await super().startup(sockets=[s for s in sockets if s.family != socket.AF_UNIX])
-        config = self.config
-
-        def plain() -> asyncio.Protocol:
-            return config.http_protocol_class(  # type: ignore[call-arg]
-                config=config, server_state=self.server_state, app_state=self.lifespan.state)
-
+        """One server per socket, each with its own count of connections (a flood of the
+        TCP port leaves the unix socket's room alone), and TLS on TCP only: the unix
+        socket stays plain HTTP, the kernel vouches for its peers, and the CLI reaches it
+        without certificates. A TLS handshake gets the header timeout too."""
+        await self.lifespan.startup()  # lifespan is off; kept for uvicorn's state
+        config, limits = self.config, self.limits
         loop = asyncio.get_running_loop()
-        for sock in local:
-            self.servers.append(await loop.create_server(plain, sock=sock,
-                                                         backlog=config.backlog))
+        self.servers = []
+        for sock in sockets or []:
+            listener: Listener = "unix" if sock.family == socket.AF_UNIX else "tcp"
+
+            def protocol(listener: Listener = listener) -> asyncio.Protocol:
+                return GuardedProtocol(config=config, server_state=self.server_state,
+                                       app_state=self.lifespan.state, limits=limits,
+                                       listener=listener)
+
+            tls = config.ssl if listener == "tcp" else None
+            self.servers.append(await loop.create_server(
+                protocol, sock=sock, backlog=config.backlog, ssl=tls,
+                ssl_handshake_timeout=limits.header_timeout if tls is not None else None))
+        self.started = True
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -457,7 +463,8 @@ class Daemon:
         self.loop.start()
         self.loop.wait_first_round(timeout=max(5.0, 2 * self.config.daemon.interval))
         app = create_app(self, Authenticator(token, api.allow_unauthenticated),
-                         allowed_hosts=api.allowed_hosts or default_allowed_hosts(api.host))
+                         allowed_hosts=api.allowed_hosts or default_allowed_hosts(api.host),
+                         max_body_bytes=api.max_body_bytes)
         # What exists now lives as long as the daemon. Out of the collector's sight, a
         # full collection under API load scans only what came later: tens of ms held
         # under the GIL on a busy box, which the sampling loop would wait for.
@@ -468,15 +475,18 @@ class Daemon:
                 log_config=None,
                 access_log=False,
                 lifespan="off",
-                http=PeerCredProtocol,
+                http=GuardedProtocol,
                 # who the client is comes from the socket, never from a header
                 proxy_headers=False,
                 forwarded_allow_ips="",
                 timeout_graceful_shutdown=3,
+                # between requests; a request's own headers get api.header_timeout
+                timeout_keep_alive=5,
                 ssl_certfile=api.tls_cert or None,
                 ssl_keyfile=api.tls_key or None,
             ),
             self,
+            ConnectionLimits(api.max_connections, api.header_timeout),
         )
         log.info("serving /metrics, /healthz and /v1 on %s://%s%s",
                  "https" if api.tls else "http", api.listen,
