@@ -9,6 +9,12 @@ GET, HEAD, OPTIONS) is authenticated; both before a byte of the body is read. Th
 body is read, counting bytes (a chunked body has no Content-Length), and handed to the
 app whole. A response sent while the body is still unread closes the connection, so the
 rest of it is never read either.
+
+The body of every change is JSON, whatever its Content-Type says: `curl -d '{...}'` sends
+`application/x-www-form-urlencoded`, and a script that forgot `-H 'Content-Type:
+application/json'` would otherwise get a 422 about "a valid dictionary" that says nothing
+of the header (Docker's API reads its bodies the same way). A body that is not JSON is a
+400 that says so.
 """
 
 from __future__ import annotations
@@ -21,6 +27,12 @@ from governor.api.errors import ApiError, error_response
 
 #: methods whose routes take no body: not authenticated here (reads are open)
 READS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def as_json(scope: Scope) -> Scope:
+    """The request with its Content-Type set to JSON, the one body type the API takes."""
+    headers = [(name, value) for name, value in scope["headers"] if name != b"content-type"]
+    return {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
 
 
 class BodyGuard:
@@ -66,6 +78,8 @@ class BodyGuard:
                 break
         body: Message | None = {"type": "http.request", "body": b"".join(chunks),
                                 "more_body": False}
+        if scope["method"] not in READS:
+            scope = as_json(scope)
 
         async def replay() -> Message:
             nonlocal body
