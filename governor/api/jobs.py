@@ -195,6 +195,7 @@ def job_router(controller: Controller, authenticate: Callable[..., Caller]) -> A
                                             "critical sections")] = None,
     ) -> models.AsBuilt:
         found = controller.directive(job_id)
+        controller.polled(job_id, wait)
         report = progress_report(steps, step_seconds, step_buckets, deferrals)
         if not report.empty:
             # in the thread pool: the controller's lock may be held by a slow freeze
