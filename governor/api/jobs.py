@@ -36,6 +36,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"description": "No such job."},
     409: {"description": "Conflict: already registered, a reused pid, a job that exited."},
     422: {"description": "A field or query value is invalid, or no process has the pid."},
+    429: {"description": "The caller, a user on the unix socket, already has as many jobs "
+                         "registered as one user may (jobs.max_per_user)."},
 }
 
 #: every route can answer this 400: the Host check runs before any of them
@@ -136,7 +138,7 @@ def job_router(controller: Controller, authenticate: Callable[..., Caller]) -> A
         return models.AsBuilt([job.as_json() for job in controller.view.jobs])
 
     @router.post("/jobs", status_code=201, summary="Register a job", response_model=models.Job,
-                 responses=errors(400, 401, 403, 409, 422), openapi_extra=TOKEN)
+                 responses=errors(400, 401, 403, 409, 422, 429), openapi_extra=TOKEN)
     def register(body: JobIn, caller: Writer) -> models.AsBuilt:
         request = JobRequest(
             name=body.name, pid=body.pid, cgroup=body.cgroup,
