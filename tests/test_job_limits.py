@@ -83,3 +83,15 @@ def test_a_cooperative_job_that_stops_polling_is_unregistered(
         "no directive poll for 2s (jobs.cooperative_expire_after)"]
     eventually(lambda: d.get(f"/v1/jobs/{waiting['id']}").status_code == 404, timeout=15,
                what="once it stops polling, the other one goes too")
+
+
+def test_the_limits_are_checked_keys() -> None:
+    from governor.config import ConfigError, parse_config
+
+    jobs = parse_config({}).jobs
+    assert (jobs.max_per_user, jobs.cooperative_expire_after) == (64, 600.0)
+    assert parse_config({"jobs": {"cooperative_expire_after": 0}}).jobs.cooperative_expire_after == 0
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"jobs": {"max_per_user": 0, "cooperative_expire_after": "soon"}})
+    assert sorted(p.key for p in caught.value.problems) == [
+        "jobs.cooperative_expire_after", "jobs.max_per_user"]
