@@ -90,7 +90,8 @@ def test_the_limits_are_checked_keys() -> None:
 
     jobs = parse_config({}).jobs
     assert (jobs.max_per_user, jobs.cooperative_expire_after) == (64, 600.0)
-    assert parse_config({"jobs": {"cooperative_expire_after": 0}}).jobs.cooperative_expire_after == 0
+    never = parse_config({"jobs": {"cooperative_expire_after": 0}}).jobs
+    assert never.cooperative_expire_after == 0
     with pytest.raises(ConfigError) as caught:
         parse_config({"jobs": {"max_per_user": 0, "cooperative_expire_after": "soon"}})
     assert sorted(p.key for p in caught.value.problems) == [
