@@ -261,6 +261,12 @@ class JobsConfig(_Section):
     slow_period: Duration = 0.1
     #: a job whose process exited is listed as "gone" this long, then forgotten
     forget_gone_after: Duration = 60.0
+    #: how many jobs one user (a uid over the unix socket) may have registered at once;
+    #: root and token holders are not limited
+    max_per_user: int = Field(default=64, ge=1, le=100_000)
+    #: a cooperative job with no process (mode "cooperative", no pid) that has not polled
+    #: its directive for this long is unregistered; 0: never
+    cooperative_expire_after: Duration = 600.0
 
     @field_validator("slow_period")
     @classmethod
@@ -275,6 +281,18 @@ class AuditConfig(_Section):
     max_bytes: int = Field(default=10_000_000, ge=4096)
     #: rotated files kept: audit.jsonl.1 ... audit.jsonl.<keep>; older ones are dropped
     keep: int = Field(default=3, ge=1, le=100)
+    #: events written in full per user (a uid over the unix socket) and per job's
+    #: deferral reports in each window; the rest are counted, and summed up in one
+    #: "suppressed" event when the window closes
+    per_user_events: int = Field(default=20, ge=1, le=100_000)
+    per_user_window: Duration = 60.0
+
+    @field_validator("per_user_window")
+    @classmethod
+    def _window(cls, value: float) -> float:
+        if not 1 <= value <= 86400:
+            raise ValueError("must be between 1s and 1 day")
+        return value
 
 
 class PolicyConfig(_Section):

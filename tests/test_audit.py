@@ -18,6 +18,7 @@ import pytest
 
 from governor.cli.main import since_spec
 from governor.config import parse_config
+from governor.jobs.errors import NoSuchJob
 from governor.service.audit import AuditLog
 from tests.support.c_nvml import CNvmlState
 from tests.support.cli import governor
@@ -191,12 +192,69 @@ def test_a_failing_disk_never_raises_and_is_reported(
 def test_audit_config_defaults_and_limits() -> None:
     default = parse_config({}).audit
     assert (default.max_bytes, default.keep) == (10_000_000, 3)
+    assert (default.per_user_events, default.per_user_window) == (20, 60.0)
     from governor.config import ConfigError
 
     with pytest.raises(ConfigError) as caught:
-        parse_config({"audit": {"max_bytes": 100, "keep": 0, "size": 1}})
+        parse_config({"audit": {"max_bytes": 100, "keep": 0, "size": 1, "per_user_events": 0,
+                                "per_user_window": "0.5s"}})
     keys = sorted(p.key for p in caught.value.problems)
-    assert keys == ["audit.keep", "audit.max_bytes", "audit.size"]
+    assert keys == ["audit.keep", "audit.max_bytes", "audit.per_user_events",
+                    "audit.per_user_window", "audit.size"]
+
+
+class Monotonic:
+    """The controller's monotonic clock, stepped by hand."""
+
+    def __init__(self) -> None:
+        self.now = 50.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_one_users_refusals_cannot_rotate_out_another_users_record(tmp_path: Path) -> None:
+    """10,000 refused requests from one uid over the socket (3,000 took 2 s, and 70 s
+    rotated 40 MB of history away): the first few are written, the rest counted and summed
+    up when the window closes, and the other users' events stay in the log."""
+    from governor.control.controller import Controller
+    from governor.jobs.registry import Caller
+    from governor.safety.journal import Journal
+
+    settings = parse_config({"audit": {"max_bytes": 65536, "keep": 1}})
+    audit = AuditLog(tmp_path / "audit.jsonl", settings.audit.max_bytes, settings.audit.keep)
+    clock = Monotonic()
+    controller = Controller(settings, Journal(tmp_path / "state"), {}, None,
+                            audit=audit.append, clock=clock)
+    alice, nobody = Caller(1000, "uid 1000 (unix socket)"), Caller(65534, "uid 65534")
+
+    def refused(caller: Caller, job_id: str) -> None:
+        with pytest.raises(NoSuchJob):
+            controller.unregister(job_id, caller)
+
+    refused(alice, "alices-job")
+    refused(Caller(None, "token"), "tokens-job")
+    for n in range(10_000):
+        refused(nobody, f"flood-{n}")
+    kept = {(e["who"], e["job"]["id"]) for e in audit.read(0, 100_000) if e["job"]}
+    assert ("uid 1000 (unix socket)", "alices-job") in kept
+    assert ("token", "tokens-job") in kept
+
+    clock.now += settings.audit.per_user_window
+    refused(nobody, "after-the-window")
+    refused(alice, "alices-next")
+    written = audit.read(0, 100_000)
+    floods = [e for e in written if e["who"] == "uid 65534"]
+    full = settings.audit.per_user_events
+    assert len(floods) == full + 2, "the first few in full, one summary, then a new window"
+    (summary,) = [e for e in floods if e["what"] == "suppressed"]
+    assert summary["count"] == 10_000 - full
+    assert summary["counted"] == {"unregister-refused": 10_000 - full}
+    assert summary["why"]["reasons"] == [
+        f"{10_000 - full} more event(s) from uid 65534 within 1m were counted, not written "
+        f"({10_000 - full} unregister-refused): audit.per_user_events = {full}"]
+    assert floods[-1]["job"]["id"] == "after-the-window"
+    assert (tmp_path / "audit.jsonl").stat().st_size < 65536, "not rotated even once"
 
 
 def test_events_has_help() -> None:

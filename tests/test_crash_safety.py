@@ -7,7 +7,6 @@ every hold within 2 seconds (the promise README's Safety section makes).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -21,6 +20,7 @@ from typing import Any
 import psutil
 import pytest
 
+from governor.safety.journal import Journal
 from tests.support.daemon import DaemonProcess
 from tests.support.processes import busy_child, cpu_seconds, eventually, state, stays, stop
 
@@ -77,9 +77,15 @@ def runs_free(pid: int) -> Callable[[], bool]:
     return lambda: state(pid) != "T"
 
 
+def on_disk(state_dir: Path) -> Journal:
+    """The journal as release-all reads it: the snapshot and the log of changes since."""
+    journal = Journal(state_dir)
+    assert journal.load() == []
+    return journal
+
+
 def holds(tmp_path: Path) -> dict[str, Any]:
-    journal = tmp_path / "state" / "journal.json"
-    return dict(json.loads(journal.read_text())["holds"]) if journal.exists() else {}
+    return on_disk(tmp_path / "state").holds()
 
 
 def test_kill_9_while_paused_by_signal_and_restart_keeps_the_operator_hold(
@@ -193,7 +199,7 @@ def test_sigterm_releases_everything_and_exits_0(
         assert state(child.pid) != "T"
         assert "frozen 0" in (Path(frozen["cgroup"]) / "cgroup.events").read_text()
         assert holds(tmp_path) == {}
-        jobs = json.loads((tmp_path / "state" / "journal.json").read_text())["jobs"]
+        jobs = on_disk(tmp_path / "state").jobs()
         assert set(jobs) == {stopped["id"], frozen["id"]}, "registrations survive a stop"
     finally:
         stop(other)
@@ -277,8 +283,6 @@ def test_the_guardian_is_protected(daemon: StartDaemon, sys_tree: Path, proc_tre
 
 def test_guardian_runs_the_same_release_as_release_all(tmp_path: Path) -> None:
     """The guardian as a plain process: it waits on its pipe, then releases."""
-    from governor.safety.journal import Journal
-
     target = busy_child()
     try:
         os.kill(target.pid, signal.SIGSTOP)
@@ -295,8 +299,7 @@ def test_guardian_runs_the_same_release_as_release_all(tmp_path: Path) -> None:
         os.close(write_fd)
         assert guardian.wait(10) == 0
         assert state(target.pid) != "T"
-        assert Journal(tmp_path).holds() == {} or json.loads(
-            (tmp_path / "journal.json").read_text())["holds"] == {}
+        assert on_disk(tmp_path).holds() == {}
     finally:
         stop(target)
 

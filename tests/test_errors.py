@@ -8,6 +8,7 @@ from governor.jobs.errors import (
     NoSuchJob,
     NotPermitted,
     NotRecorded,
+    OverQuota,
     RegistrationError,
     Unacceptable,
 )
@@ -15,8 +16,8 @@ from governor.jobs.errors import (
 
 def test_each_kind_of_refusal_has_its_documented_status() -> None:
     assert {kind: status_of(kind) for kind in (NoSuchJob, NotPermitted, Conflict,
-                                               Unacceptable, NotRecorded)} == {
-        NoSuchJob: 404, NotPermitted: 403, Conflict: 409, Unacceptable: 422,
+                                               Unacceptable, OverQuota, NotRecorded)} == {
+        NoSuchJob: 404, NotPermitted: 403, Conflict: 409, Unacceptable: 422, OverQuota: 429,
         NotRecorded: 507}
     assert status_of(NoSuchJob("There is no job 'x'.")) == 404
 

@@ -12,7 +12,6 @@ windows are still wide, for a shared machine.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import statistics
@@ -23,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from governor.safety.journal import Journal
 from tests.support.daemon import REPO, DaemonProcess, to_toml
 from tests.support.paced_job import paced_job
 
@@ -111,8 +111,10 @@ def process_state(pid: int) -> str:
 
 
 def journal_holds(d: DaemonProcess) -> dict[str, Any]:
-    path = d.workdir / "state" / "journal.json"
-    return dict(json.loads(path.read_text()).get("holds", {})) if path.exists() else {}
+    """What release-all would read: the snapshot and the log of changes since."""
+    journal = Journal(d.workdir / "state")
+    journal.load()
+    return journal.holds()
 
 
 def cpu_seconds(pid: int) -> float:

@@ -20,6 +20,7 @@ from governor.jobs.errors import (
     NoSuchJob,
     NotPermitted,
     NotRecorded,
+    OverQuota,
     RegistrationError,
     Unacceptable,
 )
@@ -41,6 +42,7 @@ STATUS: dict[type[RegistrationError], int] = {
     NotPermitted: 403,
     Conflict: 409,
     Unacceptable: 422,
+    OverQuota: 429,
     NotRecorded: 507,
 }
 

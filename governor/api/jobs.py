@@ -39,6 +39,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"description": "The body is larger than api.max_body_bytes; refused before it "
                          "is read, and the connection is closed."},
     422: {"description": "A field or query value is invalid, or no process has the pid."},
+    429: {"description": "The caller, a user on the unix socket, already has as many jobs "
+                         "registered as one user may (jobs.max_per_user)."},
     503: {"description": "Too many reads of the audit log are in flight; try again in a "
                          "moment (Retry-After)."},
 }
@@ -158,7 +160,7 @@ def job_router(controller: Controller, authenticate: Callable[..., Caller]) -> A
         return models.AsBuilt([job.as_json() for job in controller.view.jobs])
 
     @router.post("/jobs", status_code=201, summary="Register a job", response_model=models.Job,
-                 responses=errors(400, 401, 403, 409, 413, 422), openapi_extra=TOKEN)
+                 responses=errors(400, 401, 403, 409, 413, 422, 429), openapi_extra=TOKEN)
     def register(body: JobIn, caller: Writer) -> models.AsBuilt:
         request = JobRequest(
             name=body.name, pid=body.pid, cgroup=body.cgroup,
@@ -217,6 +219,7 @@ def job_router(controller: Controller, authenticate: Callable[..., Caller]) -> A
                                             "critical sections")] = None,
     ) -> models.AsBuilt:
         found = controller.directive(job_id)
+        controller.polled(job_id, wait)
         report = progress_report(steps, step_seconds, step_buckets, deferrals)
         if not report.empty:
             # in the thread pool: the controller's lock may be held by a slow freeze

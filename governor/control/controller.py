@@ -18,7 +18,7 @@ from typing import Any
 from governor.actuators.base import Actuator, ActuatorError, ProtectedProcessError
 from governor.actuators.gpu_power import PowerCapper
 from governor.client.progress import Progress, ProgressReport
-from governor.config import Config, RuleConfig
+from governor.config import Config, RuleConfig, format_duration
 from governor.control.events import (
     AuditSink,
     Events,
@@ -82,6 +82,11 @@ class Controller:
         self._forget_after = config.jobs.forget_gone_after
         #: the slurm.conf to ask Slurm whose a job is, when a user names one
         self._slurm_conf = config.slurm.conf
+        self._expire_after = config.jobs.cooperative_expire_after
+        #: the cooperative jobs with no process, which only their directive polls show to
+        #: be alive: when each was last heard of (monotonic; a poll counts until its wait
+        #: ends), for jobs.cooperative_expire_after
+        self._heard: dict[str, float] = {}
         #: policy.max_defer, which every directive carries to cooperative clients
         self.max_defer = config.policy.max_defer
         self._states: RuleStates = {}
@@ -96,12 +101,12 @@ class Controller:
         #: why the power caps could not be applied last round, logged once
         self._power_error: str | None = None
         self._on_action = on_action
-        self._events = Events(audit)
+        self._events = Events(audit, config.audit, clock=clock, wall=wall)
         #: the sequence of the last snapshot evaluated: the round rule-made actions follow
         self._round: int | None = None
         self._clock = clock
         self._wall = wall
-        self.registry = JobRegistry()
+        self.registry = JobRegistry(max_per_user=config.jobs.max_per_user)
         self._exits = ExitWatch()
         self._listeners: list[DirectiveListener] = []
         #: who last held or released each job by hand, for the action log
@@ -126,6 +131,8 @@ class Controller:
             for transition in transitions:
                 self._log_transition(transition)
             self._step_holds(snapshot.monotonic)
+            self._events.flush()
+            self._expire_unheard()
             self._enforce()
 
     # ---- requests from the API -----------------------------------------------------------
@@ -169,6 +176,7 @@ class Controller:
                 raise NotRecorded(f"The job was not registered: the journal cannot be "
                                   f"written ({exc.strerror}).") from None
             self.registry.add(job)
+            self._hear_from(job)
             action_line("register", job, by=str(caller))
             self._events.emit("register", str(caller), job, devices=list(job.devices),
                                priority=job.priority, cgroup=job.cgroup)
@@ -194,6 +202,7 @@ class Controller:
                     continue
                 self.registry.add(job)
                 self._watch_exit(job)
+                self._hear_from(job)
                 self._journal.put_job(job.id, job.to_record())
                 action_line("adopt", job, by="restart")
             self._enforce()
@@ -246,6 +255,7 @@ class Controller:
         self.registry.remove(job.id)
         self._journal.drop_job(job.id)
         self._operator.pop(job.id, None)
+        self._heard.pop(job.id, None)
         job.directive = RUN
         job.directive_version += 1
         action_line("unregister", job, by=str(caller))
@@ -344,8 +354,15 @@ class Controller:
                                 for r in job.directive.reasons]
                 action_line("deferral", job, by="cooperative client")
                 self._events.emit("deferral", "cooperative client", job, reasons=reasons,
+                                   payer=f"deferrals of job {job.id}",
                                    deferrals=after.deferrals, new=new)
             self._publish()
+
+    def polled(self, job_id: str, wait: float) -> None:
+        """A directive poll arrived that waits up to `wait` seconds: the job is alive until
+        the wait ends. Called on the event loop, without the lock (one dict store)."""
+        if job_id in self._heard:
+            self._heard[job_id] = max(self._heard.get(job_id, 0.0), self._clock() + wait)
 
     def reload(self, config: Config) -> list[dict[str, Any]]:
         with self._lock:
@@ -353,6 +370,9 @@ class Controller:
             self._holds = carry_holds(self._rules, config.rules, self._holds)
             self._rules = list(config.rules)
             self._forget_after = config.jobs.forget_gone_after
+            self._expire_after = config.jobs.cooperative_expire_after
+            self.registry.max_per_user = config.jobs.max_per_user
+            self._events.configure(config.audit)
             self.max_defer = config.policy.max_defer
             self._warn_unenforceable()
             self._enforce()
@@ -575,6 +595,38 @@ class Controller:
     def _watch_exit(self, job: Job) -> None:
         if job.pid is not None and job.pid_started_at is not None:
             self._exits.watch(job.id, process.ProcessIdentity(job.pid, job.pid_started_at))
+
+    def _hear_from(self, job: Job) -> None:
+        """Start the expiry clock of a job that only its polls show to be alive: a
+        cooperative job with no process, which no scheduler's source unregisters."""
+        if job.mode is Mode.COOPERATIVE and job.pid is None and job.scheduler_id is None:
+            self._heard[job.id] = self._clock()
+
+    def _expire_unheard(self) -> None:
+        """Unregister the cooperative jobs with no process that stopped polling: nothing
+        else would ever tell that they are gone."""
+        if not self._expire_after:
+            return
+        now = self._clock()
+        for job_id, heard in list(self._heard.items()):
+            if now - heard < self._expire_after:
+                continue
+            self._heard.pop(job_id, None)
+            job = self.registry.remove(job_id)
+            if job is None:
+                continue
+            self._detach(job)
+            if job.directive.action is not Action.RUN:
+                self._count("resume", job.directive.rules)
+            self._journal.drop_job(job.id)
+            self._operator.pop(job.id, None)
+            job.directive = RUN
+            job.directive_version += 1
+            action_line("expire", job, by="governor")
+            self._events.emit("unregister", "governor", job, reasons=[
+                f"no directive poll for {format_duration(self._expire_after)} "
+                "(jobs.cooperative_expire_after)"], round_=self._round)
+            self._notify(job)
 
     def _notice_gone(self) -> None:
         """Jobs whose process exited are released and marked gone; forgotten later."""

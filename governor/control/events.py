@@ -4,6 +4,15 @@ line per action on the "governor.actions" logger.
 
 The controller owns one `Events`, holding the audit sink the daemon gave it; the rules,
 states and round an event cites are the controller's, passed in with each event.
+
+Anyone who can reach the unix socket can make requests, and each one, refused or not, is
+an event: unlimited, one user could rotate every other user's record out of the audit
+log within a minute. So the events of each restricted caller's requests (a uid over the
+socket: the request, its refusal, and what it does to that user's jobs), and each job's
+deferral reports (which any reader of the API can send), have a budget (`Budget`): the
+first `audit.per_user_events` in each `audit.per_user_window` are written in full, the
+rest are counted, and one "suppressed" event says how many, and of what, when the
+window closes. Root and token holders are trusted: their events are always written.
 """
 
 from __future__ import annotations
@@ -11,10 +20,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
-from governor.config import RuleConfig
+from governor.config import AuditConfig, RuleConfig, format_duration
 from governor.jobs.errors import RegistrationError
 from governor.jobs.model import Action, Directive, Job
 from governor.jobs.registry import Caller, JobRequest
@@ -35,18 +47,100 @@ def no_audit(_event: dict[str, Any]) -> None:
     return None
 
 
+@dataclass
+class Window:
+    """One payer's events since `opened`: how many were written, and what was counted."""
+
+    opened: float
+    #: the wall time it opened, for the summary
+    since: float
+    who: str
+    #: the job every event in the window was about, if they all were about one
+    job: dict[str, Any] | None
+    written: int = 0
+    counted: Counter[str] = field(default_factory=Counter)
+
+
+class Budget:
+    """At most `events` events per payer per `window` seconds are written in full."""
+
+    def __init__(self, events: int, window: float, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time):
+        self.events, self.window = events, window
+        self._clock, self._wall = clock, wall
+        self._windows: dict[str, Window] = {}
+
+    def take(self, payer: str, what: str, who: str, job: dict[str, Any] | None) -> bool:
+        """True: write this event; False: it is counted in the payer's window. A window
+        that has ended must have been closed (`closed`) first."""
+        window = self._windows.get(payer)
+        if window is None:
+            window = self._windows[payer] = Window(self._clock(), self._wall(), who, job)
+        elif window.job != job:
+            window.job = None  # the summary names a job only if every event did
+        if window.written < self.events:
+            window.written += 1
+            return True
+        window.counted[what] += 1
+        return False
+
+    def closed(self) -> list[Window]:
+        """The windows that have ended and counted something; every ended window is
+        forgotten, so the payer's next event opens a new one."""
+        now = self._clock()
+        ended = [p for p, w in self._windows.items() if now - w.opened >= self.window]
+        return [w for w in map(self._windows.pop, ended) if w.counted]
+
+
 class Events:
-    def __init__(self, audit: AuditSink = no_audit):
+    def __init__(self, audit: AuditSink = no_audit, limits: AuditConfig | None = None, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time):
         self._audit = audit
+        limits = limits or AuditConfig()
+        self._budget = Budget(limits.per_user_events, limits.per_user_window, clock, wall)
+        #: the restricted caller whose request is being handled (see `refusals`)
+        self._requester: Caller | None = None
+
+    def configure(self, limits: AuditConfig) -> None:
+        """A reload: the new budget applies from the next window."""
+        self._budget.events, self._budget.window = (limits.per_user_events,
+                                                    limits.per_user_window)
 
     def emit(self, what: str, who: str, job: Job | dict[str, Any] | None, *,
              reasons: Iterable[str] = (), readings: Iterable[dict[str, Any]] = (),
-             round_: int | None = None, **more: Any) -> None:
-        """One audit event; the sink never raises, and a broken one stops no action."""
-        event = {"who": who, "what": what,
-                 "job": job_ref(job) if isinstance(job, Job) else job,
-                 "why": {"reasons": list(reasons), "readings": list(readings)},
-                 "round": round_, **more}
+             round_: int | None = None, payer: str | None = None, **more: Any) -> None:
+        """One audit event; the sink never raises, and a broken one stops no action.
+        `payer`: whose budget the event is charged to; by default, the restricted
+        caller whose request is being handled, for an event about that caller's job."""
+        ref = job_ref(job) if isinstance(job, Job) else job
+        self.flush()
+        requester = self._requester
+        if (payer is None and requester is not None and isinstance(job, Job)
+                and job.restricted_uid == requester.uid):
+            payer = f"uid {requester.uid}"
+        if payer is not None and not self._budget.take(payer, what, who, ref):
+            return
+        self._write({"who": who, "what": what, "job": ref,
+                     "why": {"reasons": list(reasons), "readings": list(readings)},
+                     "round": round_, **more})
+
+    def flush(self) -> None:
+        """One "suppressed" event for each budget window that has closed with events
+        counted instead of written (called each round, and before each event)."""
+        for window in self._budget.closed():
+            total = sum(window.counted.values())
+            kinds = ", ".join(f"{n} {what}" for what, n in window.counted.most_common())
+            self._write({"who": window.who, "what": "suppressed", "job": window.job,
+                         "why": {"reasons": [
+                             f"{total} more event(s) from {window.who} within "
+                             f"{format_duration(self._budget.window)} were counted, not "
+                             f"written ({kinds}): audit.per_user_events = "
+                             f"{self._budget.events}"], "readings": []},
+                         "round": None, "since": window.since, "count": total,
+                         "counted": dict(window.counted)})
+
+    def _write(self, event: dict[str, Any]) -> None:
         try:
             self._audit(event)
         except Exception:
@@ -78,13 +172,18 @@ class Events:
     def refusals(self, what: str, caller: Caller, job: dict[str, Any]) -> Iterator[None]:
         """A refused request is recorded too (as "<what>-refused") before it is answered.
         The event's last key, "refusal", is the kind of refusal (a RegistrationError
-        class); the audit sink's owner turns it into what the log says of it."""
+        class); the audit sink's owner turns it into what the log says of it. While it
+        runs, a restricted caller's events are charged to its uid's budget."""
+        payer = f"uid {caller.uid}" if caller.restricted else None
+        self._requester = caller if caller.restricted else None
         try:
             yield
         except RegistrationError as exc:
             self.emit(f"{what}-refused", str(caller), job, reasons=[exc.message],
-                      refusal=type(exc))
+                      payer=payer, refusal=type(exc))
             raise
+        finally:
+            self._requester = None
 
 
 def job_ref(job: Job) -> dict[str, Any]:

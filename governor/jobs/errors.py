@@ -35,5 +35,10 @@ class Unacceptable(RegistrationError):
     a mode that cannot hold the job or is not available here."""
 
 
+class OverQuota(RegistrationError):
+    """The caller has as many jobs registered as one user may (jobs.max_per_user): each
+    job costs the daemon memory and work every round, so one user cannot take it all."""
+
+
 class NotRecorded(RegistrationError):
     """The job was not registered: the journal could not be written."""

@@ -19,7 +19,7 @@ from governor.actuators import modes
 from governor.host import procfs
 from governor.jobs import process
 from governor.jobs import scheduled as scheduled_jobs
-from governor.jobs.errors import Conflict, NoSuchJob, NotPermitted, Unacceptable
+from governor.jobs.errors import Conflict, NoSuchJob, NotPermitted, OverQuota, Unacceptable
 from governor.jobs.model import Job, Mode
 from governor.jobs.sources import PUSHED
 
@@ -72,12 +72,19 @@ def resolve_mode(request: JobRequest) -> Mode:
     return mode
 
 
+#: jobs.max_per_user's default
+MAX_PER_USER = 64
+
+
 class JobRegistry:
-    def __init__(self, protected: Iterable[int] = ()):
+    def __init__(self, protected: Iterable[int] = (), max_per_user: int = MAX_PER_USER):
         self.lock = threading.RLock()
         self._jobs: dict[str, Job] = {}
         #: pids that must never be held besides pid 1 and the governor's own line
         self.protected = set(protected)
+        #: jobs.max_per_user: how many jobs one restricted caller (a uid over the unix
+        #: socket) may have registered at once
+        self.max_per_user = max_per_user
 
     def get(self, job_id: str) -> Job:
         with self.lock:
@@ -109,6 +116,7 @@ class JobRegistry:
         name = request.name.strip()
         if not name:
             raise Unacceptable("A job needs a name.")
+        self._check_quota(caller)
         mode = resolve_mode(request)
         for device in request.devices:
             if not DEVICE.match(device):
@@ -133,6 +141,18 @@ class JobRegistry:
             scheduler_id=request.scheduler_id,
             user=request.user or (procfs.user_name(owner) if owner is not None else None),
         )
+
+    def _check_quota(self, caller: Caller) -> None:
+        """A uid over the unix socket may have jobs.max_per_user jobs at once (those that
+        exited count until they are forgotten); root and token holders, and the
+        schedulers' sources, are trusted with any number."""
+        if not caller.restricted:
+            return
+        with self.lock:
+            held = sum(1 for job in self._jobs.values() if job.restricted_uid == caller.uid)
+        if held >= self.max_per_user:
+            raise OverQuota(f"Uid {caller.uid} already has {held} jobs registered, the most "
+                            f"one user may have (jobs.max_per_user = {self.max_per_user}).")
 
     def _check_scheduled(self, request: JobRequest, mode: Mode, caller: Caller) -> None:
         """A scheduler's id comes with a scheduler's source; suspend mode needs a Slurm

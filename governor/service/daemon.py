@@ -507,6 +507,7 @@ class Daemon:
             self._note("stop", "governor", ["stopped; every job was released and every power "
                                             "limit restored"])
         self.audit.close()
+        self.journal.close()
         # the lock first: the guardian takes it to check (and retry) what is left held
         self.lock.release()
         self.guardian.stop()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 NOBODY = 65534
@@ -54,3 +55,11 @@ def unix_request(path: Path, method: str, target: str, body: str = "",
     head, _, payload = answer.decode().partition("\r\n\r\n")
     status = int(head.split()[1])
     return status, json.loads(payload)["error"] if status >= 400 else payload
+
+
+def socket_dir() -> Path:
+    """A directory other users can enter (pytest's tmp is root-only); remove it with
+    `shutil.rmtree` when done."""
+    base = Path(tempfile.mkdtemp(prefix="governor-sock-"))
+    base.chmod(0o755)
+    return base
