@@ -292,8 +292,9 @@ class Controller:
             return list(self.view.rules)
 
     def shutdown(self) -> None:
-        """Everything back to full speed and every power limit restored; the registrations
-        stay in the journal."""
+        """Everything back to full speed, every process governor moved back in its own
+        cgroups and every power limit restored; the registrations stay in the journal (a
+        restarted daemon takes the jobs back)."""
         with self._lock:
             for job in self.registry.all():
                 if job.gone_at is None:
@@ -301,6 +302,7 @@ class Controller:
                         self._actuators[job.mode].apply(job, RUN)
                     except ActuatorError as exc:
                         log.error("job %s (%s): could not release: %s", job.id, job.name, exc)
+                    self._actuators[job.mode].detach(job)
             if self._power is not None:
                 self._power.release_all()
             for actuator in self._actuators.values():
