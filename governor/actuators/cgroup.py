@@ -64,6 +64,7 @@ from governor.host.cgroupfs import (
 from governor.host.procfs import ancestors, is_kernel_thread
 from governor.jobs.model import Action, Directive, Job, Mode
 from governor.jobs.process import ProcessIdentity, identify, is_alive, tree
+from governor.jobs.services import DEFAULT_SERVICES, ProtectedServices
 from governor.safety.journal import Journal
 
 if TYPE_CHECKING:
@@ -269,8 +270,11 @@ class CgroupActuator:
                  mountinfo: Path = MOUNTINFO,
                  own_cgroups: Path = Path("/proc/self/cgroup"),
                  period: float = 0.1, freeze_timeout: float = 2.0,
-                 protected: Callable[[], Iterable[int]] = tuple):
+                 protected: Callable[[], Iterable[int]] = tuple,
+                 services: ProtectedServices = DEFAULT_SERVICES):
         self.journal = journal
+        #: the node's services: a cgroup holding one is never frozen or limited
+        self._services = services
         #: more pids never to hold besides init, the governor and its ancestors (asked
         #: each time: the guardian may be restarted)
         self._also_protected = protected
@@ -310,6 +314,10 @@ class CgroupActuator:
             raise ProtectedProcessError(f"cgroup {held.freeze} now holds pid {pid} (init, "
                                         "the governor, one of its ancestors, a kernel "
                                         "thread or Slurm's slurmstepd): not holding it")
+        if action is not Action.RUN and (service := self._service_inside(held.freeze)):
+            self._release(job, held)
+            raise ProtectedProcessError(f"cgroup {held.freeze} now holds {service}, one of "
+                                        "the node's services: not holding it")
         if action is Action.SLOW and held.quota is None:
             self._warn(held, f"job {job.id}: no CPU quota can be set on its cgroup, so it "
                              "is paused instead of slowed")
@@ -370,6 +378,9 @@ class CgroupActuator:
             raise ProtectedProcessError(f"cgroup {held.freeze} holds pid {pid}, which is "
                                         "init, the governor, one of its ancestors, a "
                                         "kernel thread or Slurm's slurmstepd")
+        if service := self._service_inside(held.freeze):
+            raise ProtectedProcessError(f"cgroup {held.freeze} holds {service}, one of the "
+                                        "node's services")
         self._adopt(job, held)
         held.last_usage, held.last_time = self._usage(held), time.monotonic()
         job.extra[EXTRA_KEY] = held
@@ -432,6 +443,14 @@ class CgroupActuator:
                     return pid
         return None
 
+    def _service_inside(self, directory: Path) -> str | None:
+        """One of the node's services in this cgroup or below, in words, if there is one."""
+        for dirpath, _dirs, _files in os.walk(directory):
+            for pid in _pids(Path(dirpath)):
+                if (what := self._services.which(pid)) is not None:
+                    return f"pid {pid}, {what}"
+        return None
+
     def _beside_own(self, h: Hierarchy, name: str) -> str:
         """The cgroup path of `name` in the governor's parent cgroup of this hierarchy."""
         return posixpath.join(posixpath.dirname(self._own[h.name]), name)
@@ -456,6 +475,11 @@ class CgroupActuator:
                 raise ActuatorError(f"process {identity.pid} has exited")
             if any(m.pid == os.getpid() for m in members):
                 raise ActuatorError(f"process {identity.pid} is the governor or its ancestor")
+            for member in members:
+                if (what := self._services.which(member.pid)) is not None:
+                    raise ProtectedProcessError(
+                        f"the tree of process {identity.pid} holds pid {member.pid}, {what}, "
+                        "one of the node's services")
             moves: list[tuple[int, list[str]]] = []
             for member in members:
                 now = process_cgroups(member.pid)
@@ -829,5 +853,8 @@ def _write(file: Path, text: str) -> None:
 def from_context(context: ModeContext) -> CgroupActuator:
     """The cgroup mode's entry in governor/actuators/modes.py; ActuatorError where the
     machine has no cgroup hierarchy to hold jobs with."""
-    return CgroupActuator(context.journal, version=context.config.jobs.cgroup_version,
-                          protected=context.protected)
+    jobs = context.config.jobs
+    return CgroupActuator(context.journal, version=jobs.cgroup_version,
+                          protected=context.protected,
+                          services=ProtectedServices.of(jobs.protected_executables,
+                                                        jobs.protected_units))

@@ -42,6 +42,7 @@ from governor.jobs.errors import (
 from governor.jobs.exits import ExitWatch
 from governor.jobs.model import RUN, Action, Directive, Job, Mode
 from governor.jobs.registry import Caller, JobRegistry, JobRequest
+from governor.jobs.services import ProtectedServices
 from governor.policy.directives import (
     OPERATOR,
     PowerCap,
@@ -96,7 +97,8 @@ class Controller:
         self._round: int | None = None
         self._clock = clock
         self._wall = wall
-        self.registry = JobRegistry()
+        self.registry = JobRegistry(services=ProtectedServices.of(
+            config.jobs.protected_executables, config.jobs.protected_units))
         self._exits = ExitWatch()
         self._listeners: list[DirectiveListener] = []
         #: who last held or released each job by hand, for the action log
