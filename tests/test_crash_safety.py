@@ -23,7 +23,9 @@ import psutil
 import pytest
 
 from governor.host.cgroupfs import find_hierarchies, process_cgroups
+from tests.support.c_nvml import CNvmlState
 from tests.support.daemon import DaemonProcess
+from tests.support.fake_nvml import h100
 from tests.support.processes import busy_child, cpu_seconds, eventually, state, stays, stop
 
 StartDaemon = Callable[..., DaemonProcess]
@@ -249,6 +251,34 @@ def test_kill_9_while_quota_limited(daemon: StartDaemon, sys_tree: Path, proc_tr
     time.sleep(0.5)
     share = (cpu_seconds(child.pid) - before[1]) / (time.monotonic() - before[0])
     assert share > 0.4, f"after release the job runs unthrottled (used {share:.0%} of a core)"
+
+
+@pytest.mark.skipif(not ROOT, reason="setting a power limit needs root")
+def test_kill_9_while_a_power_cap_is_set(daemon: StartDaemon, sys_tree: Path,
+                                         proc_tree: Path, tmp_path: Path,
+                                         c_nvml: CNvmlState) -> None:
+    """A GPU capped by a power_cap rule (through the real pynvml on the C fake's driver
+    library) gets its limit back from the guardian when the daemon is killed."""
+    gpus = {"gpus": [h100(0, temperature=60)]}
+    c_nvml.write(gpus)
+    config = base_config(sys_tree, proc_tree, tmp_path)
+    config["sources"]["nvml"] = "required"
+    config["rules"] = [{"name": "cap", "metric": "gpu_temperature_celsius", "above": 80.0,
+                        "for": 0, "clear_below": 75.0, "action": "power_cap",
+                        "power_cap_watts": 250}]
+    d = daemon(config, c_nvml=c_nvml)
+    sleeper = subprocess.Popen(["sleep", "600"])
+    try:
+        d.register(name="on-gpu0", pid=sleeper.pid, devices=["gpu0"])
+        gpus["gpus"][0]["temperature"] = 85
+        c_nvml.write(gpus)
+        eventually(lambda: c_nvml.limits() == {0: 250000}, what="the GPU is capped")
+        assert holds(tmp_path)["power_cap:0"]["kind"] == "power_cap"
+        kill_and_time(d, lambda: c_nvml.limits() == {0: 700000})
+        eventually(lambda: holds(tmp_path) == {}, what="the guardian drops what it undid")
+        assert c_nvml.limits() == {0: 700000}, "the limit the GPU had before, still hot"
+    finally:
+        stop(sleeper)
 
 
 def test_twenty_kills_at_random_moments_of_a_duty_cycle(
