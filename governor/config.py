@@ -39,6 +39,7 @@ from governor.client.settings import (
     find_config_file,
     parse_listen,
 )
+from governor.jobs.services import DEFAULT_PROTECTED_EXECUTABLES, DEFAULT_PROTECTED_UNITS
 
 #: the client's search order: a job finds the file the daemon reads
 DEFAULT_SEARCH = CONFIG_SEARCH
@@ -267,12 +268,37 @@ class JobsConfig(_Section):
     #: a cooperative job with no process (mode "cooperative", no pid) that has not polled
     #: its directive for this long is unregistered; 0: never
     cooperative_expire_after: Duration = 600.0
+    #: the node's services, never held (refused at registration, left out of a held tree,
+    #: a cgroup holding one never frozen): a root process whose executable is named so
+    #: (/proc/PID/exe's file name, or its whole path for an entry with a "/")...
+    protected_executables: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_PROTECTED_EXECUTABLES))
+    #: ...or that runs in one of these systemd units (from /proc/PID/cgroup)
+    protected_units: list[str] = Field(default_factory=lambda: list(DEFAULT_PROTECTED_UNITS))
 
     @field_validator("slow_period")
     @classmethod
     def _period(cls, value: float) -> float:
         if not 0.01 <= value <= 10:
             raise ValueError("must be between 10ms and 10s")
+        return value
+
+    @field_validator("protected_executables")
+    @classmethod
+    def _executables(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if not entry or ("/" in entry and not entry.startswith("/")):
+                raise ValueError(f"{entry!r} is neither an executable's file name nor "
+                                 "its absolute path")
+        return value
+
+    @field_validator("protected_units")
+    @classmethod
+    def _units(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if "/" in entry or not entry.endswith((".service", ".scope")):
+                raise ValueError(f"{entry!r} is not a systemd service or scope name "
+                                 "like ssh.service")
         return value
 
 

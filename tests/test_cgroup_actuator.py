@@ -233,9 +233,16 @@ def test_pause_freezes_and_run_thaws(rig: Rig, version: str) -> None:
     actuator.apply(job, pause("too hot"))
     assert is_frozen(version, primary)
     assert cpu_advance([child.pid]) < 0.02
+    identity = identify(child.pid)
+    assert identity is not None
+    moved = {"created": {name: str(created_dir(name, job)) for name in USED[version]},
+             "root": child.pid,
+             "processes": [[child.pid, identity.started_at, {
+                 name: str(HIERARCHIES[name].dir(OWN.get(name, "/")))
+                 for name in USED[version]}]]}
     assert rig.journal.holds()[hold_key(job)] == {
         "kind": "cgroup", "job": job.id, "frozen": True, "quota": None,
-        "freeze": {"version": version, "path": str(primary)}}
+        "freeze": {"version": version, "path": str(primary)}, "moved": moved}
 
     thawed = "0" if version == "v2" else "THAWED"
     (primary / ("cgroup.freeze" if version == "v2" else "freezer.state")).write_text(thawed)
@@ -246,7 +253,9 @@ def test_pause_freezes_and_run_thaws(rig: Rig, version: str) -> None:
     actuator.apply(job, RUN)
     assert not is_frozen(version, primary)
     assert cpu_advance([child.pid]) > 0.05
-    assert hold_key(job) not in rig.journal.holds()
+    assert rig.journal.holds()[hold_key(job)] == {
+        "kind": "cgroup", "job": job.id, "frozen": False, "quota": None, "freeze": None,
+        "moved": moved}, "released, the process stays moved: the journal says where from"
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -293,7 +302,8 @@ def test_slow_holds_a_busy_child_near_its_speed(rig: Rig) -> None:
     quota = entry["quota"]
     file = "cpu.max" if quota["version"] == "v2" else "cpu.cfs_quota_us"
     assert (Path(quota["path"]) / file).read_text().strip() == quota["original"]
-    assert hold_key(job) not in rig.journal.holds()
+    released = rig.journal.holds()[hold_key(job)]
+    assert (released["frozen"], released["freeze"], released["quota"]) == (False, None, None)
 
 
 def test_a_slowed_jobs_usage_is_judged_over_several_periods_and_never_across_holds(
@@ -368,6 +378,39 @@ def test_detach_returns_every_process_and_removes_the_cgroups(rig: Rig, version:
     assert cpu_advance(tree_pids(child.pid)) > 0.05
 
 
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_process_whose_cgroup_is_gone_stays_where_it_is(
+        rig: Rig, version: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Never into the governor's own cgroup or its parent (a service's KillMode would
+    kill it there, and it would live under the governor's limits): a process whose
+    original cgroup was removed while it was held stays in governor-<id>, and the log
+    says why."""
+    label = uuid.uuid4().hex[:8]
+    origins = {name: HIERARCHIES[name].dir(f"/test-gone-{label}") for name in USED[version]}
+    child = rig.spawn()
+    for directory in origins.values():
+        directory.mkdir()
+        (directory / "cgroup.procs").write_text(str(child.pid))
+    actuator = actuator_for(rig.journal, version)
+    job = rig.attach(actuator, rig.job(pid=child.pid))
+    for directory in origins.values():
+        directory.rmdir()  # emptied by the move; its owner (a Slurm job, a pod) ended
+    try:
+        with caplog.at_level(logging.WARNING, logger="governor.actuators.cgroup"):
+            actuator.detach(job)
+        rig.attached.clear()
+        where = memberships(Path(f"/proc/{child.pid}/cgroup"))
+        for name, directory in origins.items():
+            assert where[name] == HIERARCHIES[name].cgroup(created_dir(name, job))
+            assert f"its original cgroup {directory} is gone" in caplog.text
+        assert hold_key(job) not in rig.journal.holds(), "nothing a later try could do"
+    finally:
+        for name in USED[version]:
+            (HIERARCHIES[name].dir(OWN.get(name, "/")) / "cgroup.procs").write_text(
+                str(child.pid))
+            created_dir(name, job).rmdir()
+
+
 @pytest.mark.parametrize(("version", "form"), [
     pytest.param("v2", "absolute", marks=needs("v2")),
     pytest.param("v1", "relative", marks=needs("freezer", "cpu")),
@@ -419,13 +462,14 @@ def test_undo_from_the_journal_alone_releases_a_job(rig: Rig) -> None:
     first = undo(entry)
     assert "thawed" in first
     assert "restored the quota" in first
-    version = entry["freeze"]["version"]
-    assert not is_frozen(version, Path(entry["freeze"]["path"]))
-    quota = entry["quota"]
-    file = "cpu.max" if quota["version"] == "v2" else "cpu.cfs_quota_us"
-    assert (Path(quota["path"]) / file).read_text().strip() == quota["original"]
+    assert "moved 1 process(es) back" in first
+    where = memberships(Path(f"/proc/{child.pid}/cgroup"))
+    for name, directory in entry["moved"]["created"].items():
+        assert where[name] == OWN[name], "back in the cgroup it came from"
+        assert not Path(directory).exists(), "the emptied cgroup is removed"
     assert cpu_advance([child.pid]) > 0.05
-    assert undo(entry) == first
+    second = undo(entry)
+    assert "is gone" in second and "moved" not in second
 
 
 @needs("v2" if "v2" in HIERARCHIES else "freezer")
@@ -444,10 +488,11 @@ def test_a_restarted_daemon_takes_over_its_cgroup_and_its_hold(rig: Rig) -> None
     assert is_frozen(version, primary)
     restarted.apply(again, RUN)
     assert not is_frozen(version, primary)
-    assert hold_key(job) not in rig.journal.holds()
+    assert rig.journal.holds()[hold_key(job)]["freeze"] is None
     rig.attached.remove((first, job))
     restarted.detach(again)
     assert not primary.exists()
+    assert hold_key(job) not in rig.journal.holds()
 
 
 @needs("v2" if "v2" in HIERARCHIES else "freezer")

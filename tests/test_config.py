@@ -364,3 +364,26 @@ target = -nan
         f'{path}: rules[1].power_cap_watts (rule "cap"): should be a finite number (got inf)',
         f'{path}: rules[2].target (rule "hold"): should be a finite number (got nan)',
     ]
+
+
+@pytest.mark.parametrize(("jobs", "problem"), [
+    ({"protected_executables": ["bin/sshd"]}, "test.toml: jobs.protected_executables: "
+     "'bin/sshd' is neither an executable's file name nor its absolute path"),
+    ({"protected_executables": [""]}, "test.toml: jobs.protected_executables: '' is "
+     "neither an executable's file name nor its absolute path"),
+    ({"protected_units": ["ssh"]}, "test.toml: jobs.protected_units: 'ssh' is not a "
+     "systemd service or scope name like ssh.service"),
+])
+def test_the_deny_list_errors_name_the_key(jobs: dict[str, object], problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"jobs": jobs}, "test.toml")
+    assert caught.value.lines() == [problem]
+
+
+def test_the_deny_list_defaults_protect_the_nodes_services() -> None:
+    jobs = parse_config({}, "test.toml").jobs
+    assert {"sshd", "kubelet", "containerd", "slurmd", "slurmctld", "munged",
+            "systemd-journald"} <= set(jobs.protected_executables)
+    assert "ssh.service" in jobs.protected_units
+    assert parse_config({"jobs": {"protected_executables": [], "protected_units": []}},
+                        "test.toml").jobs.protected_units == []

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,11 @@ from typing import Any
 import psutil
 import pytest
 
+from governor.host.cgroupfs import find_hierarchies, process_cgroups
 from governor.safety.journal import Journal
+from tests.support.c_nvml import CNvmlState
 from tests.support.daemon import DaemonProcess
+from tests.support.fake_nvml import h100
 from tests.support.processes import busy_child, cpu_seconds, eventually, state, stays, stop
 
 StartDaemon = Callable[..., DaemonProcess]
@@ -106,6 +110,84 @@ def test_kill_9_while_paused_by_signal_and_restart_keeps_the_operator_hold(
     eventually(lambda: state(child.pid) == "T", what="the operator hold is back")
 
 
+#: sleeps until the file named by argv[1] exists, then forks once; both go on sleeping
+FORKS_LATER = """
+import os, sys, time
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.02)
+os.fork()
+while True:
+    time.sleep(0.1)
+"""
+#: the hierarchies cgroup mode may move a job's processes in
+MOVED_IN = ("v2", "freezer", "cpu")
+
+
+@pytest.fixture
+def origin() -> Iterator[dict[str, Path]]:
+    """Cgroups of the test's own, one in each hierarchy a job may be moved in: where a
+    job's processes are before it is registered (a Slurm job's or a pod's cgroups)."""
+    made = {}
+    label = uuid.uuid4().hex[:8]
+    for name, h in find_hierarchies().items():
+        if name in MOVED_IN:
+            made[name] = h.dir(f"/test-origin-{label}")
+            made[name].mkdir()
+    yield made
+    for directory in made.values():
+        eventually(lambda d=directory: not (d / "cgroup.procs").read_text().split(),
+                   what=f"{directory} empties once the test's processes are gone")
+        directory.rmdir()
+
+
+@pytest.mark.skipif(not ROOT, reason="cgroups need root")
+@pytest.mark.parametrize("version", ["v2", "v1"])
+@pytest.mark.parametrize("how", ["unregister", "SIGTERM", "kill -9"])
+def test_a_cgroup_job_goes_back_to_its_own_cgroups(
+        how: str, version: str, daemon: StartDaemon, sys_tree: Path, proc_tree: Path,
+        tmp_path: Path, origin: dict[str, Path]) -> None:
+    """A job registered by pid in cgroup mode is moved into governor-<id>; unregistered,
+    at a clean stop and after kill -9 (by the guardian), it and the child it forked there
+    are back in the cgroups they came from, whose limits they live under, and the
+    cgroups made for it are gone."""
+    hierarchies = find_hierarchies()
+    go = tmp_path / "go"
+    job_process = subprocess.Popen([sys.executable, "-c", FORKS_LATER, str(go)])
+    try:
+        for directory in origin.values():
+            (directory / "cgroup.procs").write_text(str(job_process.pid))
+        came_from = {n: hierarchies[n].cgroup(d) for n, d in origin.items()}
+        d = daemon(base_config(sys_tree, proc_tree, tmp_path, cgroup_version=version))
+        job = d.register(name="moved", pid=job_process.pid, mode="cgroup")
+        made = {n: hierarchies[n].dir(cgroup)
+                for n, cgroup in process_cgroups(job_process.pid).items()
+                if cgroup.endswith(f"/governor-{job['id']}")}
+        assert made and set(made) <= set(origin), f"moved into governor-{job['id']}"
+        go.touch()
+        eventually(lambda: len(psutil.Process(job_process.pid).children()) == 1,
+                   what="the job forks inside governor-<id>")
+        pids = [job_process.pid, *(c.pid for c in psutil.Process(job_process.pid).children())]
+        assert all(process_cgroups(pid)[n] == hierarchies[n].cgroup(made[n])
+                   for pid in pids for n in made)
+        assert d.call("POST", f"/v1/jobs/{job['id']}/pause").status_code == 200
+
+        if how == "unregister":
+            assert d.call("DELETE", f"/v1/jobs/{job['id']}").status_code == 204
+        elif how == "SIGTERM":
+            assert d.stop(signal.SIGTERM) == 0
+        else:
+            kill_and_time(d, lambda: not any(m.exists() for m in made.values()))
+
+        for pid in pids:
+            where = process_cgroups(pid)
+            assert {n: where[n] for n in came_from} == came_from, (
+                f"process {pid} is back where it came from after {how}\n{d.log()[-3000:]}")
+        assert not any(m.exists() for m in made.values()), "governor-<id> is removed"
+        eventually(lambda: holds(tmp_path) == {}, what="the journal lists nothing to undo")
+    finally:
+        stop(job_process)
+
+
 def test_kill_9_while_slowing_by_signal(daemon: StartDaemon, sys_tree: Path, proc_tree: Path,
                                         tmp_path: Path, child: subprocess.Popen[bytes]) -> None:
     d = daemon(base_config(sys_tree, proc_tree, tmp_path))
@@ -127,6 +209,10 @@ def test_kill_9_while_frozen(version: str, daemon: StartDaemon, sys_tree: Path,
     cgroup = Path(job["cgroup"])
 
     def frozen() -> bool:
+        """Whether the job's process is in its frozen cgroup (a released one goes back to
+        its own cgroups, and the emptied one is removed)."""
+        if not cgroup.exists():
+            return False
         if version == "v2":
             return "frozen 1" in (cgroup / "cgroup.events").read_text()
         return (cgroup / "freezer.state").read_text().strip() != "THAWED"
@@ -155,11 +241,50 @@ def test_kill_9_while_quota_limited(daemon: StartDaemon, sys_tree: Path, proc_tr
     quota = entry["quota"]
     limit = Path(quota["path"]) / ("cpu.max" if quota["version"] == "v2" else "cpu.cfs_quota_us")
     assert limit.read_text().strip() != quota["original"]
-    kill_and_time(d, lambda: limit.read_text().strip() == quota["original"])
+
+    def released() -> bool:
+        """The quota restored, or the job moved back out of its limited cgroup and that
+        removed."""
+        try:
+            return limit.read_text().strip() == quota["original"]
+        except FileNotFoundError:
+            return True
+
+    kill_and_time(d, released)
+    eventually(lambda: "governor-" not in Path(f"/proc/{child.pid}/cgroup").read_text(),
+               what="the job is back in its own cgroups")
     before = time.monotonic(), cpu_seconds(child.pid)
     time.sleep(0.5)
     share = (cpu_seconds(child.pid) - before[1]) / (time.monotonic() - before[0])
     assert share > 0.4, f"after release the job runs unthrottled (used {share:.0%} of a core)"
+
+
+@pytest.mark.skipif(not ROOT, reason="setting a power limit needs root")
+def test_kill_9_while_a_power_cap_is_set(daemon: StartDaemon, sys_tree: Path,
+                                         proc_tree: Path, tmp_path: Path,
+                                         c_nvml: CNvmlState) -> None:
+    """A GPU capped by a power_cap rule (through the real pynvml on the C fake's driver
+    library) gets its limit back from the guardian when the daemon is killed."""
+    gpus = {"gpus": [h100(0, temperature=60)]}
+    c_nvml.write(gpus)
+    config = base_config(sys_tree, proc_tree, tmp_path)
+    config["sources"]["nvml"] = "required"
+    config["rules"] = [{"name": "cap", "metric": "gpu_temperature_celsius", "above": 80.0,
+                        "for": 0, "clear_below": 75.0, "action": "power_cap",
+                        "power_cap_watts": 250}]
+    d = daemon(config, c_nvml=c_nvml)
+    sleeper = subprocess.Popen(["sleep", "600"])
+    try:
+        d.register(name="on-gpu0", pid=sleeper.pid, devices=["gpu0"])
+        gpus["gpus"][0]["temperature"] = 85
+        c_nvml.write(gpus)
+        eventually(lambda: c_nvml.limits() == {0: 250000}, what="the GPU is capped")
+        assert holds(tmp_path)["power_cap:0"]["kind"] == "power_cap"
+        kill_and_time(d, lambda: c_nvml.limits() == {0: 700000})
+        eventually(lambda: holds(tmp_path) == {}, what="the guardian drops what it undid")
+        assert c_nvml.limits() == {0: 700000}, "the limit the GPU had before, still hot"
+    finally:
+        stop(sleeper)
 
 
 def test_twenty_kills_at_random_moments_of_a_duty_cycle(
@@ -197,7 +322,9 @@ def test_sigterm_releases_everything_and_exits_0(
         assert state(child.pid) == "T"
         assert d.stop(signal.SIGTERM) == 0
         assert state(child.pid) != "T"
-        assert "frozen 0" in (Path(frozen["cgroup"]) / "cgroup.events").read_text()
+        assert not Path(frozen["cgroup"]).exists(), "thawed, emptied and removed"
+        assert "governor-" not in Path(f"/proc/{other.pid}/cgroup").read_text()
+        assert state(other.pid) != "T"
         assert holds(tmp_path) == {}
         jobs = on_disk(tmp_path / "state").jobs()
         assert set(jobs) == {stopped["id"], frozen["id"]}, "registrations survive a stop"

@@ -363,6 +363,42 @@ def test_undo_continues_a_paused_tree_from_its_journal_entry(
     assert none_stopped(pids)
 
 
+@pytest.mark.parametrize("how", ["pause, then run", "slow, then run",
+                                 "pause, then undo from the journal"])
+def test_a_release_leaves_a_process_its_user_stopped_stopped(
+        how: str, spawn: Spawn, actuator: SignalActuator, journal: Journal) -> None:
+    """A process of the job that its user stopped (ctrl-Z, kill -STOP) or a debugger holds
+    stays stopped when governor releases the job, here or through the journal (the
+    guardian, release-all): governor continues only what it stopped."""
+    shell = spawn(["sh", "-c", "sleep 600 & sleep 600 & wait"])
+    assert wait_until(lambda: len(psutil.Process(shell.pid).children()) == 2)
+    pids = tree_pids(shell.pid)
+    users, others = pids[-1], pids[:-1]
+    os.kill(users, signal.SIGSTOP)
+    assert wait_until(lambda: state_of(users) == "T")
+    job = job_for(shell.pid)
+    actuator.attach(job)
+
+    if how.startswith("slow"):
+        actuator.apply(job, slow(0.3, "warm"))
+        time.sleep(0.5)  # a few duty cycles
+    else:
+        actuator.apply(job, pause("hot"))
+        assert all_stopped(pids)
+    listed = {pid for pid, _ in journal.holds()[hold_key(job)]["processes"]}
+    assert users not in listed and set(others) <= listed, "the journal lists only its own"
+    if how.endswith("undo from the journal"):
+        on_disk = Journal(journal.dir)
+        on_disk.load()
+        assert "continued 2 processes" in undo(on_disk.holds()[hold_key(job)])
+    else:
+        actuator.apply(job, RUN)
+    assert wait_until(lambda: none_stopped(others))
+    for _ in range(5):
+        assert state_of(users) == "T", "the process its user stopped is still stopped"
+        time.sleep(0.05)
+
+
 def test_undo_skips_what_is_gone_and_never_raises(spawn: Spawn) -> None:
     gone = spawn(["true"])
     gone.wait()

@@ -7,13 +7,24 @@ v2, v1 (freezer and cpu) and hybrids of both.
 Journal entries (kind "cgroup") name the files to undo and the quota to restore, so that
 `undo(entry)` can release a job with no daemon:
 
-    {"kind": "cgroup", "job": ID, "freeze": {"version": "v2"|"v1", "path": DIR},
+    {"kind": "cgroup", "job": ID, "freeze": null | {"version": "v2"|"v1", "path": DIR},
      "frozen": BOOL,
-     "quota": null | {"version": "v2"|"v1", "path": DIR, "original": "max 100000"|"-1"}}
+     "quota": null | {"version": "v2"|"v1", "path": DIR, "original": "max 100000"|"-1"},
+     "moved": {"created": {HIERARCHY: DIR}, "root": PID,
+               "processes": [[PID, STARTED, {HIERARCHY: DIR}], ...]}}
+
+"moved" is there for a job named by a pid: the cgroups made for it (`governor-<id>`) and
+where each process came from, written before it is moved, and kept while the job is
+attached, held or not ("freeze" is null while nothing is held). Undoing it moves every
+process left in the created cgroups back where it came from (one forked there since goes
+where the job's first process came from), never into the governor's own cgroup: a
+process whose original cgroup is gone is left where it is, and said so. Then the empty
+created cgroups are removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import posixpath
@@ -52,6 +63,7 @@ from governor.host.cgroupfs import (
 from governor.host.procfs import ancestors, is_kernel_thread
 from governor.jobs.model import Action, Directive, Job, Mode
 from governor.jobs.process import ProcessIdentity, identify, is_alive, tree
+from governor.jobs.services import DEFAULT_SERVICES, ProtectedServices
 from governor.safety.journal import Journal
 
 if TYPE_CHECKING:
@@ -76,6 +88,8 @@ MOVE_ROUNDS = 50
 RMDIR_TRIES = 40
 POLL_S = 0.01
 JOB_ID = re.compile(r"[A-Za-z0-9_.-]+")
+#: the name of a cgroup made for a job: the only kind undo moves processes out of
+JOB_DIR = re.compile(r"governor-[A-Za-z0-9_.-]+")
 
 
 def undo(entry: JournalEntry) -> str:
@@ -88,6 +102,11 @@ def undo_checked(entry: JournalEntry) -> tuple[bool, str]:
     """As undo, and whether everything was undone (else release-all keeps the hold)."""
     try:
         ok, done = _undo(entry)
+        moved = entry.get("moved")
+        if isinstance(moved, dict):
+            returned, lines = _return_moved(moved)
+            ok &= returned
+            done += lines
         return ok, (f"cgroup hold of job {entry.get('job')}: "
                     + ("; ".join(done) or "nothing to undo"))
     except Exception as exc:  # a malformed entry must not stop release-all
@@ -95,7 +114,8 @@ def undo_checked(entry: JournalEntry) -> tuple[bool, str]:
 
 
 def _undo(entry: JournalEntry) -> tuple[bool, list[str]]:
-    """Thaw and restore the quota; (whether all of it is undone, what was done)."""
+    """Thaw and restore the quota (not the moves); (whether all of it is undone, what was
+    done)."""
     done: list[str] = []
     ok = True
     freeze, quota = entry.get("freeze"), entry.get("quota")
@@ -123,6 +143,86 @@ def _undo_write(file: Path, value: str, what: str, done: list[str]) -> bool:
     else:
         done.append(f"{what} {file.parent}")
     return True
+
+
+def _return_moved(moved: dict[str, object]) -> tuple[bool, list[str]]:
+    """Move every process left in the created cgroups back to the cgroup it came from (one
+    forked there since: where the job's first process came from), then remove the created
+    cgroups; (False when a later try may do more, what was done). A process whose
+    original cgroup is gone, or not known, stays where it is: never in the governor's own
+    cgroup, which systemd's KillMode would kill it with."""
+    created_dirs = moved.get("created")
+    listed = moved.get("processes")
+    if not isinstance(created_dirs, dict) or not isinstance(listed, list):
+        return True, [f"ignored a malformed record of moved processes: {moved!r}"]
+    origins: dict[int, tuple[float, dict[str, Path]]] = {}
+    for item in listed:
+        with contextlib.suppress(TypeError, ValueError):
+            pid, started, dirs = item
+            origins[int(pid)] = (float(started), {str(n): Path(str(d))
+                                                  for n, d in dict(dirs).items()})
+    root_pid = moved.get("root")
+    root = origins.get(root_pid) if isinstance(root_pid, int) else None
+    ok, done = True, []
+    for name, value in created_dirs.items():
+        directory = Path(str(value))
+        if not directory.is_absolute() or not JOB_DIR.fullmatch(directory.name):
+            done.append(f"ignored {directory}: not a cgroup governor made")
+            continue
+        returned = 0
+        stuck: set[int] = set()
+        for _ in range(RMDIR_TRIES):
+            for pid in _pids(directory):
+                if pid in stuck:
+                    continue
+                origin = origins.get(pid)
+                identity = identify(pid)
+                if origin is None or identity is None or identity.started_at != origin[0]:
+                    origin = root
+                target = origin[1].get(name) if origin is not None else None
+                why = _move_back(pid, directory, target)
+                if why is None:
+                    returned += 1
+                    continue
+                stuck.add(pid)
+                done.append(why[1])
+                ok &= why[0]
+            try:
+                directory.rmdir()
+            except FileNotFoundError:
+                break
+            except OSError:
+                if stuck and set(_pids(directory)) <= stuck:
+                    done.append(f"kept {directory}: processes that cannot go back are in it")
+                    break
+                time.sleep(0.05)
+                continue
+            done.append(f"removed {directory}")
+            break
+        else:
+            ok = False
+            done.append(f"cannot remove {directory}: processes are still in it")
+        if returned:
+            done.append(f"moved {returned} process(es) back from {directory}")
+    return ok, done
+
+
+def _move_back(pid: int, directory: Path, target: Path | None) -> tuple[bool, str] | None:
+    """Move one process back to `target`; None when done (or it exited), else (whether
+    that is final, the sentence saying why it stays)."""
+    if target is None or target == directory:
+        return True, (f"process {pid} stays in {directory}: the cgroup it came from is "
+                      "not known")
+    try:
+        _write(target / "cgroup.procs", str(pid))
+    except ProcessLookupError:
+        return None
+    except FileNotFoundError:
+        return True, (f"process {pid} stays in {directory}: its original cgroup {target} "
+                      "is gone")
+    except OSError as exc:
+        return False, f"cannot move process {pid} back to {target}: {exc.strerror}"
+    return None
 
 
 @dataclass
@@ -169,8 +269,11 @@ class CgroupActuator:
                  mountinfo: Path = MOUNTINFO,
                  own_cgroups: Path = Path("/proc/self/cgroup"),
                  period: float = 0.1, freeze_timeout: float = 2.0,
-                 protected: Callable[[], Iterable[int]] = tuple):
+                 protected: Callable[[], Iterable[int]] = tuple,
+                 services: ProtectedServices = DEFAULT_SERVICES):
         self.journal = journal
+        #: the node's services: a cgroup holding one is never frozen or limited
+        self._services = services
         #: more pids never to hold besides init, the governor and its ancestors (asked
         #: each time: the guardian may be restarted)
         self._also_protected = protected
@@ -210,6 +313,10 @@ class CgroupActuator:
             raise ProtectedProcessError(f"cgroup {held.freeze} now holds pid {pid} (init, "
                                         "the governor, one of its ancestors, a kernel "
                                         "thread or Slurm's slurmstepd): not holding it")
+        if action is not Action.RUN and (service := self._service_inside(held.freeze)):
+            self._release(job, held)
+            raise ProtectedProcessError(f"cgroup {held.freeze} now holds {service}, one of "
+                                        "the node's services: not holding it")
         if action is Action.SLOW and held.quota is None:
             self._warn(held, f"job {job.id}: no CPU quota can be set on its cgroup, so it "
                              "is paused instead of slowed")
@@ -261,7 +368,6 @@ class CgroupActuator:
         name = f"governor-{job.id}"
         if job.pid is not None and (job.cgroup is None or PurePath(job.cgroup).name == name):
             held = self._attach_pid(job, job.pid, name)
-            self._keep_origins(job, held)
         elif job.cgroup is not None:
             held = self._attach_cgroup(job.cgroup)
             job.cgroup = str(held.freeze)  # one spelling per cgroup, whatever was given
@@ -271,6 +377,9 @@ class CgroupActuator:
             raise ProtectedProcessError(f"cgroup {held.freeze} holds pid {pid}, which is "
                                         "init, the governor, one of its ancestors, a "
                                         "kernel thread or Slurm's slurmstepd")
+        if service := self._service_inside(held.freeze):
+            raise ProtectedProcessError(f"cgroup {held.freeze} holds {service}, one of the "
+                                        "node's services")
         self._adopt(job, held)
         held.last_usage, held.last_time = self._usage(held), time.monotonic()
         job.extra[EXTRA_KEY] = held
@@ -287,6 +396,8 @@ class CgroupActuator:
         quota_h = self._quota_for_new_cgroup()
         held = _Held(freeze_h, freeze_h.dir(self._beside_own(freeze_h, name)), quota_h,
                      root_pid=pid)
+        self._adopt(job, held)
+        self._known_origins(job, held)
         try:
             for h in dict.fromkeys(h for h in (freeze_h, quota_h) if h is not None):
                 directory = h.dir(self._beside_own(h, name))
@@ -297,21 +408,29 @@ class CgroupActuator:
                                         f"{exc.strerror}") from exc
                 held.created[h.name] = directory
             held.quota = held.created.get(quota_h.name) if quota_h is not None else None
-            self._move_tree(held, identity)
+            self._move_tree(job, held, identity)
         except ActuatorError:
-            self._return_processes(held)
+            self._return_processes(job, held, released=held.entry is None)
             raise
         held.usage_file = self._usage_file(held)
         job.cgroup = str(held.freeze)
-        return held
-
-    def _keep_origins(self, job: Job, held: _Held) -> None:
-        """Where the moved processes came from, in the job's saved state, so that a daemon
-        restarted since still puts them back there when the job is unregistered."""
-        for pid, (started, paths) in job.saved.get("cgroup_origins", {}).items():
-            held.origins.setdefault(int(pid), (float(started), dict(paths)))
         job.saved["cgroup_origins"] = {
             str(pid): [started, paths] for pid, (started, paths) in held.origins.items()}
+        return held
+
+    def _known_origins(self, job: Job, held: _Held) -> None:
+        """Where processes already in the job's cgroups came from, as an earlier run knew
+        it (the job's saved state, the journal's record of the moves), so that they still
+        go back there; a process moved from now on is recorded afresh."""
+        for pid, (started, paths) in job.saved.get("cgroup_origins", {}).items():
+            held.origins[int(pid)] = (float(started), dict(paths))
+        moved = (self.journal.holds().get(hold_key(job)) or {}).get("moved")
+        for item in moved.get("processes") or [] if isinstance(moved, dict) else []:
+            with contextlib.suppress(TypeError, ValueError):
+                pid, started, dirs = item
+                paths = {n: cg for n, d in dict(dirs).items() if n in self._mounts
+                         and (cg := self._mounts[n].cgroup(Path(str(d)))) is not None}
+                held.origins.setdefault(int(pid), (float(started), paths))
 
     def _protected_inside(self, directory: Path) -> int | None:
         """A process in this cgroup or below that must never be held, if there is one."""
@@ -321,6 +440,14 @@ class CgroupActuator:
                 if (pid in never or is_kernel_thread(pid)
                         or never_held(pid)):
                     return pid
+        return None
+
+    def _service_inside(self, directory: Path) -> str | None:
+        """One of the node's services in this cgroup or below, in words, if there is one."""
+        for dirpath, _dirs, _files in os.walk(directory):
+            for pid in _pids(Path(dirpath)):
+                if (what := self._services.which(pid)) is not None:
+                    return f"pid {pid}, {what}"
         return None
 
     def _beside_own(self, h: Hierarchy, name: str) -> str:
@@ -336,9 +463,10 @@ class CgroupActuator:
                 return h
         return None
 
-    def _move_tree(self, held: _Held, identity: ProcessIdentity) -> None:
+    def _move_tree(self, job: Job, held: _Held, identity: ProcessIdentity) -> None:
         """Move the tree into the created cgroups until none of it is left outside: the
-        tree may fork while it is moved, and a child forked after its parent moved is in."""
+        tree may fork while it is moved, and a child forked after its parent moved is in.
+        Where each process is comes into the journal before it is moved."""
         targets = {n: self._mounts[n].cgroup(d) for n, d in held.created.items()}
         for _ in range(MOVE_ROUNDS):
             members = tree(identity)
@@ -346,19 +474,29 @@ class CgroupActuator:
                 raise ActuatorError(f"process {identity.pid} has exited")
             if any(m.pid == os.getpid() for m in members):
                 raise ActuatorError(f"process {identity.pid} is the governor or its ancestor")
-            moved = False
+            for member in members:
+                if (what := self._services.which(member.pid)) is not None:
+                    raise ProtectedProcessError(
+                        f"the tree of process {identity.pid} holds pid {member.pid}, {what}, "
+                        "one of the node's services")
+            moves: list[tuple[int, list[str]]] = []
             for member in members:
                 now = process_cgroups(member.pid)
                 outside = [n for n in held.created if now.get(n) != targets[n]]
                 if not outside or not is_alive(member):
                     continue
-                moved = True
-                held.origins.setdefault(
-                    member.pid, (member.started_at, {n: now[n] for n in outside if n in now}))
-                for n in outside:
-                    _enter(held.created[n], member.pid)
-            if not moved:
+                moves.append((member.pid, outside))
+                started, known = held.origins.get(member.pid, (member.started_at, {}))
+                if started != member.started_at:
+                    known = {}
+                held.origins[member.pid] = (member.started_at, {
+                    **known, **{n: now[n] for n in outside if n in now}})
+            if not moves:
                 return
+            self._journal_moves(job, held)
+            for pid, outside in moves:
+                for n in outside:
+                    _enter(held.created[n], pid)
         raise ActuatorError(f"process {identity.pid} forks faster than it can be moved "
                             "into its cgroup")
 
@@ -479,11 +617,37 @@ class CgroupActuator:
                 "version": quota_h.version, "path": str(held.quota),
                 "original": held.original_quota},
         }
+        held.entry = entry
+        self._journal_moves(job, held)
+
+    def _journal_moves(self, job: Job, held: _Held) -> None:
+        """Write the job's entry: its hold, if one is in place, and the processes moved
+        into the cgroups made for it with where each came from; none when neither."""
+        moved = self._moved(held)
+        if held.entry is None and moved is None:
+            return
+        entry: JournalEntry = dict(held.entry) if held.entry is not None else {
+            "kind": KIND, "job": job.id, "frozen": False, "freeze": None, "quota": None}
+        entry.pop("moved", None)
+        if moved is not None:
+            entry["moved"] = moved
         try:
             self.journal.put_hold(hold_key(job), entry)
         except OSError as exc:
             raise ActuatorError(f"cannot record the hold in the journal: {exc.strerror}") from exc
-        held.entry = entry
+
+    def _moved(self, held: _Held) -> dict[str, object] | None:
+        """The journal's record of the moves (see the module's docstring); None for a job
+        whose cgroup was given."""
+        if not held.created:
+            return None
+        return {
+            "created": {n: str(d) for n, d in held.created.items()},
+            "root": held.root_pid,
+            "processes": [[pid, started, {n: str(self._mounts[n].dir(cg))
+                                          for n, cg in paths.items() if n in self._mounts}]
+                          for pid, (started, paths) in sorted(held.origins.items())],
+        }
 
     def _pause(self, job: Job, held: _Held) -> None:
         self._hold(job, held, frozen=True)
@@ -567,8 +731,11 @@ class CgroupActuator:
         if not complete:
             self._warn(held, f"cannot release job {job.id}: " + "; ".join(done))
             return False
-        self.journal.drop_hold(hold_key(job))
         held.entry = held.original_quota = held.quota_us = held.speed = None
+        if held.created:
+            self._journal_moves(job, held)  # the moves stay until the processes are back
+        else:
+            self.journal.drop_hold(hold_key(job))
         return True
 
     def _warn(self, held: _Held, message: str) -> None:
@@ -585,55 +752,27 @@ class CgroupActuator:
         if not isinstance(held, _Held):
             entry = self.journal.holds().get(key)
             if entry is not None:
-                log.info("%s", undo(entry))
-                self.journal.drop_hold(key)
+                ok, line = undo_checked(entry)
+                log.log(logging.INFO if ok else logging.WARNING, "%s", line)
+                if ok:
+                    self.journal.drop_hold(key)
             return
         released = self._release(job, held)
         if held.created:
-            removed = self._return_processes(held)
+            self._return_processes(job, held, released)
             if str(held.freeze) == job.cgroup:
                 job.cgroup = None
-            if not released and removed:
-                self.journal.drop_hold(key)
 
-    def _return_processes(self, held: _Held) -> bool:
-        """Move what is left in the created cgroups back where it came from and remove them;
-        True when all are gone."""
-        removed = True
-        for name, directory in held.created.items():
-            for _ in range(RMDIR_TRIES):
-                for pid in _pids(directory):
-                    self._return(pid, self._mounts[name], held)
-                try:
-                    directory.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.05)
-            else:
-                removed = False
-                log.warning("cannot remove cgroup %s: processes are still in it", directory)
-        return removed
-
-    def _return(self, pid: int, h: Hierarchy, held: _Held) -> None:
-        """Move a process to its cgroup from before attach; one forked since goes where the
-        job's first process came from; failing those, beside or into the governor's."""
-        origin = held.origins.get(pid)
-        identity = identify(pid)
-        if origin is None or identity is None or identity.started_at != origin[0]:
-            origin = held.origins.get(held.root_pid or 0)
-        candidates = [origin[1].get(h.name)] if origin else []
-        candidates += [posixpath.dirname(self._own[h.name]), self._own[h.name]]
-        for cgroup in dict.fromkeys(c for c in candidates if c is not None):
-            try:
-                _write(h.dir(cgroup) / "cgroup.procs", str(pid))
-                return
-            except ProcessLookupError:
-                return
-            except OSError:
-                continue
-        log.warning("cannot move process %d out of cgroup %s", pid, held.created[h.name])
+    def _return_processes(self, job: Job, held: _Held, released: bool = True) -> None:
+        """Move what is left in the created cgroups back where it came from and remove
+        them; drop the job's entry once nothing is left to undo."""
+        returned, done = _return_moved(self._moved(held) or {})
+        for line in done:
+            (log.info if line.startswith(("moved", "removed")) else log.warning)(
+                "job %s: %s", job.id, line)
+        gone = not any(d.exists() for d in held.created.values())
+        if returned and (released or gone):
+            self.journal.drop_hold(hold_key(job))
 
 
 def _enter(directory: Path, pid: int) -> None:
@@ -713,5 +852,8 @@ def _write(file: Path, text: str) -> None:
 def from_context(context: ModeContext) -> CgroupActuator:
     """The cgroup mode's entry in governor/actuators/modes.py; ActuatorError where the
     machine has no cgroup hierarchy to hold jobs with."""
-    return CgroupActuator(context.journal, version=context.config.jobs.cgroup_version,
-                          protected=context.protected)
+    jobs = context.config.jobs
+    return CgroupActuator(context.journal, version=jobs.cgroup_version,
+                          protected=context.protected,
+                          services=ProtectedServices.of(jobs.protected_executables,
+                                                        jobs.protected_units))

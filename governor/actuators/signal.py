@@ -10,6 +10,10 @@ Journal entries, kind "signal", written before any process is stopped and read b
 
     {"kind": "signal", "job": "<job id>", "state": "stopped" | "slowed",
      "processes": [[pid, started_at], ...]}
+
+`processes` are those this actuator stopped or is about to: never one that was already
+stopped (by its user's SIGSTOP or ctrl-Z, or a debugger), so that a release, here or by
+the guardian or release-all, continues only what governor stopped.
 """
 
 from __future__ import annotations
@@ -38,10 +42,11 @@ from governor.actuators.base import (
 )
 from governor.control.laws import DutyWindow, retarget_duty, steer_duty
 from governor.host import procfs
-from governor.host.cgroupfs import cgroup2_mount, subtree_pids
+from governor.host.cgroupfs import cgroup2_mount, in_cgroup_mount, subtree_pids
 from governor.host.procfs import ancestors, is_kernel_thread
 from governor.jobs.model import Action, Directive, Job, Mode
 from governor.jobs.process import ProcessIdentity, identify, is_alive, send_signal, tree
+from governor.jobs.services import DEFAULT_SERVICES, ProtectedServices
 from governor.safety.journal import Journal
 
 if TYPE_CHECKING:
@@ -125,8 +130,11 @@ class SignalActuator:
 
     def __init__(self, journal: Journal, *, period: float = 0.1,
                  clock: Callable[[], float] = time.monotonic,
-                 protected: Callable[[], Iterable[int]] = tuple):
+                 protected: Callable[[], Iterable[int]] = tuple,
+                 services: ProtectedServices = DEFAULT_SERVICES):
         self._journal = journal
+        #: the node's services: never signalled, whatever tree or cgroup holds them
+        self._services = services
         self._period = period
         self._clock = clock
         self._wake = threading.Condition()
@@ -412,6 +420,8 @@ class SignalActuator:
             raise ActuatorError(f"process {pid} has exited")
         if is_kernel_thread(pid):
             raise ActuatorError(f"pid {pid} is a kernel thread")
+        if (what := self._services.which(pid)) is not None:
+            raise ProtectedProcessError(f"pid {pid} is {what}, one of the node's services")
         return current
 
     def _members(self, held: _Held) -> list[ProcessIdentity]:
@@ -422,7 +432,8 @@ class SignalActuator:
         else:
             found = []
         protected = self._protected | set(self._also_protected())
-        members = [p for p in found if p.pid not in protected]
+        members = [p for p in found
+                   if p.pid not in protected and self._services.which(p.pid) is None]
         if held.only_uid is not None:
             members = [p for p in members if procfs.uid(p.pid) == held.only_uid]
         return members
@@ -456,8 +467,10 @@ class SignalActuator:
         return _Stopped(members, denied)
 
     def _continue(self, held: _Held, members: Iterable[ProcessIdentity]) -> None:
-        """SIGCONT the members and whatever this actuator stopped, children first."""
-        targets = list(dict.fromkeys([*members, *held.stopped]))
+        """SIGCONT what this actuator stopped, children first (in the members' order),
+        and nothing else: a process someone else stopped stays stopped."""
+        targets = list(dict.fromkeys([*(m for m in members if m in held.stopped),
+                                      *held.stopped]))
         for ident in reversed(targets):
             self._signal(held, ident, signal.SIGCONT)
         held.stopped.clear()
@@ -478,7 +491,10 @@ class SignalActuator:
             return False
 
     def _record(self, held: _Held, state: str, members: list[ProcessIdentity]) -> None:
-        processes = sorted({*members, *held.stopped}, key=lambda p: (p.pid, p.started_at))
+        """Journal the processes this actuator stopped and those it may stop next: the
+        members not stopped by someone else."""
+        ours = {p for p in members if p in held.stopped or not _is_stopped(p.pid)}
+        processes = sorted(ours | held.stopped, key=lambda p: (p.pid, p.started_at))
         entry = {"kind": "signal", "job": held.job_id, "state": state,
                  "processes": [p.as_list() for p in processes]}
         try:
@@ -494,8 +510,9 @@ class SignalActuator:
 
 
 def undo(entry: JournalEntry) -> str:
-    """Continue every process a signal hold lists, and its descendants, from the entry
-    alone. Idempotent; never raises."""
+    """Continue every process a signal hold lists (those governor stopped: not their
+    descendants, which a stopped process cannot have forked, nor a process stopped by
+    someone else), from the entry alone. Idempotent; never raises."""
     return undo_checked(entry)[1]
 
 
@@ -513,16 +530,18 @@ def undo_checked(entry: JournalEntry) -> tuple[bool, str]:
     gone = 0
     try:
         for ident in listed:
-            members = tree(ident) if ident.pid > 1 else []
-            gone += not members
-            for member in members:
-                if member in continued or member in refused:
-                    continue
-                try:
-                    if send_signal(member, signal.SIGCONT):
-                        continued.add(member)
-                except OSError:
-                    refused.add(member)
+            if ident.pid <= 1 or not is_alive(ident):
+                gone += 1
+                continue
+            if ident in continued or ident in refused:
+                continue
+            try:
+                if send_signal(ident, signal.SIGCONT):
+                    continued.add(ident)
+                else:
+                    gone += 1
+            except OSError:
+                refused.add(ident)
     except Exception as exc:
         return False, f"job {job}: continued {len(continued)} processes, then failed: {exc!r}"
     text = f"job {job}: continued {len(continued)} processes ({gone} listed ones gone)"
@@ -578,9 +597,14 @@ def _is_stopped(pid: int) -> bool:
 
 
 def _cgroup_dir(path: str) -> Path:
-    """The cgroup's directory: the path itself, or the path under the cgroup2 mount."""
+    """The cgroup's directory: the path itself, or the path under the cgroup2 mount; only
+    a directory in a mounted cgroup file system, since a `cgroup.procs` file anyone could
+    write elsewhere would name any process to stop."""
     given = Path(path)
     if given.is_absolute() and (given / "cgroup.procs").is_file():
+        if not in_cgroup_mount(given):
+            raise ActuatorError(f"{path} is not a cgroup: it lies in no mounted cgroup "
+                                "file system")
         return given
     mount = cgroup2_mount()
     if mount is None:
@@ -588,6 +612,9 @@ def _cgroup_dir(path: str) -> Path:
     found = mount / path.lstrip("/")
     if not (found / "cgroup.procs").is_file():
         raise ActuatorError(f"cgroup {path} does not exist")
+    if not in_cgroup_mount(found):
+        raise ActuatorError(f"{path} is not a cgroup: it lies in no mounted cgroup file "
+                            "system")
     return found
 
 
@@ -602,5 +629,8 @@ def _cgroup_members(cgroup_dir: Path) -> list[ProcessIdentity]:
 
 def from_context(context: ModeContext) -> SignalActuator:
     """The signal mode's entry in governor/actuators/modes.py."""
-    return SignalActuator(context.journal, period=context.config.jobs.slow_period,
-                          protected=context.protected)
+    jobs = context.config.jobs
+    return SignalActuator(context.journal, period=jobs.slow_period,
+                          protected=context.protected,
+                          services=ProtectedServices.of(jobs.protected_executables,
+                                                        jobs.protected_units))

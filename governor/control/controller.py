@@ -43,6 +43,7 @@ from governor.jobs.errors import (
 from governor.jobs.exits import ExitWatch
 from governor.jobs.model import RUN, Action, Directive, Job, Mode
 from governor.jobs.registry import Caller, JobRegistry, JobRequest
+from governor.jobs.services import ProtectedServices
 from governor.policy.directives import (
     OPERATOR,
     PowerCap,
@@ -106,7 +107,10 @@ class Controller:
         self._round: int | None = None
         self._clock = clock
         self._wall = wall
-        self.registry = JobRegistry(max_per_user=config.jobs.max_per_user)
+        self.registry = JobRegistry(
+            max_per_user=config.jobs.max_per_user,
+            services=ProtectedServices.of(config.jobs.protected_executables,
+                                          config.jobs.protected_units))
         self._exits = ExitWatch()
         self._listeners: list[DirectiveListener] = []
         #: who last held or released each job by hand, for the action log
@@ -379,8 +383,9 @@ class Controller:
             return list(self.view.rules)
 
     def shutdown(self) -> None:
-        """Everything back to full speed and every power limit restored; the registrations
-        stay in the journal."""
+        """Everything back to full speed, every process governor moved back in its own
+        cgroups and every power limit restored; the registrations stay in the journal (a
+        restarted daemon takes the jobs back)."""
         with self._lock:
             for job in self.registry.all():
                 if job.gone_at is None:
@@ -388,6 +393,7 @@ class Controller:
                         self._actuators[job.mode].apply(job, RUN)
                     except Exception as exc:
                         log.error("job %s (%s): could not release: %s", job.id, job.name, exc)
+                    self._detach(job)
             if self._power is not None:
                 try:
                     self._power.release_all()

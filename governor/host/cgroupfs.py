@@ -117,6 +117,19 @@ def tree_of(directory: Path, hierarchies: list[Hierarchy]) -> dict[str, Hierarch
     return found
 
 
+def in_cgroup_mount(directory: Path, mountinfo: Path = MOUNTINFO) -> bool:
+    """Whether a directory (its real path: symlinks and `..` resolved) lies in a mounted
+    cgroup file system, v2 or v1: the innermost mount holding it is one. A directory that
+    merely has a `cgroup.procs` file in it, which anyone can make, is not a cgroup."""
+    real = Path(os.path.realpath(directory))
+    holding = [m for m in mounts(mountinfo) if real.is_relative_to(m.mount_point)]
+    if not holding:
+        return False
+    innermost = max(enumerate(holding), key=lambda im: (len(Path(im[1].mount_point).parts),
+                                                        im[0]))[1]
+    return innermost.fstype in ("cgroup", "cgroup2")
+
+
 def cgroup2_mount(mountinfo: Path = MOUNTINFO) -> Path | None:
     """Where the first cgroup2 is mounted; None when none is."""
     for mount in mounts(mountinfo):
@@ -146,6 +159,22 @@ def memberships(source: Path) -> dict[str, str]:
 def process_cgroups(pid: int) -> dict[str, str]:
     """The cgroups of a process by hierarchy name; empty when it is gone."""
     return memberships(Path(f"/proc/{pid}/cgroup"))
+
+
+#: the suffixes of systemd's unit names that hold processes
+UNIT_SUFFIXES = (".service", ".scope")
+
+
+def systemd_unit(pid: int) -> str | None:
+    """The systemd unit a process runs in ("ssh.service"), from its cgroup (v2, or v1's
+    name=systemd hierarchy): the innermost path component that names a service or a
+    scope. A process cannot leave its unit's cgroup without root. None outside any."""
+    found = process_cgroups(pid)
+    path = found.get("v2") or found.get("name=systemd") or ""
+    for part in reversed(path.split("/")):
+        if part.endswith(UNIT_SUFFIXES):
+            return part
+    return None
 
 
 def subtree_pids(directory: Path) -> list[int]:

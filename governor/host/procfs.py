@@ -161,6 +161,26 @@ def uid(pid: int) -> int | None:
         return None
 
 
+def runs_as_root(pid: int) -> bool:
+    """Whether the process runs as root: its /proc/PID directory belongs to uid 0, as the
+    kernel sets it from the effective uid (or for a process that may not be dumped). One
+    stat(2), for checks made on every member of a tree every round."""
+    try:
+        return os.stat(f"/proc/{pid}").st_uid == 0
+    except OSError:
+        return False
+
+
+def executable(pid: int) -> str | None:
+    """The path of the program the process runs (/proc/PID/exe), which, unlike its name
+    (/proc/PID/comm, argv[0]), the process cannot change; None when it is gone or may not
+    be read (another user's process, to a governor not running as root)."""
+    try:
+        return os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")
+    except OSError:
+        return None
+
+
 def environ_value(pid: int, name: str) -> str | None:
     """One variable of a process's environment as it started (/proc/PID/environ, which
     only the process's owner and root may read); None if unset or unreadable."""

@@ -21,6 +21,7 @@ from governor.jobs import process
 from governor.jobs import scheduled as scheduled_jobs
 from governor.jobs.errors import Conflict, NoSuchJob, NotPermitted, OverQuota, Unacceptable
 from governor.jobs.model import Job, Mode
+from governor.jobs.services import DEFAULT_SERVICES, ProtectedServices
 from governor.jobs.sources import PUSHED
 
 DEVICE = re.compile(r"^[A-Za-z][\w.-]{0,63}$")
@@ -77,7 +78,8 @@ MAX_PER_USER = 64
 
 
 class JobRegistry:
-    def __init__(self, protected: Iterable[int] = (), max_per_user: int = MAX_PER_USER):
+    def __init__(self, protected: Iterable[int] = (), max_per_user: int = MAX_PER_USER,
+                 services: ProtectedServices = DEFAULT_SERVICES):
         self.lock = threading.RLock()
         self._jobs: dict[str, Job] = {}
         #: pids that must never be held besides pid 1 and the governor's own line
@@ -85,6 +87,8 @@ class JobRegistry:
         #: jobs.max_per_user: how many jobs one restricted caller (a uid over the unix
         #: socket) may have registered at once
         self.max_per_user = max_per_user
+        #: the node's own services (sshd, the kubelet...), never held
+        self.services = services
 
     def get(self, job_id: str) -> Job:
         with self.lock:
@@ -208,6 +212,7 @@ class JobRegistry:
             raise Unacceptable(f"No process has pid {pid}.")
         if process.is_kernel_thread(pid):
             raise NotPermitted(f"Pid {pid} is a kernel thread.")
+        self._check_service(pid)
         if request.pid_started_at is not None and request.pid_started_at != identity.started_at:
             raise Conflict(f"Pid {pid} is now another process (it started at "
                            f"{identity.started_at}, not {request.pid_started_at}).")
@@ -221,6 +226,14 @@ class JobRegistry:
                     raise Conflict(f"Pid {pid} is already registered as job "
                                    f"{job.id} ({job.name}).")
         return identity
+
+    def _check_service(self, pid: int) -> None:
+        """The node's own services (`jobs.protected_executables`, `protected_units`) are
+        never held, whoever asks."""
+        what = self.services.which(pid)
+        if what is not None:
+            raise NotPermitted(f"Pid {pid} is {what}, one of the node's services, which "
+                               "governor never holds.")
 
     def _check_cgroup_free(self, cgroup: str) -> None:
         with self.lock:

@@ -388,7 +388,8 @@ class Daemon:
                     log.warning("reload: [%s] changed; restart the daemon to apply it", section)
             if config.daemon.state_dir != self.config.daemon.state_dir:
                 log.warning("reload: daemon.state_dir changed; restart the daemon to apply it")
-            for key in ("cgroup_version", "slow_period"):
+            for key in ("cgroup_version", "slow_period", "protected_executables",
+                        "protected_units"):
                 if getattr(config.jobs, key) != getattr(self.config.jobs, key):
                     log.warning("reload: jobs.%s changed; restart the daemon to apply it", key)
             rules = self.controller.reload(config)
