@@ -174,6 +174,9 @@ class ApiConfig(_Section):
     header_timeout: Duration = 10.0
     #: open connections per listener (TCP, the unix socket each); more are closed at once
     max_connections: int = Field(default=1024, ge=1, le=100_000)
+    #: the unix socket's connections one user other than root may hold at once (root is
+    #: always let in), so one member of the socket's group cannot fill it
+    max_connections_per_user: int = Field(default=64, ge=1, le=100_000)
 
     @field_validator("listen")
     @classmethod

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import select
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -28,6 +30,7 @@ from tests.support.daemon import DaemonProcess
 from tests.support.fake_nvml import h100
 from tests.support.processes import eventually, state
 from tests.support.scenario import ROOT, config, spawn
+from tests.support.unix_http import NOBODY, open_to_others, unix_request
 
 StartDaemon = Callable[..., DaemonProcess]
 QUIET = {"daemon": {"interval": 0.25}, "sources": {"nvml": "off"}}
@@ -341,3 +344,67 @@ def test_audit_reads_in_flight_never_hold_up_a_pause(
     assert [e["seq"] for e in first] == [1, 2]
     resumed = d.call("POST", f"/v1/jobs/{job['id']}/resume")
     assert resumed.status_code == 200 and state(job["pid"]) != "T"
+
+
+def hold_connections(path: Path, uid: int, count: int) -> tuple[int, int, int]:
+    """A child running as `uid` that opens `count` connections to the unix socket and
+    holds them until its pipe closes: (its pid, the pipe to close, how many of them the
+    daemon closed at once)."""
+    ready_r, ready_w = os.pipe()
+    hold_r, hold_w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            os.close(ready_r)
+            os.close(hold_w)
+            os.setgid(uid)
+            os.setuid(uid)
+            held, closed = [], 0
+            for _ in range(count):
+                sock = socket.socket(socket.AF_UNIX)
+                sock.connect(str(path))
+                held.append(sock)
+            for sock in held:
+                ready, _, _ = select.select([sock], [], [], 1.0)
+                if ready and sock.recv(1) == b"":
+                    closed += 1
+            os.write(ready_w, f"{closed}\n".encode())
+            os.read(hold_r, 1)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    os.close(hold_r)
+    closed = int(os.read(ready_r, 64).decode())
+    os.close(ready_r)
+    return child, hold_w, closed
+
+
+@pytest.mark.skipif(not ROOT, reason="playing another uid needs root")
+def test_one_user_cannot_fill_the_unix_socket(daemon: StartDaemon, short_dir: Path) -> None:
+    """A member of the socket's group opens connections until the daemon refuses them:
+    they get `api.max_connections_per_user`, another user still gets in, and root is
+    always let in, even with the socket's whole room taken."""
+    sock_path = short_dir / "governor.sock"
+    daemon(quiet(socket=str(sock_path), max_connections=8, max_connections_per_user=5,
+                     header_timeout="5m"))
+    open_to_others(sock_path)
+    holders: list[tuple[int, int]] = []
+    try:
+        pid, pipe, closed = hold_connections(sock_path, NOBODY, 7)
+        holders.append((pid, pipe))
+        assert closed == 2, f"nobody holds 5 of its 7 connections ({closed} were closed)"
+        pid, pipe, closed = hold_connections(sock_path, NOBODY - 1, 4)
+        holders.append((pid, pipe))
+        assert closed == 1, "another user gets the socket's room that is left (8 - 5)"
+        with unix_client(sock_path) as local:
+            assert local.get("/healthz").status_code == 200, "root is always let in"
+        pid, pipe, closed = hold_connections(sock_path, NOBODY, 1)
+        holders.append((pid, pipe))
+        assert closed == 1, "nobody's sixth is closed at once"
+    finally:
+        for pid, pipe in holders:
+            os.close(pipe)
+            os.kill(pid, signal.SIGKILL)  # a later child holds an earlier one's pipe too
+            os.waitpid(pid, 0)
+    eventually(lambda: unix_request(sock_path, "GET", "/healthz", as_uid=NOBODY)[0] == 200,
+               timeout=CLOSE_WAIT, what="nobody's room given back")

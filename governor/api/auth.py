@@ -51,6 +51,16 @@ def ensure_token(path: str) -> str | None:
     return token
 
 
+def peer_uid_of(transport: Any) -> int | None:
+    """The uid the kernel gives for a unix-socket peer (SO_PEERCRED); None over TCP."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
 class PeerCredProtocol(H11Protocol):
     """uvicorn's h11 protocol that, on a unix-socket connection, asks the kernel for the
     peer's uid (SO_PEERCRED) and puts it in every request's ASGI scope. Nothing a client
@@ -59,11 +69,9 @@ class PeerCredProtocol(H11Protocol):
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
-        sock = transport.get_extra_info("socket")
-        if sock is None or sock.family != socket.AF_UNIX:
+        uid = peer_uid_of(transport)
+        if uid is None:
             return
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        _pid, uid, _gid = struct.unpack("3i", creds)
         app = self.app
 
         async def with_peer_uid(scope: Any, receive: Any, send: Any) -> None:

@@ -487,7 +487,8 @@ class Daemon:
                 ssl_keyfile=api.tls_key or None,
             ),
             self,
-            ConnectionLimits(api.max_connections, api.header_timeout),
+            ConnectionLimits(api.max_connections, api.header_timeout,
+                             api.max_connections_per_user),
         )
         log.info("serving /metrics, /healthz and /v1 on %s://%s%s",
                  "https" if api.tls else "http", api.listen,
