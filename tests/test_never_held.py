@@ -119,3 +119,31 @@ def test_cgroup_mode_accepts_a_job_with_a_process_that_calls_itself_slurmstepd(
         assert (directory / "freezer.state").read_text().strip() == "THAWED"
     finally:
         actuator.detach(job)
+
+
+def test_root_in_a_container_running_a_file_named_slurmstepd_is_not_slurms(
+        tmp_path: Path) -> None:
+    """Root in a container (here a chroot) runs a copy of sleep it named slurmstepd: uid
+    0 and the executable's name both say slurmstepd, but its root directory is not the
+    host's, so it is held like any other process."""
+    sleep = shutil.which("sleep")
+    assert sleep is not None
+    root = tmp_path / "container-root"
+    root.mkdir()
+    shutil.copy(sleep, root / "slurmstepd")
+    libraries = subprocess.run(["ldd", sleep], capture_output=True, text=True,
+                               check=True).stdout
+    for word in libraries.split():
+        if word.startswith("/"):
+            (root / word.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(word, root / word.lstrip("/"))
+    contained = subprocess.Popen(["/slurmstepd", "600"], preexec_fn=lambda: os.chroot(root))
+    try:
+        deadline = time.monotonic() + 10
+        while procfs.command(contained.pid) != "slurmstepd" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert procfs.command(contained.pid) == "slurmstepd"
+        assert not procfs.is_slurmstepd(contained.pid)
+    finally:
+        contained.kill()
+        contained.wait()

@@ -210,3 +210,35 @@ def test_a_root_process_in_a_listed_unit_is_refused(
             stop(process)
         eventually(lambda: not (directory / "cgroup.procs").read_text().split())
         directory.rmdir()
+
+
+def chroot_with(folder: Path, program_path: Path) -> Path:
+    """A root directory holding `program_path` at its top and the libraries it loads: a
+    container's root, as far as /proc/PID/root tells."""
+    root = folder / "container-root"
+    root.mkdir()
+    shutil.copy(program_path, root / program_path.name)
+    libraries = subprocess.run(["ldd", str(program_path)], capture_output=True, text=True,
+                               check=True).stdout
+    for word in libraries.split():
+        if word.startswith("/"):
+            target = root / word.lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(word, target)
+    return root
+
+
+def test_root_in_a_container_cannot_name_itself_a_service(
+        daemon: StartDaemon, programs: Path, started: list[subprocess.Popen[bytes]]) -> None:
+    """Root in a container (here a chroot: a root directory other than the host's) can run
+    any file it names sshd or slurmstepd. Such a process is no service of the node: its
+    job is held like any other, so a pod cannot make itself impossible to hold."""
+    root = chroot_with(programs, program(programs, "sshd"))
+    contained = subprocess.Popen(["/sshd", "600"], preexec_fn=lambda: os.chroot(root))
+    started.append(contained)
+    eventually(lambda: os.readlink(f"/proc/{contained.pid}/exe").endswith("/sshd"))
+    d = daemon(QUIET)
+    job = d.register(name="pod-with-an-sshd", pid=contained.pid)
+    assert d.call("POST", f"/v1/jobs/{job['id']}/pause").status_code == 200
+    eventually(lambda: state(contained.pid) == "T", what="the contained sshd stopped")
+    assert d.call("DELETE", f"/v1/jobs/{job['id']}").status_code == 204

@@ -171,6 +171,38 @@ def runs_as_root(pid: int) -> bool:
         return False
 
 
+_host_root: tuple[int, int] | None = None
+
+
+def _root_id(path: str) -> tuple[int, int]:
+    found = os.stat(path)
+    return found.st_dev, found.st_ino
+
+
+def host_root() -> tuple[int, int]:
+    """The host's root directory (device, inode): init's (/proc/1/root, readable to a
+    privileged DaemonSet with the host's pid namespace), else this process's own `/`
+    (the service's, under systemd: a mount namespace of its own keeps the same root)."""
+    global _host_root
+    if _host_root is None:
+        try:
+            _host_root = _root_id("/proc/1/root")
+        except OSError:
+            _host_root = _root_id("/")
+    return _host_root
+
+
+def in_host_root(pid: int) -> bool:
+    """Whether the process sees the host's root directory: false for a process in a
+    container (or a chroot), whose root, uid 0 and files are its own to make. A check
+    that trusts a root process's executable must ask this first: root in a container
+    can name any file sshd or slurmstepd."""
+    try:
+        return _root_id(f"/proc/{pid}/root") == host_root()
+    except OSError:
+        return False
+
+
 def executable(pid: int) -> str | None:
     """The path of the program the process runs (/proc/PID/exe), which, unlike its name
     (/proc/PID/comm, argv[0]), the process cannot change; None when it is gone or may not
@@ -219,10 +251,11 @@ SLURMSTEPD = "slurmstepd"
 
 def is_slurmstepd(pid: int) -> bool:
     """Whether the process is Slurm's step daemon, judged by what a user cannot forge: it
-    runs as root, and its executable (/proc/PID/exe, not the name it gives itself) is a
-    `slurmstepd`. slurmd double-forks it, so its parent is init or a subreaper, not slurmd,
-    and tells nothing. The name is read first, so that every other process costs one
-    small read."""
+    runs as root on the host's root directory (not in a container, whose root may run
+    any file it calls slurmstepd), and its executable (/proc/PID/exe, not the name it
+    gives itself) is a `slurmstepd`. slurmd double-forks it, so its parent is init or a
+    subreaper, not slurmd, and tells nothing. The name is read first, so that every other
+    process costs one small read."""
     if command(pid) != SLURMSTEPD:
         return False
     try:
@@ -238,5 +271,5 @@ def is_slurmstepd(pid: int) -> bool:
     for line in text.splitlines():
         if line.startswith(b"Uid:"):
             real, effective = line.split()[1:3]
-            return real == b"0" and effective == b"0"
+            return real == b"0" and effective == b"0" and in_host_root(pid)
     return False

@@ -4,10 +4,12 @@ every service that logs.
 
 A token holder or root may register any pid, and a job's tree or cgroup may come to hold
 anything, so these are refused at registration (403) and left out of every hold. A
-service is told by what its process cannot forge: it runs as root, and its executable
-(/proc/PID/exe) or the systemd unit whose cgroup it is in is on the deny list
-(`[jobs] protected_executables`, `protected_units`). Its name (comm, argv[0]) is not
-looked at: any process can call itself sshd.
+service is told by what its process cannot forge: it runs as root on the host's root
+directory, and its executable (/proc/PID/exe) or the systemd unit whose cgroup it is in
+is on the deny list (`[jobs] protected_executables`, `protected_units`). Its name (comm,
+argv[0]) is not looked at: any process can call itself sshd. Nor is a process in a
+container (a root other than the host's) ever one: root in a pod can run a file it named
+sshd, and would otherwise make its own pod impossible to hold.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ class ProtectedServices:
         not running as root costs one stat(2)."""
         if not (self.executables or self.units) or not procfs.runs_as_root(pid):
             return None
+        if not procfs.in_host_root(pid):
+            return None  # root in a container: its files, names and units are its own
         exe = procfs.executable(pid) if self.executables else None
         if exe is not None and (exe in self.executables
                                 or os.path.basename(exe) in self.executables):
