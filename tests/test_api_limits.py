@@ -346,6 +346,31 @@ def test_audit_reads_in_flight_never_hold_up_a_pause(
     assert resumed.status_code == 200 and state(job["pid"]) != "T"
 
 
+def test_readers_that_never_read_are_cut_off(daemon: StartDaemon, tmp_path: Path) -> None:
+    """Four clients ask for long answers and never read them: they hold every place for
+    SEND_TIMEOUT (10 s) at most, not for as long as they stay connected."""
+    write_audit(tmp_path / "state", 12_000)
+    d = daemon({**QUIET, "daemon": {"interval": 0.25, "state_dir": str(tmp_path / "state")},
+                "audit": {"max_bytes": 100 * MiB}})
+    readers: list[socket.socket] = []
+    try:
+        for _ in range(32):
+            readers.append(stalled_reader(d))
+            if d.get("/v1/events", params={"limit": 1}).status_code == 503:
+                break
+        else:
+            raise AssertionError("the stalled readers never took every place")
+
+        def answered() -> bool:
+            return d.get("/v1/events", params={"limit": 1}).status_code == 200
+
+        # the stalled clients are still connected, reading nothing
+        eventually(answered, timeout=CLOSE_WAIT, what="reads answered again")
+    finally:
+        for sock in readers:
+            sock.close()
+
+
 def hold_connections(path: Path, uid: int, count: int) -> tuple[int, int, int]:
     """A child running as `uid` that opens `count` connections to the unix socket and
     holds them until its pipe closes: (its pid, the pipe to close, how many of them the

@@ -6,7 +6,8 @@ routes share (anyio's 40 threads), where sixty reads in flight once made an oper
 pause wait 25 s for a thread. At most four reads are in flight; one more is answered 503
 at once. The events go out in batches as they are read, a batch at a time: a client that
 does not read its answer holds its place, not a copy of the whole answer, and the daemon
-holds at most a batch per read.
+holds at most a batch per read; and a client that takes no batch for `SEND_TIMEOUT` is
+cut off, so four that never read cannot keep everyone else out.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ READERS = 4
 THREADS = 2
 #: events read and sent at a time
 BATCH = 500
+#: how long a client may take to take a batch; one that stops reading is cut off then, so
+#: four clients that never read cannot hold every place for good
+SEND_TIMEOUT = 10.0
 
 _ANY = TypeAdapter(Any)
 
@@ -100,7 +104,12 @@ class EventStream(Response):
             headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             async for piece in self.pieces:
-                await send({"type": "http.response.body", "body": piece, "more_body": True})
+                with anyio.move_on_after(SEND_TIMEOUT) as waited:
+                    await send({"type": "http.response.body", "body": piece,
+                                "more_body": True})
+                if waited.cancelled_caught:
+                    # the answer is left unfinished: the server closes the connection
+                    return
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             aclose = getattr(self.pieces, "aclose", None)
