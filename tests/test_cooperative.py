@@ -300,7 +300,7 @@ def test_progress_values_are_checked_and_never_go_back(daemon: StartDaemon, sys_
     buckets = "0,1,2,3,4,5,6,6"
 
     def poll(**params: Any) -> httpx.Response:
-        return d.get(path, params=params)
+        return d.call("GET", path, params=params)
 
     assert poll(steps=6, step_seconds=12.5, step_buckets=buckets, deferrals=2).status_code \
         == 200
@@ -318,7 +318,13 @@ def test_progress_values_are_checked_and_never_go_back(daemon: StartDaemon, sys_
         response = poll(**bad)
         assert response.status_code == 422, (bad, response.text)
         assert why in response.json()["error"], (bad, response.json())
-    assert poll(steps=1).status_code == 200, "no token needed to report progress"
+    # anyone may read a directive; progress is the job's own to report
+    assert d.get(path).status_code == 200
+    forged = d.get(path, params={"steps": 9007199254740992, "deferrals": 9007199254740992})
+    assert forged.status_code == 403, forged.text
+    assert forged.json() == {"error": "Progress is taken only from the job's owner: poll "
+                                      "over the unix socket as its user, or with the token."}
+    assert d.job(job_id)["progress"]["steps"] == 7, "a forged report changes nothing"
     assert d.get("/v1/jobs/nosuchjob/directive", params={"steps": 1}).status_code == 404
 
 

@@ -62,13 +62,18 @@ def test_a_cooperative_job_that_stops_polling_is_unregistered(
     waiting = d.register(name="waiting", mode="cooperative")
     answered: list[httpx.Response] = []
     long_poll = threading.Thread(target=lambda: answered.append(
-        d.get(f"/v1/jobs/{waiting['id']}/directive", params={"wait": 5})))
+        d.call("GET", f"/v1/jobs/{waiting['id']}/directive", params={"wait": 5})))
     long_poll.start()
+    # anyone may read its directive, but only the job's own polls keep it alive
+    stranger = threading.Thread(target=lambda: d.get(
+        f"/v1/jobs/{silent['id']}/directive", params={"wait": 10}))
+    stranger.start()
     try:
         eventually(lambda: d.get(f"/v1/jobs/{silent['id']}").status_code == 404,
                    timeout=15, what="the silent job is unregistered")
     finally:
         long_poll.join(30)
+        stranger.join(30)
     (reply,) = answered
     assert reply.status_code == 200, "the job waiting on its poll is still there"
     assert [job["id"] for job in d.get("/v1/jobs").json()] == [waiting["id"]]

@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from governor.actuators.modes import ModeName
@@ -195,9 +195,10 @@ def job_router(controller: Controller, authenticate: Callable[..., Caller]) -> A
         return models.AsBuilt(controller.hold(job_id, caller, held=False))
 
     @router.get("/jobs/{job_id}/directive", summary="What the job should do; long-polls",
-                response_model=models.Directive, responses=errors(404, 422))
+                response_model=models.Directive, responses=errors(403, 404, 422))
     async def directive(
         job_id: str,
+        request: Request,
         wait: Annotated[float, Query(ge=0, le=300, description="seconds to wait for a change")]
         = 0,
         since: Annotated[int | None, Query(ge=0, description="the version last seen")] = None,
@@ -219,8 +220,12 @@ def job_router(controller: Controller, authenticate: Callable[..., Caller]) -> A
                                             "critical sections")] = None,
     ) -> models.AsBuilt:
         found = controller.directive(job_id)
-        controller.polled(job_id, wait)
         report = progress_report(steps, step_seconds, step_buckets, deferrals)
+        if the_jobs_own(request, controller.job(job_id).owner_uid):
+            controller.polled(job_id, wait)
+        elif not report.empty:
+            raise ApiError(403, "Progress is taken only from the job's owner: poll over the "
+                                "unix socket as its user, or with the token.")
         if not report.empty:
             # in the thread pool: the controller's lock may be held by a slow freeze
             await asyncio.to_thread(controller.report_progress, job_id, report)
@@ -235,6 +240,18 @@ def job_router(controller: Controller, authenticate: Callable[..., Caller]) -> A
             found = controller.directive(job_id)
         return models.AsBuilt({**found.as_json(), "version": found.version,
                                "max_defer": controller.max_defer})
+
+    def the_jobs_own(request: Request, owner_uid: int | None) -> bool:
+        """Whether a directive poll comes from the job itself: the token, root, or its
+        owner over the unix socket. Anyone may read a directive; only these polls keep a
+        cooperative job alive and carry its progress, which would otherwise let anyone
+        pin its counters, write deferral events in its name, or keep a dead job from
+        expiring."""
+        try:
+            caller = authenticate(request)
+        except ApiError:
+            return False
+        return not caller.restricted or caller.uid == owner_uid
 
     @router.get("/rules", summary="Every rule's series and their state",
                 response_model=list[models.RuleSeries], responses=errors())

@@ -95,6 +95,14 @@ class ApiClient:
         token = os.environ.get("GOVERNOR_TOKEN") or read_token(self.settings)
         return {"Authorization": f"Bearer {token}"} if token else {}
 
+    def _auth_if_any(self) -> dict[str, str]:
+        """The token header where this client may read the token: a directive poll with
+        it keeps the job alive and carries its progress, and without it is a plain read."""
+        try:
+            return self._auth()
+        except ClientError:
+            return {}
+
     def _credentials(self) -> str:
         """Which config and token this client used, for a refused token: the usual cause
         is a CLI that found another config than the daemon's."""
@@ -187,7 +195,7 @@ class ApiClient:
         if since is not None:
             params["since"] = since
         return dict(self.request("GET", f"/v1/jobs/{job_id}/directive", params=params,
-                                 timeout=wait + 10))
+                                 timeout=wait + 10, headers=self._auth_if_any()))
 
     def rules(self) -> list[dict[str, Any]]:
         return list(self.request("GET", "/v1/rules"))
