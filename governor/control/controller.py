@@ -329,7 +329,9 @@ class Controller:
                 # a user's pause never takes over a hold someone else put in place
                 job.held_by, job.hold_uid = str(caller), caller.uid
             job.held_by_operator = held
-            self._operator[job.id] = str(caller)
+            # the action log names who holds the job: the hold's owner, not a user whose
+            # pause left someone else's hold in place
+            self._operator[job.id] = job.held_by or str(caller)
             self._journal.put_job(job.id, job.to_record())
             self._events.emit(what, str(caller), job, reasons=[
                 "held by the operator until resumed" if held
