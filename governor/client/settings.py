@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,7 @@ class ClientSettings:
     #: the config file these came from ("" for the built-in defaults), named when the
     #: daemon refuses the token: a CLI that found another config than the daemon's
     #: (/etc/governor before config/) would otherwise fail with no clue why
-    config_file: str = ""
+    config_file: str = field(default="", compare=False)
 
     @property
     def tls(self) -> bool:
