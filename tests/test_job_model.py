@@ -71,3 +71,21 @@ def test_the_published_view_of_a_job_is_its_json_with_its_error_and_progress() -
     directive = DirectiveView(job.directive, 3)
     assert directive.as_json() == {"state": "slow", "speed": 0.5,
                                    "reasons": ["cpu-hot: 93 > 90"], "defer": True}
+
+
+def test_a_job_resumed_outside_governor_shows_it_runs_while_its_directive_stays_paused(
+        ) -> None:
+    """An administrator's `scontrol resume` during governor's pause: the job's state and
+    speed say what it does, its reasons why governor would hold it, and the journal's
+    record keeps none of it (a restarted daemon holds the job anew)."""
+    job = a_job()
+    job.directive = pause("gpu-hot: 95 > 85", rules=("gpu-hot",))
+    job.outside = "resumed"
+    shown = job.as_dict()
+    assert (shown["state"], shown["speed"], shown["outside"], shown["reasons"]) == (
+        "running", 1.0, "resumed", ["gpu-hot: 95 > 85"])
+    assert JobView.of(job).as_json() == shown
+    assert job.directive.as_dict()["state"] == "pause", "cooperative clients still read it"
+    assert "outside" not in job.to_record() and job.to_record()["state"] == "running"
+    job.outside = None
+    assert "outside" not in job.as_dict() and job.as_dict()["state"] == "paused"

@@ -20,7 +20,7 @@ from governor.snapshot import SamplerHealth, SamplerState, Snapshot, SnapshotSto
 from tests.support.fake_nvml import FakeNvml, h100
 
 ACCEPTED_SUFFIXES = ("_ratio", "_celsius", "_watts", "_bytes", "_hertz", "_seconds", "_total",
-                     "_info", "_up", "_state", "_active", "_paused")
+                     "_info", "_up", "_state", "_active", "_paused", "_resumed")
 #: counts of things, in the plural, are a base unit too (node_exporter: node_load1 has none)
 COUNT_UNITS = ("_tasks",)
 
@@ -93,12 +93,13 @@ def controller_with(rules: list[RuleConfig], jobs: list[dict[str, Any]] | None =
     return SimpleNamespace(view=view, power_caps=power_caps or {})
 
 
-def job_view(id: str, name: str, state: str, speed: float) -> JobView:
+def job_view(id: str, name: str, state: str, speed: float,
+             outside: str | None = None) -> JobView:
     """A job of the view, with what the metrics read (the rest: a cooperative job's)."""
     return JobView(id=id, name=name, pid=None, pid_started_at=None, cgroup=None,
                    mode=Mode.COOPERATIVE, devices=(), devices_from=None, priority=0,
                    state=state, speed=speed, reasons=(), held_by_operator=False,
-                   registered_at=0.0, owner_uid=None, gone_at=None)
+                   registered_at=0.0, owner_uid=None, gone_at=None, outside=outside)
 
 
 def names(exposition: str) -> list[str]:
@@ -319,6 +320,23 @@ def test_job_state_info_names_what_holds_each_job() -> None:
         'governor_job_state_info{id="c3",job="search",reason="cpu-hot, operator",'
         'state="paused"}': 1.0,
     }, "gone jobs have no series"
+
+
+def test_a_job_resumed_outside_governor_is_running_and_flagged_until_the_pause_ends() -> None:
+    """An administrator resumed a job a rule pauses: the job runs, and says why."""
+    metrics = DaemonMetrics(SnapshotStore())
+    metrics.watch(controller_with([], jobs=[
+        {**job("a1", "running", held_by=("gpu-hot",), name="fought"), "outside": "resumed"},
+        job("b2", "paused", 0.0, ("gpu-hot",), name="held"),
+    ]))
+    text = metrics.render().decode()
+    assert samples(text, "governor_job_outside_resumed") == {
+        'governor_job_outside_resumed{id="a1",job="fought"}': 1.0,
+        'governor_job_outside_resumed{id="b2",job="held"}': 0.0,
+    }
+    assert 'governor_job_state_info{id="a1",job="fought",reason="",state="running"} 1.0' in text
+    assert 'governor_job_paused{id="a1",job="fought"} 0.0' in text
+    assert 'governor_job_speed_ratio{id="a1",job="fought"} 1.0' in text
 
 
 def test_action_counters_start_at_zero_for_every_rule_and_the_operator() -> None:

@@ -104,6 +104,12 @@ def states(pids: list[int]) -> set[str]:
     return found
 
 
+def line_of(table: str, word: str) -> str:
+    """The one line of a CLI table that names `word`."""
+    (line,) = [row for row in table.splitlines() if word in row.split()]
+    return line
+
+
 def test_a_batch_job_becomes_a_governor_job_and_goes_when_it_ends(
         slurm: SlurmCluster, daemon: Start, c_nvml: CNvmlState) -> None:
     c_nvml.write(cool())
@@ -216,8 +222,11 @@ def test_kill_9_resumes_what_governor_suspended_and_not_what_an_admin_did(
     assert slurm.state(admins) == "S", "an administrator's suspend is not governor's to undo"
 
 
-def test_an_administrators_resume_is_noticed_audited_and_not_fought(
+def test_an_administrators_resume_is_noticed_audited_shown_and_not_fought(
         slurm: SlurmCluster, daemon: Start, c_nvml: CNvmlState) -> None:
+    """While the rule still holds, /v1/jobs, `governor jobs` and the metrics say the job
+    runs, resumed outside governor; its directive stays the rule's pause. The flag goes
+    when the rule clears, and the next pause is governor's again."""
     gpus = cool()
     c_nvml.write(gpus)
     d = daemon(config(slurm), c_nvml=c_nvml)
@@ -243,12 +252,31 @@ def test_an_administrators_resume_is_noticed_audited_and_not_fought(
     on_disk.load()
     assert not [key for key in on_disk.holds() if key.startswith("slurm:")]
 
+    shown = slurm_jobs(d)[job_id]
+    assert (shown["state"], shown["speed"], shown.get("outside")) == ("running", 1.0,
+                                                                      "resumed")
+    assert "gpu-hot" in " ".join(shown["reasons"]), "what governor would hold it for"
+    assert d.get(f"/v1/jobs/{job['id']}").json()["outside"] == "resumed"
+    assert d.get(f"/v1/jobs/{job['id']}/directive").json()["state"] == "pause"
+    metrics = d.metrics()
+    labels = f'id="{job["id"]}",job="fought"'
+    assert f"governor_job_outside_resumed{{{labels}}} 1.0" in metrics
+    assert f'governor_job_state_info{{{labels},reason="",state="running"}} 1.0' in metrics
+    assert f"governor_job_paused{{{labels}}} 0.0" in metrics
+    assert "running (resumed outside governor)" in line_of(d.cli("jobs").stdout, job["id"])
+
     gpus = cool()
     c_nvml.write(gpus)
-    wait_for(lambda: slurm_jobs(d)[job_id]["state"] == "running", 5.0, "rule cleared", d)
+    wait_for(lambda: slurm_jobs(d)[job_id]["state"] == "running"
+             and "outside" not in slurm_jobs(d)[job_id], 5.0, "rule cleared", d)
+    assert f"governor_job_outside_resumed{{{labels}}} 0.0" in d.metrics()
+    assert "outside" not in line_of(d.cli("jobs").stdout, job["id"])
     heat_gpu_of(gpus, job)
     c_nvml.write(gpus)
     slurm.wait_state(job_id, "S", timeout=5)
+    again = wait_for(lambda: (j := slurm_jobs(d)[job_id])["state"] == "paused" and j, 3.0,
+                     "paused anew", d)
+    assert "outside" not in again, "the next pause is governor's own"
 
 
 def test_new_steps_stay_one_job_and_their_processes_are_held(

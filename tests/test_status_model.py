@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import re
 from typing import Any
 
 import pytest
@@ -160,3 +161,31 @@ def test_a_hold_rule_parses_and_status_shows_its_target_reading_and_output() -> 
     limited = RuleSeries.parse({**entry, "via": "power_limit", "output": 1.0})
     assert not limited.holding_back
     assert "hold at 80 via power limit: output 1.00" in report.render_rules([limited])
+
+
+def test_a_job_resumed_outside_governor_reads_running_with_the_pause_it_overrides() -> None:
+    """`governor jobs` and `governor status` tell an operator the job runs, not that it is
+    paused, while the reasons still say what governor would hold it for."""
+    entry = {"id": "s1", "name": "fought", "state": "running", "speed": 1.0, "mode": "suspend",
+             "reasons": ["gpu-hot: 95 > 85"], "held_by_operator": False, "source": "slurm",
+             "scheduler_id": "42", "user": "ana", "outside": "resumed"}
+    fought = Job.parse(entry)
+    assert fought.resumed_outside and fought.state_text == "running (resumed outside governor)"
+    both = Job.parse({**entry, "held_by_operator": True})
+    assert both.state_text == "running (resumed outside governor; operator)"
+    plain = Job.parse({**entry, "outside": None, "state": "paused", "speed": 0})
+    assert not plain.resumed_outside and plain.state_text == "paused"
+
+    header, *rows = [re.split(r"\s{2,}", line.strip())
+                     for line in report.render_jobs([fought, plain]).splitlines()]
+    assert [dict(zip(header, row, strict=True)) for row in rows] == [
+        {"id": "s1", "name": "fought", "from": "slurm 42", "user": "ana", "pid": "-",
+         "mode": "suspend", "devices": "-", "prio": "-",
+         "state": "running (resumed outside governor)", "speed": "1",
+         "reasons": "gpu-hot: 95 > 85"},
+        {"id": "s1", "name": "fought", "from": "slurm 42", "user": "ana", "pid": "-",
+         "mode": "suspend", "devices": "-", "prio": "-", "state": "paused", "speed": "0",
+         "reasons": "gpu-hot: 95 > 85"}]
+    data = {**status_json(), "jobs": [entry]}
+    assert "running (resumed outside governor)" in "\n".join(
+        report.render_jobs(Status.parse(data).jobs).splitlines()[1:])

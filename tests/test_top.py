@@ -269,6 +269,19 @@ def test_a_terminal_frame_fits_it_and_shows_the_held_jobs_first(size: tuple[int,
         line_with(out, "… and", "more jobs", "running")
 
 
+def test_a_job_resumed_outside_governor_is_shown_running_among_the_held_jobs() -> None:
+    """An administrator resumed a job a rule pauses: top says it runs, and why that is
+    news, first among the jobs of a crowded node and in the summary."""
+    status = a_big_node()
+    status["jobs"].append(job("cccc0001", "fought", "running", 1.0, REASON,
+                              outside="resumed", source="slurm", scheduler_id="42"))
+    out = fitted(status, 100, 30)
+    assert "jobs 18: 2 paused, 1 slowed, 1 resumed outside governor" in out.splitlines()[0]
+    line_with(out, "cccc0001", "running (resumed outside governor)", "100%", "cpu-hot:")
+    frame = render(status, where=WHERE, width=200)
+    assert colours(frame, "(resumed outside governor)") == {"yellow"}
+
+
 def test_a_frame_with_room_left_shows_the_hottest_readings_and_counts_the_rest() -> None:
     out = fitted(a_big_node(), 100, 36)
     line_with(out, "bbbb0011", "sweep-11", "running")

@@ -17,7 +17,9 @@ jobs, while every other job and the power caps are enforced each round as ever.
 An administrator may `scontrol resume` a job governor holds. Once the job's processes
 on this node were seen suspended, seeing them run again means someone resumed it: the
 hold is dropped from the journal, reported (audited and counted) and not fought; the job
-is not suspended again until its directive lets it go and pauses it anew.
+is not suspended again until its directive lets it go and pauses it anew. Until then the
+job is marked resumed outside governor (`Job.outside`), so /v1/jobs, the CLI and the
+metrics say it runs, while its directive (what cooperative clients read) stays the pause.
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ class _State:
     suspended: bool = False
     #: its processes were seen suspended since then
     seen_suspended: bool = False
-    #: someone else resumed it during this pause: not suspended again until it ends
+    #: someone else resumed it during this pause: not suspended again until it ends (the
+    #: job shows it as `Job.outside`, "resumed")
     yielded: bool = False
     #: it was already suspended by someone else when this pause began
     foreign: bool = False
@@ -133,6 +136,7 @@ class SuspendActuator:
                 self._submit(job, state, "suspend")
         else:
             state.yielded = state.foreign = False
+            job.outside = None
             if state.suspended and not state.busy:
                 self._submit(job, state, "resume")
             elif not state.suspended and not state.busy:
@@ -143,6 +147,7 @@ class SuspendActuator:
 
     def detach(self, job: Job) -> None:
         state = self._states.pop(job.id, None)
+        job.outside = None
         if state is not None and (state.suspended or state.busy):
             # resumed by the worker if, and only if, governor's hold is in the journal
             self._queue(_Call("resume", job.id, key(job), str(job.scheduler_id),
@@ -204,6 +209,7 @@ class SuspendActuator:
         if not state.seen_suspended:
             return  # still on its way to being suspended
         state.suspended, state.yielded = False, True
+        job.outside = "resumed"
         self._drop(key(job), job.id)
         log.warning("job %s: Slurm job %s was resumed by someone else while governor held "
                     "it; not suspended again until this pause ends", job.id, job.scheduler_id)

@@ -94,6 +94,11 @@ class Job(_Shape):
                                                  "job id); null for api and launch jobs")
     user: str | None = Field(description="the user the job runs as: the scheduler's word "
                                           "for a scheduler's job, else its owner's name")
+    outside: Literal["resumed"] | None = Field(
+        default=None, description="\"resumed\", present while someone outside governor (an "
+                                  "administrator's `scontrol resume`) lets the job run during "
+                                  "a pause: state is then running and speed 1, the reasons "
+                                  "still the pause's; gone when the pause ends")
     error: str | None = Field(
         default=None, description="present while the job's actuator fails to hold it")
     progress: JobProgress | None = Field(

@@ -167,7 +167,7 @@ def render_jobs(jobs: Iterable[Job]) -> str:
     rows: list[Row] = [("id", "name", "from", "user", "pid", "mode",
                         "devices", "prio", "state", "speed", "reasons")]
     for j in jobs:
-        state = j.state + (" (operator)" if j.held_by_operator else "")
+        state = j.state_text
         reasons = "; ".join(j.reasons)
         if j.error:
             reasons = f"ERROR: {j.error}" + (f"; {reasons}" if reasons else "")

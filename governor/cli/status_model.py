@@ -210,6 +210,22 @@ class Job:
     source: str = "api"
     scheduler_id: str | None = None
     user: str | None = None
+    #: "resumed" while someone outside governor lets it run during a pause (its state is
+    #: then running, its reasons the pause's)
+    outside: str | None = None
+
+    @property
+    def resumed_outside(self) -> bool:
+        return self.outside == "resumed"
+
+    @property
+    def state_text(self) -> str:
+        """The state as a person reads it: "running (resumed outside governor)" while an
+        administrator's resume overrides governor's pause (so the pause's reasons beside
+        it are not read as a hold in force), "(operator)" for an operator's hold."""
+        notes = (["resumed outside governor"] if self.resumed_outside else []) + (
+            ["operator"] if self.held_by_operator else [])
+        return self.state + (f" ({'; '.join(notes)})" if notes else "")
 
     @property
     def origin(self) -> str:
@@ -234,6 +250,7 @@ class Job:
             scheduler_id=_optional_text(data.get("scheduler_id")),
             user=_optional_text(data.get("user")),
             error=str(error) if error else None,
+            outside=_optional_text(data.get("outside")),
         )
 
 

@@ -42,6 +42,8 @@ T = TypeVar("T")
 
 RULE_STYLE = {"ok": "green", "pending": "yellow", "tripped": "bold red"}
 JOB_STYLE = {"running": "green", "slowed": "yellow", "paused": "bold red", "gone": "dim"}
+#: a job someone outside governor resumed during a pause: it runs, against the rules
+OUTSIDE_STYLE = "bold yellow"
 SAMPLER_STYLE = {"ok": "green", "unavailable": "dim", "error": "bold red"}
 #: worst first: the state a reading watched by several rules is shown in
 SEVERITY = ("tripped", "pending", "ok")
@@ -414,6 +416,10 @@ def _job_counts(status: Status) -> Text:
     for i, state in enumerate(held):
         out.append(": " if not i else ", ")
         out.append(f"{counts[state]} {state}", style=JOB_STYLE[state])
+    outside = sum(1 for j in jobs if j.resumed_outside)
+    if outside:
+        out.append(": " if not held else ", ")
+        out.append(f"{outside} resumed outside governor", style=OUTSIDE_STYLE)
     errors = sum(1 for j in jobs if j.error)
     if errors:
         out.append(f", {errors} failed", style="bold red")
@@ -514,21 +520,23 @@ def _jobs(status: Status, frame: _Frame) -> _Part[Any]:
     if not jobs:
         return _fixed(TIER_HELD, Text("Jobs: none registered", style="bold"))
     def tier(j: Job) -> int:
-        if j.error or j.state in ("paused", "slowed"):
+        if j.error or j.resumed_outside or j.state in ("paused", "slowed"):
             return TIER_HELD
         return TIER_REST if j.state == "gone" else TIER_JOB
 
-    rows = [(tier(j), -1 if j.error else JOB_RANK.get(j.state, 2), j) for j in jobs]
+    def rank(j: Job) -> int:
+        if j.error:
+            return -1
+        return JOB_RANK["slowed"] if j.resumed_outside else JOB_RANK.get(j.state, 2)
+
+    rows = [(tier(j), rank(j), j) for j in jobs]
 
     def make(shown: list[Job], hidden: list[Job]) -> RenderableType | None:
         extra = ("pid", "mode", "devices", "prio") if frame.wide else ()
         cells: list[list[RenderableType]] = []
         for j in shown:
-            state = j.state
-            style = JOB_STYLE.get(state, "")
-            state_text = Text(state, style=style)
-            if j.held_by_operator:
-                state_text.append(" (operator)", style=style)
+            style = OUTSIDE_STYLE if j.resumed_outside else JOB_STYLE.get(j.state, "")
+            state_text = Text(j.state_text, style=style)
             reasons = Text("\n".join(printable(r) for r in j.reasons))
             if j.error:
                 reasons = Text(f"ERROR: {printable(j.error)}", style="bold red") + (

@@ -45,6 +45,9 @@ class JobView:
     error: str | None = None
     #: what a cooperative client last reported
     progress: Progress | None = None
+    #: "resumed" while someone outside governor let it run during a pause (state running,
+    #: speed 1, the reasons still the pause's)
+    outside: str | None = None
 
     @classmethod
     def of(cls, job: Job) -> JobView:
@@ -54,15 +57,17 @@ class JobView:
             cgroup=job.cgroup, mode=job.mode, devices=tuple(sorted(job.bound_devices)),
             devices_from="registration" if job.devices else (
                 "nvml" if job.auto_devices else None),
-            priority=job.priority, state=job.state, speed=job.directive.speed,
+            priority=job.priority, state=job.state, speed=job.speed,
             reasons=job.directive.reasons, held_by_operator=job.held_by_operator,
             registered_at=job.registered_at, owner_uid=job.owner_uid, gone_at=job.gone_at,
             source=job.source, scheduler_id=job.scheduler_id, user=job.user,
             error=str(error) if error is not None else None, progress=job.progress,
+            outside=job.outside,
         )
 
     def as_json(self) -> dict[str, Any]:
-        """The entry: Job.as_dict's keys, then "error" and "progress" where there are."""
+        """The entry: Job.as_dict's keys ("outside" where there is), then "error" and
+        "progress" where there are."""
         entry: dict[str, Any] = {
             "id": self.id,
             "name": self.name,
@@ -84,6 +89,8 @@ class JobView:
             "scheduler_id": self.scheduler_id,
             "user": self.user,
         }
+        if self.outside is not None:
+            entry["outside"] = self.outside
         if self.error is not None:
             entry["error"] = self.error
         if self.progress is not None:

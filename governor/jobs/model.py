@@ -141,6 +141,11 @@ class Job:
     #: what a cooperative client last reported (not persisted: its totals come again
     #: with its next poll)
     progress: Progress | None = None
+    #: "resumed" while someone outside governor (an administrator's `scontrol resume`)
+    #: let the job run during a pause governor then stood aside from; set and cleared by
+    #: its actuator, so the job's state tells what the job does, not what it was asked
+    #: (not persisted: a restarted daemon holds the job anew)
+    outside: str | None = None
 
     @property
     def bound_devices(self) -> frozenset[str]:
@@ -149,10 +154,22 @@ class Job:
 
     @property
     def state(self) -> str:
-        return "gone" if self.gone_at is not None else self.directive.state
+        """What the job does: gone, running while resumed outside governor, else what its
+        directive asks."""
+        if self.gone_at is not None:
+            return "gone"
+        return "running" if self.outside == "resumed" else self.directive.state
+
+    @property
+    def speed(self) -> float:
+        """The share of normal speed the job runs at: full while resumed outside governor,
+        else its directive's."""
+        return 1.0 if self.outside == "resumed" else self.directive.speed
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        """The job as the API shows it; "outside" only while it is resumed outside
+        governor."""
+        entry: dict[str, Any] = {
             "id": self.id,
             "name": self.name,
             "pid": self.pid,
@@ -164,7 +181,7 @@ class Job:
                 "nvml" if self.auto_devices else None),
             "priority": self.priority,
             "state": self.state,
-            "speed": self.directive.speed,
+            "speed": self.speed,
             "reasons": list(self.directive.reasons),
             "held_by_operator": self.held_by_operator,
             "registered_at": self.registered_at,
@@ -174,10 +191,15 @@ class Job:
             "scheduler_id": self.scheduler_id,
             "user": self.user,
         }
+        if self.outside is not None:
+            entry["outside"] = self.outside
+        return entry
 
     def to_record(self) -> dict[str, Any]:
         """What the journal keeps of the job, to take it back after a restart."""
-        return {**self.as_dict(), "devices": list(self.devices),
+        entry = self.as_dict()
+        entry.pop("outside", None)
+        return {**entry, "devices": list(self.devices),
                 "restricted_uid": self.restricted_uid, "saved": self.saved,
                 "held_by": self.held_by, "hold_uid": self.hold_uid,
                 "discovered": self.discovered}

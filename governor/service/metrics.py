@@ -178,6 +178,11 @@ class ControlCollector(Collector):
             "0 paused, else the slow speed.", labels=["job", "id"])
         paused = GaugeMetricFamily(PREFIX + "job_paused", "1 while the job is paused.",
                                    labels=["job", "id"])
+        outside = GaugeMetricFamily(
+            PREFIX + "job_outside_resumed", "1 while someone outside governor (an "
+            "administrator's scontrol resume) lets the job run during a pause governor then "
+            "stands aside from, until the pause ends; its state is then running.",
+            labels=["job", "id"])
         states = GaugeMetricFamily(
             PREFIX + "job_state_info", "Each job's state (running, slowed, paused) and what "
             "holds it: the rules, joined by \", \", or operator; \"\" while running. Value 1.",
@@ -196,6 +201,7 @@ class ControlCollector(Collector):
                 continue
             speed.add_metric([job.name, job.id], job.speed)
             paused.add_metric([job.name, job.id], 1 if job.state == "paused" else 0)
+            outside.add_metric([job.name, job.id], 1 if job.outside == "resumed" else 0)
             holding = "" if job.state == "running" else ", ".join(
                 view.held_by.get(job.id, ()))
             states.add_metric([job.name, job.id, job.state, holding], 1)
@@ -209,6 +215,7 @@ class ControlCollector(Collector):
         yield info
         yield speed
         yield paused
+        yield outside
         yield states
         caps = GaugeMetricFamily(PREFIX + "gpu_power_cap_watts",
                                  "Power limit governor has set on the GPU while a power_cap "
