@@ -44,7 +44,10 @@ def test_stat_of_this_process_agrees_with_psutil() -> None:
     stat = procfs.read_stat(os.getpid())
     assert stat is not None
     assert stat.ppid == os.getppid()
-    assert stat.started_at == pytest.approx(psutil.Process().create_time(), abs=0.02)
+    # psutil reads the boot time afresh each call, procfs once: it moves by whole seconds
+    # when the wall clock is adjusted, so compare the times since boot
+    since_boot = psutil.Process().create_time() - psutil.boot_time()
+    assert stat.started_at - procfs.boot_time() == pytest.approx(since_boot, abs=0.02)
     assert procfs.state(os.getpid()) == b"R"
     assert procfs.uid(os.getpid()) == os.getuid()
     assert os.getppid() in procfs.ancestors(os.getpid())

@@ -27,6 +27,7 @@ import pytest
 from governor.actuators.base import ActuatorError, hold_key
 from governor.actuators.signal import SignalActuator, undo
 from governor.jobs.model import RUN, Job, Mode, pause, slow
+from governor.jobs.process import identify
 from governor.safety.journal import Journal
 from tests.support.paced_job import paced_job
 from tests.support.processes import favour
@@ -86,7 +87,10 @@ def cpu_rate(pid: int, seconds: float) -> float:
 
 
 def job_for(pid: int | None, job_id: str = "j1", cgroup: str | None = None) -> Job:
-    started = psutil.Process(pid).create_time() if pid is not None else None
+    # governor's own reading (its boot time read once), as registration takes it: psutil
+    # reads the boot time afresh each call, and it moves when the wall clock is adjusted
+    found = identify(pid) if pid is not None else None
+    started = found.started_at if found is not None else None
     return Job(id=job_id, name=job_id, mode=Mode.SIGNAL, pid=pid, pid_started_at=started,
                cgroup=cgroup, devices=(), priority=0, registered_at=time.time())
 
