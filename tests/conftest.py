@@ -120,3 +120,11 @@ def launched() -> Iterator[list[subprocess.Popen[bytes]]]:
                 launcher.wait(15)
             except subprocess.TimeoutExpired:
                 launcher.kill()
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory whose paths fit a unix socket's 108 bytes, which pytest's may not."""
+    path = Path(tempfile.mkdtemp(prefix="gov-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -13,11 +13,9 @@ import contextlib
 import json
 import os
 import select
-import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,14 +39,6 @@ CLOSE_WAIT = 30.0
 
 def quiet(**api: Any) -> dict[str, Any]:
     return {**QUIET, "api": api}
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A directory whose paths fit a unix socket's 108 bytes, which pytest's may not."""
-    path = Path(tempfile.mkdtemp(prefix="gov-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def rss_kib(pid: int) -> int:

@@ -12,9 +12,8 @@ import shutil
 import ssl
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -29,14 +28,6 @@ QUIET = {"daemon": {"interval": 0.25}, "sources": {"nvml": "off"}}
 
 def config(**api: object) -> dict[str, object]:
     return {**QUIET, "api": api}
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A directory whose paths fit a unix socket's 108 bytes, which pytest's may not."""
-    path = Path(tempfile.mkdtemp(prefix="gov-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def unix_get(socket_path: Path, path: str, host: str) -> httpx.Response:

@@ -25,6 +25,7 @@ from governor.host import procfs
 from governor.host.cgroupfs import find_hierarchies, memberships
 from governor.jobs.model import RUN, Job, Mode, pause
 from governor.safety.journal import Journal
+from tests.support.processes import in_a_root_of_its_own
 
 NOBODY = 65534
 FREEZER = find_hierarchies().get("freezer")
@@ -128,16 +129,8 @@ def test_root_in_a_container_running_a_file_named_slurmstepd_is_not_slurms(
     host's, so it is held like any other process."""
     sleep = shutil.which("sleep")
     assert sleep is not None
-    root = tmp_path / "container-root"
-    root.mkdir()
-    shutil.copy(sleep, root / "slurmstepd")
-    libraries = subprocess.run(["ldd", sleep], capture_output=True, text=True,
-                               check=True).stdout
-    for word in libraries.split():
-        if word.startswith("/"):
-            (root / word.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(word, root / word.lstrip("/"))
-    contained = subprocess.Popen(["/slurmstepd", "600"], preexec_fn=lambda: os.chroot(root))
+    shutil.copy(sleep, tmp_path / "slurmstepd")
+    contained = in_a_root_of_its_own(tmp_path / "slurmstepd", tmp_path / "root", "600")
     try:
         deadline = time.monotonic() + 10
         while procfs.command(contained.pid) != "slurmstepd" and time.monotonic() < deadline:

@@ -25,7 +25,7 @@ import pytest
 
 from governor.host.cgroupfs import find_hierarchies
 from tests.support.daemon import DaemonProcess
-from tests.support.processes import eventually, state, stays, stop
+from tests.support.processes import eventually, in_a_root_of_its_own, state, stays, stop
 
 StartDaemon = Callable[..., DaemonProcess]
 ROOT = os.geteuid() == 0
@@ -212,29 +212,12 @@ def test_a_root_process_in_a_listed_unit_is_refused(
         directory.rmdir()
 
 
-def chroot_with(folder: Path, program_path: Path) -> Path:
-    """A root directory holding `program_path` at its top and the libraries it loads: a
-    container's root, as far as /proc/PID/root tells."""
-    root = folder / "container-root"
-    root.mkdir()
-    shutil.copy(program_path, root / program_path.name)
-    libraries = subprocess.run(["ldd", str(program_path)], capture_output=True, text=True,
-                               check=True).stdout
-    for word in libraries.split():
-        if word.startswith("/"):
-            target = root / word.lstrip("/")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(word, target)
-    return root
-
-
 def test_root_in_a_container_cannot_name_itself_a_service(
         daemon: StartDaemon, programs: Path, started: list[subprocess.Popen[bytes]]) -> None:
     """Root in a container (here a chroot: a root directory other than the host's) can run
     any file it names sshd or slurmstepd. Such a process is no service of the node: its
     job is held like any other, so a pod cannot make itself impossible to hold."""
-    root = chroot_with(programs, program(programs, "sshd"))
-    contained = subprocess.Popen(["/sshd", "600"], preexec_fn=lambda: os.chroot(root))
+    contained = in_a_root_of_its_own(program(programs, "sshd"), programs / "root", "600")
     started.append(contained)
     eventually(lambda: os.readlink(f"/proc/{contained.pid}/exe").endswith("/sshd"))
     d = daemon(QUIET)

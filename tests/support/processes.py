@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -65,3 +66,20 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         pass
     process.kill()
     process.wait(10)
+
+
+def in_a_root_of_its_own(program: Path, root: Path, *args: str) -> subprocess.Popen[bytes]:
+    """Runs a copy of `program` as root inside `root` (a chroot holding the copy at its
+    top and the libraries it loads): a container's process, as far as /proc/PID/root
+    tells, whose files, names and uid 0 are its own to choose."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(program, root / program.name)
+    libraries = subprocess.run(["ldd", str(program)], capture_output=True, text=True,
+                               check=True).stdout
+    for word in libraries.split():
+        if word.startswith("/"):
+            target = root / word.lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(word, target)
+    return subprocess.Popen([f"/{program.name}", *args],
+                            preexec_fn=lambda: os.chroot(root))
