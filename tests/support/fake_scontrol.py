@@ -1,7 +1,9 @@
 """A stand-in `scontrol` on PATH, for what the real cluster cannot show: a slurmctld that
 hangs on a call (the script waits while a file exists), a step socket Slurm no longer
-answers for, or a job that Slurm says is suspended under proctrack/linuxproc (the test
-cluster's proctrack/cgroup freezes instead). It is a real process that governor forks and
+answers for, or Slurm's suspend under proctrack/linuxproc or pgid (`scontrol suspend`
+sends SIGSTOP to the job's processes and `resume` SIGCONT, as slurmd does there, and the
+job's state follows), which the test cluster's proctrack/cgroup does not show: it
+freezes. It is a real process that governor forks and
 times out like the real one; what it answers is written to files by the test.
 """
 
@@ -20,6 +22,16 @@ if [ -e "$dir/fail" ]; then cat "$dir/fail" >&2; exit 1; fi
 case "$1" in
   show) file="$dir/job_$4" ;;
   listpids) file="$dir/pids_$2" ;;
+  suspend|resume)
+    # as slurmd under proctrack/linuxproc or pgid: the job's state, and SIGSTOP/SIGCONT
+    if [ "$1" = suspend ]; then from=RUNNING to=SUSPENDED sig=STOP
+    else from=SUSPENDED to=RUNNING sig=CONT; fi
+    if ! grep -q "JobState=$from" "$dir/job_$2"; then
+      echo "scontrol_$1 error: Job is not in the state to $1" >&2; exit 1
+    fi
+    sed -i "s/JobState=$from/JobState=$to/" "$dir/job_$2"
+    for pid in $(tail -n +2 "$dir/pids_$2" | cut -d' ' -f1); do kill -$sig "$pid"; done
+    echo "$$ answered" >> "$dir/answered"; exit 0 ;;
   *) echo "$$ answered" >> "$dir/answered"; exit 0 ;;
 esac
 if [ ! -e "$file" ]; then
@@ -69,6 +81,11 @@ class FakeScontrol:
             (self.dir / "fail").unlink(missing_ok=True)
         else:
             (self.dir / "fail").write_text(complaint + "\n")
+
+    def state(self, job_id: str) -> str:
+        """The job's state, as `scontrol show job` says it."""
+        text = (self.dir / f"job_{job_id}").read_text()
+        return text.split("JobState=", 1)[1].split()[0]
 
     def calls(self) -> list[str]:
         """The arguments of every call so far, in order."""
