@@ -16,8 +16,8 @@ through the API as the task prolog gives them; then the second window.
 - `on` - `off` with 50 jobs: what discovery adds over governing the same jobs;
 - discovery's poll timed on its own, in this process, on the cluster's real spool (CPU,
   no tick rounding, nothing else in it): the first polls (50 new jobs: `scontrol show job`
-  and `scontrol listpids` each, on the worker, its CPU and the children's included), then 1,000 that find
-  nothing new, as every round in steady state;
+  and `scontrol listpids` each, on the source's worker, its CPU and the children's
+  included), then 1,000 that find nothing new, as every round in steady state;
 - a new job's one-off cost in the daemon: its CPU while it registered the 50, the forks
   (cutime + cstime) included, less the baseline rounds, per job.
 
