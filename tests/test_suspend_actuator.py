@@ -6,7 +6,8 @@ user can thaw, so Slurm here is the stand-in scontrol on PATH
 (tests/support/fake_scontrol.py): its `suspend` and `resume` send SIGSTOP and SIGCONT to
 the job's process as slurmd does under linuxproc, and its `show job` says the state they
 left. The job is a real process of `nobody`, continued by `nobody` as its user would;
-the journal is real, and the actuator's worker really forks scontrol.
+the journal is real, and the actuator's worker really forks scontrol. The last test runs
+the daemon, discovering the job through the same scontrol from a spool of its own.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,6 +28,9 @@ from governor.host.slurm import SlurmSite
 from governor.jobs.model import RUN, Directive, Job, Mode, pause
 from governor.jobs.process import identify
 from governor.safety.journal import Journal
+from tests.support.c_nvml import CNvmlState
+from tests.support.daemon import DaemonProcess, wait_for
+from tests.support.fake_nvml import h100
 from tests.support.fake_scontrol import FakeScontrol
 
 NOBODY = 65534
@@ -142,3 +147,56 @@ def test_an_administrators_resume_after_a_users_sigcont_is_still_yielded_to(
         time.sleep(0.05)
     assert s.state() != b"T", "not held again this pause"
     assert "suspend 7" in s.fake.calls() and s.fake.calls().count("suspend 7") == 1
+
+
+def test_the_daemon_audits_a_users_sigcont_as_an_outside_continue_not_a_resume(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, c_nvml: CNvmlState,
+        daemon: Callable[..., DaemonProcess]) -> None:
+    """Discovered, suspended on a hot GPU, continued by its user: the audit log says
+    `outside-continue`, the job stays paused (its processes stopped), and no outside
+    resume is counted or shown."""
+    fake = FakeScontrol(tmp_path / "scontrol", monkeypatch)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    conf = tmp_path / "slurm.conf"
+    conf.write_text(f"SlurmdSpoolDir={spool}\nProctrackType=proctrack/linuxproc\n")
+    child = subprocess.Popen(["sleep", "1000"], user=NOBODY)
+    try:
+        fake.job("7", name="sim", state="RUNNING", gres="gpu:1(IDX:0)")
+        fake.pids("7", [child.pid])
+        (spool / "node1_7.0").touch()
+        gpus: dict[str, Any] = {"gpus": [h100(0, temperature=60), h100(1, temperature=60)]}
+        c_nvml.write(gpus)
+        rule = {"name": "gpu-hot", "metric": "gpu_temperature_celsius", "above": 85.0,
+                "for": 0, "clear_below": 75.0, "action": "pause"}
+        d = daemon({"daemon": {"interval": 0.25},
+                    "slurm": {"discover": True, "conf": str(conf), "nodes": ["node1"]},
+                    "rules": [rule]}, c_nvml=c_nvml)
+        job = wait_for(lambda: [j for j in d.get("/v1/jobs").json()
+                                if j.get("scheduler_id") == "7"], 10.0, "job 7", d)[0]
+        assert (job["mode"], job["devices"]) == ("suspend", ["gpu0"])
+        gpus["gpus"][0]["temperature"] = 95
+        c_nvml.write(gpus)
+        wait_for(lambda: fake.state("7") == "SUSPENDED"
+                 and procfs.state(child.pid) == b"T", 10.0, "Slurm's suspend", d)
+        d.wait_rounds(2)
+        subprocess.run(["sh", "-c", f"kill -CONT {child.pid}"], user=NOBODY, check=True)
+
+        def audited() -> list[dict[str, Any]]:
+            return [e for e in d.get("/v1/events").json()["events"]
+                    if e["what"].startswith("outside-")]
+        (event,) = wait_for(audited, 10.0, "an outside-continue audit event", d)
+        assert (event["what"], event["job"]["id"]) == ("outside-continue", job["id"])
+        assert "continued while slurm still held it suspended" in " ".join(
+            event["why"]["reasons"])
+        wait_for(lambda: procfs.state(child.pid) == b"T", 10.0, "stopped again", d)
+        d.wait_rounds(4)
+        assert procfs.state(child.pid) == b"T"
+        shown = d.get(f"/v1/jobs/{job['id']}").json()
+        assert (shown["state"], shown.get("outside")) == ("paused", None)
+        assert [e["what"] for e in audited()] == ["outside-continue"]
+        assert 'governor_outside_resumes_total{source="slurm"} 1.0' not in d.metrics()
+        assert fake.state("7") == "SUSPENDED"
+    finally:
+        child.kill()
+        child.wait()

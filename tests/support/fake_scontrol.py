@@ -55,13 +55,14 @@ class FakeScontrol:
         monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
 
     def job(self, job_id: str, *, name: str = "fake", user: str = "nobody(65534)",
-            state: str = "RUNNING", node: str = "node1") -> None:
-        """What `scontrol show job -d <job_id>` prints."""
+            state: str = "RUNNING", node: str = "node1", gres: str = "") -> None:
+        """What `scontrol show job -d <job_id>` prints; `gres` as Slurm writes a node's
+        ("gpu:1(IDX:0)")."""
         (self.dir / f"job_{job_id}").write_text(
             f"JobId={job_id} JobName={name}\n   UserId={user} GroupId=nogroup(65534)\n"
             "   Priority=1 Nice=0 Account=(null) QOS=normal\n"
             f"   JobState={state} Reason=None\n   Partition=debug AllocNode:Sid=h:1\n"
-            f"     Nodes={node} CPU_IDs=0 Mem=0 GRES=\n")
+            f"     Nodes={node} CPU_IDs=0 Mem=0 GRES={gres}\n")
 
     def pids(self, job_id: str, pids: list[int]) -> None:
         """What `scontrol listpids <job_id>` prints."""
