@@ -15,9 +15,9 @@ through the API as the task prolog gives them; then the second window.
 - figure: `on` with 50 jobs; peer: `on` with none (both CPU per round);
 - `on` - `off` with 50 jobs: what discovery adds over governing the same jobs;
 - discovery's poll timed on its own, in this process, on the cluster's real spool (CPU,
-  no tick rounding, nothing else in it): the first poll (50 new jobs: `scontrol show job`
-  and `scontrol listpids` each, the children's CPU included), then 1,000 that find
-  nothing new, as every round in steady state;
+  no tick rounding, nothing else in it): the first polls (50 new jobs: `scontrol show job`
+  and `scontrol listpids` each, on the source's worker, its CPU and the children's
+  included), then 1,000 that find nothing new, as every round in steady state;
 - a new job's one-off cost in the daemon: its CPU while it registered the 50, the forks
   (cutime + cstime) included, less the baseline rounds, per job.
 
@@ -129,13 +129,19 @@ def register_copies(d: DaemonProcess, control: DaemonProcess) -> str:
 
 
 def poll_cost(conf: Path, repeats: int) -> dict[str, Any]:
-    """Discovery itself, timed in this process on the cluster's real spool: the first poll
-    (every job new: its `scontrol` forks), then a poll that finds nothing changed, as
-    every round does in steady state; no tick rounding, nothing else in the round."""
+    """Discovery itself, timed in this process on the cluster's real spool: the first
+    polls (every job new: its `scontrol` forks, on the source's worker thread, until the
+    worker has answered for all), then a poll that finds nothing changed, as every round
+    does in steady state; no tick rounding, nothing else in the round."""
     source = SlurmSource(SlurmConfig(discover=True, conf=str(conf)))
     wall, cpu = time.perf_counter(), time.process_time()
     kids = os.times().children_user + os.times().children_system
     first = source.poll()
+    found = list(first.started)
+    while source._asking:  # a job handed to the worker whose answer no poll took yet
+        time.sleep(0.001)
+        first = source.poll()
+        found.extend(first.started)
     kids = os.times().children_user + os.times().children_system - kids
     first_wall, first_cpu = time.perf_counter() - wall, time.process_time() - cpu
     if first.problems:  # a failed job is asked for again each poll: not steady state
@@ -147,10 +153,10 @@ def poll_cost(conf: Path, repeats: int) -> dict[str, Any]:
     steady = (time.process_time() - cpu) / done
     steady_wall = (time.perf_counter() - began) / done
     repeats = done
-    return {"found": len(first.started), "problems": list(first.problems),
-            "first_poll_wall_ms_per_job": first_wall * 1000 / max(1, len(first.started)),
-            "first_poll_cpu_ms_per_job": (first_cpu + kids) * 1000
-            / max(1, len(first.started)),
+    source.close()
+    return {"found": len(found), "problems": list(first.problems),
+            "first_poll_wall_ms_per_job": first_wall * 1000 / max(1, len(found)),
+            "first_poll_cpu_ms_per_job": (first_cpu + kids) * 1000 / max(1, len(found)),
             "steady_poll_ms": steady * 1000, "steady_poll_wall_ms": steady_wall * 1000,
             "repeats": repeats}
 

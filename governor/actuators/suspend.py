@@ -15,11 +15,23 @@ Slurm is asked on the actuator's own worker thread, never under the controller's
 jobs, while every other job and the power caps are enforced each round as ever.
 
 An administrator may `scontrol resume` a job governor holds. Once the job's processes
-on this node were seen suspended, seeing them run again means someone resumed it: the
-hold is dropped from the journal, reported (audited and counted) and not fought; the job
-is not suspended again until its directive lets it go and pauses it anew. Until then the
-job is marked resumed outside governor (`Job.outside`), so /v1/jobs, the CLI and the
-metrics say it runs, while its directive (what cooperative clients read) stays the pause.
+on this node were seen suspended, seeing them run again means someone continued them,
+and the worker asks Slurm who. If Slurm no longer says SUSPENDED, an administrator
+resumed it: the hold is dropped from the journal, reported (audited and counted) and not
+fought; the job is not suspended again until its directive lets it go and pauses it
+anew. Until then the job is marked resumed outside governor (`Job.outside`), so
+/v1/jobs, the CLI and the metrics say it runs, while its directive (what cooperative
+clients read) stays the pause.
+
+If Slurm still says SUSPENDED, someone else continued the processes: under
+proctrack/linuxproc or pgid Slurm suspends by SIGSTOP, which the job's user may undo with
+SIGCONT. That is not a resume, and governor stops them again, with the slower's signal
+hold (SIGSTOP, journalled under the kind "signal" before it is sent, so the guardian and
+`release-all` continue what it stopped). Slurm cannot be asked instead: it refuses to
+suspend a job it holds suspended. It is logged and reported (`outside-continue`) once a
+pause; the signal hold stays until the pause ends, or until Slurm says that an
+administrator resumed the job after all (the processes seen running again are asked about
+each time).
 """
 
 from __future__ import annotations
@@ -67,6 +79,9 @@ class _State:
     #: someone else resumed it during this pause: not suspended again until it ends (the
     #: job shows it as `Job.outside`, "resumed")
     yielded: bool = False
+    #: its processes were continued while Slurm still held it suspended (a user's SIGCONT
+    #: under proctrack/linuxproc): the slower stops them until the pause ends
+    restopped: bool = False
     #: it was already suspended by someone else when this pause began
     foreign: bool = False
     #: a call to Slurm for it is queued or running on the worker
@@ -77,7 +92,8 @@ class _State:
 
 @dataclass(frozen=True, slots=True)
 class _Call:
-    """One call to Slurm for the worker: "suspend" or "resume" a job."""
+    """One call to Slurm for the worker: "suspend" or "resume" a job, or "check" whether
+    Slurm still holds it suspended."""
 
     what: str
     job_id: str
@@ -89,7 +105,8 @@ class _Call:
 
 @dataclass(frozen=True, slots=True)
 class _Outcome:
-    #: "suspended", "foreign", "gone", "resumed" or "error"
+    #: "suspended", "foreign", "gone", "resumed", "error", or a check's answer:
+    #: "still-suspended" or "not-suspended"
     what: str
     detail: str = ""
 
@@ -129,13 +146,15 @@ class SuspendActuator:
         pause = directive.action is Action.PAUSE or (
             directive.action is Action.SLOW and directive.speed <= 0.0)
         if pause:
-            self._slower.apply(job, RUN)
             if state.suspended:
                 self._watch(job, state)
-            elif not (state.yielded or state.foreign or state.busy):
+            # stopped by signals too only while Slurm holds it suspended and someone else
+            # continued it
+            self._slower.apply(job, directive if state.restopped else RUN)
+            if not state.suspended and not (state.yielded or state.foreign or state.busy):
                 self._submit(job, state, "suspend")
         else:
-            state.yielded = state.foreign = False
+            state.yielded = state.foreign = state.restopped = False
             job.outside = None
             if state.suspended and not state.busy:
                 self._submit(job, state, "resume")
@@ -197,18 +216,32 @@ class SuspendActuator:
             state.foreign = True
             log.info("job %s: Slurm job %s is already suspended by someone else; left "
                      "alone", job.id, job.scheduler_id)
+        elif outcome.what == "not-suspended" and state.suspended:
+            self._yield(job, state)
+        elif outcome.what == "still-suspended" and state.suspended and not state.restopped:
+            # seen_suspended stays: processes seen running after this answer (an
+            # administrator's resume since) are asked about anew
+            state.restopped = True
+            log.warning("job %s: the processes of Slurm job %s were continued by someone "
+                        "other than Slurm, which still holds it suspended; stopped again "
+                        "until this pause ends", job.id, job.scheduler_id)
+            self._report(job, "outside-continue")
 
     def _watch(self, job: Job, state: _State) -> None:
-        """Notice a resume governor did not make, from this node's processes."""
+        """Notice processes running that Slurm suspended, on this node, and ask Slurm
+        whether it resumed them (an administrator) or not (someone's SIGCONT)."""
         seen = suspended_here(job)
         if seen is None:
             return
         if seen:
             state.seen_suspended = True
             return
-        if not state.seen_suspended:
-            return  # still on its way to being suspended
-        state.suspended, state.yielded = False, True
+        if state.seen_suspended and not state.busy:
+            self._submit(job, state, "check")
+
+    def _yield(self, job: Job, state: _State) -> None:
+        """Someone resumed the job through Slurm: let it run until this pause ends."""
+        state.suspended, state.yielded, state.restopped = False, True, False
         job.outside = "resumed"
         self._drop(key(job), job.id)
         log.warning("job %s: Slurm job %s was resumed by someone else while governor held "
@@ -221,6 +254,7 @@ class SuspendActuator:
         while (call := self._calls.get()) is not None:
             try:
                 outcome = (self._suspend(call) if call.what == "suspend"
+                           else self._check(call) if call.what == "check"
                            else self._resume(call))
             except Exception as exc:  # the worker must outlive any one call
                 outcome = _Outcome("error", f"scontrol {call.what} {call.scheduler_id} "
@@ -255,6 +289,16 @@ class SuspendActuator:
             self._drop(call.key, call.job_id)
             return _Outcome("error", f"scontrol suspend {call.scheduler_id} failed: {exc}")
         return _Outcome("suspended")
+
+    def _check(self, call: _Call) -> _Outcome:
+        try:
+            found = host.show_job(self._site, call.scheduler_id)
+        except host.SlurmError as exc:
+            return _Outcome("error", f"Slurm cannot be asked about job {call.scheduler_id}: "
+                                     f"{exc}")
+        if found is None:
+            return _Outcome("gone")
+        return _Outcome("still-suspended" if found.state == "SUSPENDED" else "not-suspended")
 
     def _resume(self, call: _Call) -> _Outcome:
         if call.key not in self._journal.holds():

@@ -304,14 +304,21 @@ class Controller:
                 and job.scheduler_id == scheduler_id]
 
     def note_outside(self, job: Job, what: str) -> None:
-        """An actuator saw someone else let go of a job governor held (what =
-        "outside-resume"): audited, and logged as an action line."""
+        """An actuator saw someone else let go of a job governor held: audited, and logged
+        as an action line. what = "outside-resume" (the scheduler resumed it: governor
+        stands aside) or "outside-continue" (its processes were continued while the
+        scheduler still held it suspended: governor stopped them again)."""
+        if what == "outside-continue":
+            reason = (f"the processes of {job.source} job {job.scheduler_id} were continued "
+                      f"while {job.source} still held it suspended (not a resume); governor "
+                      "stopped them again until the rules let it go")
+        else:
+            reason = (f"{job.source} job {job.scheduler_id} was resumed by someone else "
+                      "while governor held it; it is not held again until the rules let "
+                      "it go")
         with self._lock:
             action_line(what, job, by="outside governor")
-            self._events.emit(what, "outside governor", job,
-                              reasons=[f"{job.source} job {job.scheduler_id} was resumed "
-                                       "by someone else while governor held it; it is not "
-                                       "held again until the rules let it go"],
+            self._events.emit(what, "outside governor", job, reasons=[reason],
                               round_=self._round)
 
     def hold(self, job_id: str, caller: Caller, held: bool) -> dict[str, Any]:

@@ -331,8 +331,10 @@ class Daemon:
         )
 
     def _report_outside(self, job: Job, what: str) -> None:
-        """An actuator saw a job it held let go by someone else: counted and audited."""
-        self.metrics.outside_resumes.labels(job.source).inc()
+        """An actuator saw a job it held let go by someone else: audited, and counted
+        when it was a resume (a continue governor undid is no resume: only audited)."""
+        if what == "outside-resume":
+            self.metrics.outside_resumes.labels(job.source).inc()
         self.controller.note_outside(job, what)
 
     def _audit_control(self, event: dict[str, Any]) -> None:

@@ -1,9 +1,10 @@
 """Slurm's jobs on this node, found in slurmd's spool and registered as governor jobs.
 
 A poll lists the spool (one `scandir` per slurmd on the host) and compares the job ids
-of the step sockets there with the jobs it knows. Only a new job costs forks: `scontrol
-show job -d` for its name, owner, QOS, partition and the GPUs Slurm gave it on this node,
-and `scontrol listpids` for one of its processes, whose cgroup names the job's cgroup
+of the step sockets there with the jobs it knows. Only a new job costs forks, on the
+source's own worker thread (see SlurmSource): `scontrol show job -d` for its name, owner,
+QOS, partition and the GPUs Slurm gave it on this node, and `scontrol listpids` for one
+of its processes, whose cgroup names the job's cgroup
 (`.../job_<id>` under proctrack/cgroup). The job is held through that cgroup, which every
 step's processes, present and future, belong to; under proctrack/linuxproc there is
 none, and the job is named by its first process instead (see README).
@@ -12,7 +13,9 @@ none, and the job is named by its first process instead (see README).
 from __future__ import annotations
 
 import logging
+import queue
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -38,6 +41,12 @@ RETRY_FIRST, RETRY_MAX = 1.0, 60.0
 
 
 class SlurmSource:
+    """Slurm is asked on a worker thread of the source's own, never on the sampling
+    loop's: `poll` lists the spool, hands each new job to the worker and returns the
+    requests the worker finished since the last poll, so a slurmctld that is down or hung
+    delays only the discovery of new jobs (each reported as a problem once it fails),
+    never a round. An ended job is reported at the poll that sees its sockets gone."""
+
     name = "slurm"
 
     def __init__(self, config: SlurmConfig, *, site: host.SlurmSite | None = None,
@@ -49,9 +58,19 @@ class SlurmSource:
         #: job id -> the nodes of this host it has steps on, for the jobs reported
         self._known: dict[str, frozenset[str]] = {}
         self._last_steps: frozenset[host.Step] | None = None
+        #: job id -> the nodes of this host it has steps on, for the jobs seen running
+        self._nodes: dict[str, frozenset[str]] = {}
         #: job id -> (when to ask for it again, the delay before that, its last problem)
         self._retry: dict[str, tuple[float, float, str]] = {}
         self._clock = clock
+        #: jobs handed to the worker whose answer poll has not taken yet
+        self._asking: set[str] = set()
+        self._asks: queue.Queue[tuple[str, frozenset[str]] | None] = queue.Queue()
+        #: job id -> what the worker found: a request, None (ended meanwhile) or the
+        #: failure; guarded by _lock
+        self._answers: dict[str, JobRequest | host.SlurmError | None] = {}
+        self._lock = threading.Lock()
+        self._worker: threading.Thread | None = None
 
     def poll(self) -> Changes:
         if not self._spools:
@@ -60,40 +79,86 @@ class SlurmSource:
         steps = host.running_steps(self._spools)
         if self.config.nodes:
             steps = frozenset(s for s in steps if s.node in self.config.nodes)
-        if steps == self._last_steps and all(at > now for at, _, _ in self._retry.values()):
+        with self._lock:
+            answers, self._answers = self._answers, {}
+        if (steps == self._last_steps and not answers
+                and all(at > now for at, _, _ in self._retry.values())):
             return Changes(problems=self._pending_problems()) if self._retry else NOTHING
-        self._last_steps = steps
-        nodes: dict[str, set[str]] = {}
-        for step in steps:
-            nodes.setdefault(step.job_id, set()).add(step.node)
-        ended = tuple(job for job in self._known if job not in nodes)
+        if steps != self._last_steps:
+            self._last_steps = steps
+            nodes: dict[str, set[str]] = {}
+            for step in steps:
+                nodes.setdefault(step.job_id, set()).add(step.node)
+            self._nodes = {job: frozenset(found) for job, found in nodes.items()}
+        ended = tuple(job for job in self._known if job not in self._nodes)
         for job in ended:
             del self._known[job]
-        started: list[JobRequest] = []
-        self._retry = {job: v for job, v in self._retry.items() if job in nodes}
-        for job_id in sorted(set(nodes) - set(self._known), key=int):
+        self._retry = {job: v for job, v in self._retry.items() if job in self._nodes}
+        started = self._take(answers, now)
+        for job_id in sorted(set(self._nodes) - set(self._known) - self._asking, key=int):
             pending = self._retry.get(job_id)
-            if pending is not None and pending[0] > now:
-                continue
-            try:
-                request = self._request(job_id, frozenset(nodes[job_id]))
-            except host.SlurmError as exc:
+            if pending is None or pending[0] <= now:
+                self._ask(job_id, self._nodes[job_id])
+        return Changes(tuple(started), ended, self._pending_problems())
+
+    def _take(self, answers: dict[str, JobRequest | host.SlurmError | None],
+              now: float) -> list[JobRequest]:
+        """The worker's answers: a job still running is reported, or asked for again
+        after a back-off if Slurm failed; a job that ended meanwhile is forgotten."""
+        started: list[JobRequest] = []
+        for job_id in sorted(answers, key=int):
+            self._asking.discard(job_id)
+            answer = answers[job_id]
+            if job_id not in self._nodes:
+                continue  # its sockets went while Slurm was asked
+            if answer is None or isinstance(answer, host.SlurmError):
+                # failed, or Slurm knows no such job (a socket outliving it): asked again
+                # later, the failure reported meanwhile
+                pending = self._retry.get(job_id)
                 delay = RETRY_FIRST if pending is None else min(2 * pending[1], RETRY_MAX)
-                self._retry[job_id] = (now + delay, delay, f"Slurm job {job_id}: {exc}")
+                problem = "" if answer is None else f"Slurm job {job_id}: {answer}"
+                self._retry[job_id] = (now + delay, delay, problem)
                 continue
             self._retry.pop(job_id, None)
-            if request is None:
-                continue
-            self._known[job_id] = frozenset(nodes[job_id])
-            started.append(request)
-        return Changes(tuple(started), ended, self._pending_problems())
+            self._known[job_id] = self._nodes[job_id]
+            started.append(answer)
+        return started
 
     def _pending_problems(self) -> tuple[str, ...]:
         return tuple(self._retry[job][2] for job in sorted(self._retry, key=int)
                      if self._retry[job][2])
 
     def close(self) -> None:
-        return None
+        """Stop the worker: it takes no new job, and ends once a call to Slurm under way
+        returns (nothing waits for it: discovery's answers are of no use at exit)."""
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            self._asks.put(None)
+            worker.join(timeout=1.0)
+
+    # ---- the worker ----
+
+    def _ask(self, job_id: str, nodes: frozenset[str]) -> None:
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._work, name="slurm-discovery",
+                                            daemon=True)
+            self._worker.start()
+        self._asking.add(job_id)
+        self._asks.put((job_id, nodes))
+
+    def _work(self) -> None:
+        while (ask := self._asks.get()) is not None:
+            job_id, nodes = ask
+            answer: JobRequest | host.SlurmError | None
+            try:
+                answer = self._request(job_id, nodes)
+            except host.SlurmError as exc:
+                answer = exc
+            except Exception as exc:  # the worker must outlive any one job
+                log.exception("Slurm job %s: could not be looked up", job_id)
+                answer = host.SlurmError(f"could not be looked up: {exc!r}")
+            with self._lock:
+                self._answers[job_id] = answer
 
     def _request(self, job_id: str, nodes: frozenset[str]) -> JobRequest | None:
         """The registration for a job found running, or None if it ended meanwhile."""
