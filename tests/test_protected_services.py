@@ -43,14 +43,6 @@ def programs() -> Iterator[Path]:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-@pytest.fixture
-def started() -> Iterator[list[subprocess.Popen[bytes]]]:
-    processes: list[subprocess.Popen[bytes]] = []
-    yield processes
-    for process in processes:
-        stop(process)
-
-
 def program(folder: Path, name: str) -> Path:
     sleep = shutil.which("sleep")
     assert sleep is not None
@@ -60,19 +52,19 @@ def program(folder: Path, name: str) -> Path:
     return path
 
 
-def run(started: list[subprocess.Popen[bytes]], args: list[str],
+def run(children: list[subprocess.Popen[bytes]], args: list[str],
         user: int | None = None) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(args, user=user)
-    started.append(process)
+    children.append(process)
     return process
 
 
 def test_a_root_service_is_refused_by_its_executable_not_its_name(
-        daemon: StartDaemon, programs: Path, started: list[subprocess.Popen[bytes]]) -> None:
+        daemon: StartDaemon, programs: Path, children: list[subprocess.Popen[bytes]]) -> None:
     sshd = program(programs, "sshd")
-    service = run(started, [str(sshd), "600"])
-    users_own = run(started, [str(sshd), "600"], user=65534)
-    named_only = run(started, [sys.executable, "-c", "import time\n"
+    service = run(children, [str(sshd), "600"])
+    users_own = run(children, [str(sshd), "600"], user=65534)
+    named_only = run(children, [sys.executable, "-c", "import time\n"
                                "open('/proc/self/comm', 'w').write('sshd')\n"
                                "time.sleep(600)"])
     eventually(lambda: psutil.Process(named_only.pid).name() == "sshd")
@@ -96,13 +88,13 @@ def test_a_root_service_is_refused_by_its_executable_not_its_name(
 
 
 def test_the_deny_list_is_configurable(
-        daemon: StartDaemon, programs: Path, started: list[subprocess.Popen[bytes]]) -> None:
+        daemon: StartDaemon, programs: Path, children: list[subprocess.Popen[bytes]]) -> None:
     """An entry with a "/" names one executable by its path; an empty list protects no
     executable (the units still would)."""
     ours = program(programs, "site-daemon")
     sshd = program(programs, "sshd")
-    site = run(started, [str(ours), "600"])
-    copy = run(started, [str(sshd), "600"])
+    site = run(children, [str(ours), "600"])
+    copy = run(children, [str(sshd), "600"])
     d = daemon({**QUIET, "jobs": {"protected_executables": [str(ours)]}})
     refused = d.call("POST", "/v1/jobs", json={"name": "site", "pid": site.pid})
     assert refused.status_code == 403
@@ -111,11 +103,11 @@ def test_the_deny_list_is_configurable(
 
 
 def test_a_held_tree_never_stops_a_service_inside_it(
-        daemon: StartDaemon, programs: Path, started: list[subprocess.Popen[bytes]]) -> None:
+        daemon: StartDaemon, programs: Path, children: list[subprocess.Popen[bytes]]) -> None:
     """A job's tree that comes to hold a service (a root job started one): the job is
     paused, the service runs on."""
     sshd = program(programs, "sshd")
-    shell = run(started, ["sh", "-c", f"{sshd} 600 & sleep 600 & wait"])
+    shell = run(children, ["sh", "-c", f"{sshd} 600 & sleep 600 & wait"])
     eventually(lambda: len(psutil.Process(shell.pid).children()) == 2)
     children = {Path(f"/proc/{c.pid}/exe").resolve(): c.pid
                 for c in psutil.Process(shell.pid).children()}
@@ -131,7 +123,7 @@ def test_a_held_tree_never_stops_a_service_inside_it(
 
 
 @pytest.fixture
-def own_cgroup(started: list[subprocess.Popen[bytes]]) -> Iterator[Path]:
+def own_cgroup(children: list[subprocess.Popen[bytes]]) -> Iterator[Path]:
     """A cgroup v2 (else v1 freezer) cgroup of the test's own, removed once the test's
     processes are gone."""
     hierarchies = find_hierarchies()
@@ -141,7 +133,7 @@ def own_cgroup(started: list[subprocess.Popen[bytes]]) -> Iterator[Path]:
     directory = h.dir(f"/test-svc-{uuid.uuid4().hex[:8]}")
     directory.mkdir()
     yield directory
-    for process in started:
+    for process in children:
         stop(process)
     if (directory / "freezer.state").exists():
         (directory / "freezer.state").write_text("THAWED")
@@ -150,10 +142,10 @@ def own_cgroup(started: list[subprocess.Popen[bytes]]) -> Iterator[Path]:
 
 
 def test_a_cgroup_holding_a_service_is_never_frozen(
-        daemon: StartDaemon, programs: Path, started: list[subprocess.Popen[bytes]],
+        daemon: StartDaemon, programs: Path, children: list[subprocess.Popen[bytes]],
         own_cgroup: Path) -> None:
     sshd = program(programs, "sshd")
-    service = run(started, [str(sshd), "600"])
+    service = run(children, [str(sshd), "600"])
     (own_cgroup / "cgroup.procs").write_text(str(service.pid))
     d = daemon(QUIET)
     refused = d.call("POST", "/v1/jobs", json={"name": "c", "cgroup": str(own_cgroup),
@@ -164,10 +156,10 @@ def test_a_cgroup_holding_a_service_is_never_frozen(
 
 
 def test_signal_mode_takes_only_a_real_cgroup(
-        daemon: StartDaemon, tmp_path: Path, started: list[subprocess.Popen[bytes]]) -> None:
+        daemon: StartDaemon, tmp_path: Path, children: list[subprocess.Popen[bytes]]) -> None:
     """Anyone can make a directory with a cgroup.procs file naming any pid; only one in a
     mounted cgroup file system is a cgroup, whichever way it is spelt."""
-    victim = run(started, ["sleep", "600"])
+    victim = run(children, ["sleep", "600"])
     fake = tmp_path / "x"
     fake.mkdir()
     (fake / "cgroup.procs").write_text(f"{victim.pid}\n")
@@ -187,7 +179,7 @@ def test_signal_mode_takes_only_a_real_cgroup(
 
 
 def test_a_root_process_in_a_listed_unit_is_refused(
-        daemon: StartDaemon, started: list[subprocess.Popen[bytes]]) -> None:
+        daemon: StartDaemon, children: list[subprocess.Popen[bytes]]) -> None:
     """A unit is read from the process's cgroup, which it cannot leave without root: here
     a cgroup named as systemd names a service's, with a plain sleep in it."""
     v2 = find_hierarchies().get("v2")
@@ -197,7 +189,7 @@ def test_a_root_process_in_a_listed_unit_is_refused(
     directory = v2.dir(f"/{unit}")
     directory.mkdir()
     try:
-        inside = run(started, ["sleep", "600"])
+        inside = run(children, ["sleep", "600"])
         (directory / "cgroup.procs").write_text(str(inside.pid))
         d = daemon({**QUIET, "jobs": {"protected_units": [unit]}})
         refused = d.call("POST", "/v1/jobs", json={"name": "unit", "pid": inside.pid})
@@ -206,19 +198,19 @@ def test_a_root_process_in_a_listed_unit_is_refused(
                                            "of the node's services, which governor never "
                                            "holds."}
     finally:
-        for process in started:
+        for process in children:
             stop(process)
         eventually(lambda: not (directory / "cgroup.procs").read_text().split())
         directory.rmdir()
 
 
 def test_root_in_a_container_cannot_name_itself_a_service(
-        daemon: StartDaemon, programs: Path, started: list[subprocess.Popen[bytes]]) -> None:
+        daemon: StartDaemon, programs: Path, children: list[subprocess.Popen[bytes]]) -> None:
     """Root in a container (here a chroot: a root directory other than the host's) can run
     any file it names sshd or slurmstepd. Such a process is no service of the node: its
     job is held like any other, so a pod cannot make itself impossible to hold."""
     contained = in_a_root_of_its_own(program(programs, "sshd"), programs / "root", "600")
-    started.append(contained)
+    children.append(contained)
     eventually(lambda: os.readlink(f"/proc/{contained.pid}/exe").endswith("/sshd"))
     d = daemon(QUIET)
     job = d.register(name="pod-with-an-sshd", pid=contained.pid)

@@ -267,14 +267,20 @@ class SuspendActuator:
             with self._outcomes_lock:
                 self._outcomes[call.job_id] = outcome
 
-    def _suspend(self, call: _Call) -> _Outcome:
+    def _ask(self, call: _Call) -> host.SlurmJob | _Outcome:
+        """What Slurm says of the call's job; the outcome instead when it cannot be
+        asked ("error") or no longer knows the job ("gone")."""
         try:
             found = host.show_job(self._site, call.scheduler_id)
         except host.SlurmError as exc:
             return _Outcome("error", f"Slurm cannot be asked about job {call.scheduler_id}: "
                                      f"{exc}")
-        if found is None:
-            return _Outcome("gone")
+        return _Outcome("gone") if found is None else found
+
+    def _suspend(self, call: _Call) -> _Outcome:
+        found = self._ask(call)
+        if isinstance(found, _Outcome):
+            return found
         if found.state == "SUSPENDED":
             return _Outcome("foreign")
         try:
@@ -291,13 +297,9 @@ class SuspendActuator:
         return _Outcome("suspended")
 
     def _check(self, call: _Call) -> _Outcome:
-        try:
-            found = host.show_job(self._site, call.scheduler_id)
-        except host.SlurmError as exc:
-            return _Outcome("error", f"Slurm cannot be asked about job {call.scheduler_id}: "
-                                     f"{exc}")
-        if found is None:
-            return _Outcome("gone")
+        found = self._ask(call)
+        if isinstance(found, _Outcome):
+            return found
         return _Outcome("still-suspended" if found.state == "SUSPENDED" else "not-suspended")
 
     def _resume(self, call: _Call) -> _Outcome:
